@@ -1,0 +1,1 @@
+"""One module per op family: formula, naive reference, torch path and autograd Function side by side."""

@@ -1,0 +1,282 @@
+r"""TaskRes residual-classifier logits and the fused cross-entropy (METHODS.md section 1).
+
+Formula::
+
+    u      = base + alpha * residual                       (K x D)
+    logits = logit_scale * norm(features) @ norm(u).T      (B x K), norm = row L2 normalisation,
+                                                            v / max(||v||, 1e-12) as F.normalize
+    loss   = cross_entropy(logits, target, reduction)
+
+Gradients, with g = dL/dlogits, fhat = norm(f), uhat = norm(u):
+    d uhat = s g.T fhat,  d u = (d uhat - uhat <uhat, d uhat>_row) / ||u||,  d residual = alpha d u,  d base = d u
+    d fhat = s g uhat,    d f = (d fhat - fhat <fhat, d fhat>_row) / ||f||
+and for the cross-entropy g = w_b (softmax(logits) - onehot(target)), w_b = 1/#valid (mean), 1 (sum), or
+grad_output_b (none).
+
+Three implementations of the same math live here and in kernels/residual.py:
+- ``*_reference``: the naive autograd composition, readable and exact: the test oracle.
+- ``_TorchPrims``: the torch path that CPU tensors run. Chunked over classes: no B x K logits or K x D
+  normalised copy is ever held, and backward recomputes each chunk (online log-sum-exp for the loss).
+- ``fastvlm.kernels.residual``: the Triton kernels, the same primitives fused tile by tile.
+The autograd Functions below compose the primitives, so both backends share one algorithm.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _backend
+from .._checks import check_float, check_matrix, check_same_device, check_scalar, check_target
+
+EPS = 1e-12
+#: elements (B x chunk and chunk x D) a class chunk may take in the torch path and in the Triton backward
+CHUNK_ELEMENTS = 1 << 21
+
+
+def class_chunk(B: int, D: int, K: int) -> int:
+    return max(1, min(K, CHUNK_ELEMENTS // max(B, D, 1)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# references (naive composition): the oracle
+# ---------------------------------------------------------------------------------------------------------
+
+
+def residual_logits_reference(features, base, residual, alpha=0.5, logit_scale=100.0):
+    return logit_scale * F.normalize(features, dim=-1) @ F.normalize(base + alpha * residual, dim=-1).T
+
+
+def residual_cross_entropy_reference(features, base, residual, target, alpha=0.5, logit_scale=100.0,
+                                     reduction="mean", ignore_index=-100):
+    lg = residual_logits_reference(features, base, residual, alpha, logit_scale)
+    return F.cross_entropy(lg, target, reduction=reduction, ignore_index=ignore_index)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torch primitives (the CPU path): the same signatures as the Triton launchers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _up(t):
+    """fp32 accumulation, fp64 kept (so gradcheck runs on the torch path in float64)."""
+    return t.double() if t.dtype == torch.float64 else t.float()
+
+
+class _TorchPrims:
+    @staticmethod
+    def inv_norm(a, b=None, beta=0.0):
+        v = _up(a) if b is None else _up(a) + beta * _up(b)
+        return 1.0 / torch.linalg.vector_norm(v, dim=1).clamp_min(EPS)
+
+    @staticmethod
+    def _uhat(t, x, alpha, ru):
+        return (_up(t) + alpha * _up(x)) * ru[:, None]
+
+    @staticmethod
+    def logits(f, t, x, alpha, rf, ru, scale, out_dtype):
+        fh = _up(f) * (scale * rf)[:, None]
+        out = torch.empty(f.shape[0], t.shape[0], dtype=out_dtype, device=f.device)
+        step = class_chunk(f.shape[0], f.shape[1], t.shape[0])
+        for k0 in range(0, t.shape[0], step):
+            k1 = k0 + step
+            out[:, k0:k1] = fh @ _TorchPrims._uhat(t[k0:k1], x[k0:k1], alpha, ru[k0:k1]).T
+        return out
+
+    @staticmethod
+    def lse_and_target(f, t, x, alpha, rf, ru, scale, target):
+        B, D = f.shape
+        K = t.shape[0]
+        fh = _up(f) * (scale * rf)[:, None]
+        m = torch.full((B,), float("-inf"), device=f.device, dtype=rf.dtype)
+        ssum = torch.zeros_like(m)
+        tgt = torch.zeros_like(m)
+        step = class_chunk(B, D, K)
+        for k0 in range(0, K, step):  # online log-sum-exp over class chunks
+            k1 = min(k0 + step, K)
+            lg = fh @ _TorchPrims._uhat(t[k0:k1], x[k0:k1], alpha, ru[k0:k1]).T
+            m_new = torch.maximum(m, lg.max(dim=1).values)
+            ssum = ssum * torch.exp(m - m_new) + torch.exp(lg - m_new[:, None]).sum(dim=1)
+            m = m_new
+            inside = (target >= k0) & (target < k1)
+            idx = (target - k0).clamp(0, k1 - k0 - 1)
+            tgt += torch.where(inside, lg.gather(1, idx[:, None])[:, 0], 0.0)
+        return m + torch.log(ssum), tgt
+
+    @staticmethod
+    def grad_logits(f, t, x, alpha, rf, ru, scale, target, lse, w):
+        fh = _up(f) * (scale * rf)[:, None]
+        g = torch.exp(fh @ _TorchPrims._uhat(t, x, alpha, ru).T - lse[:, None])
+        K = t.shape[0]
+        inside = (target >= 0) & (target < K)
+        rows = inside.nonzero()[:, 0]
+        g[rows, target[rows]] -= 1.0
+        return g.mul_(w[:, None])
+
+    @staticmethod
+    def grad_u_hat(g, f, rf, scale):
+        return scale * g.T @ (_up(f) * rf[:, None])
+
+    @staticmethod
+    def grad_f_hat_acc(acc, g, t, x, alpha, ru, scale):
+        acc.addmm_(g, _TorchPrims._uhat(t, x, alpha, ru), alpha=scale)
+        return acc
+
+    @staticmethod
+    def norm_backward(dvhat, a, r, b=None, beta=0.0, out1=None, scale1=1.0, out2=None, scale2=1.0):
+        vhat = (_up(a) if b is None else _up(a) + beta * _up(b)) * r[:, None]
+        gv = (dvhat - vhat * (vhat * dvhat).sum(dim=1, keepdim=True)) * r[:, None]
+        if out1 is not None:
+            out1.copy_(gv * scale1)
+        if out2 is not None:
+            out2.copy_(gv * scale2)
+
+
+def _prims(t: torch.Tensor):
+    if _backend.use_triton(t):
+        from ..kernels import residual as kr
+
+        return kr
+    return _TorchPrims
+
+
+# ---------------------------------------------------------------------------------------------------------
+# shared backward: chunk over classes, g_chunk from a callback (sliced grad_output or the recomputed softmax)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _backward(P, ctx, g_chunk):
+    f, t, x = ctx.saved_tensors[:3]
+    rf, ru = ctx.saved_tensors[3:5]
+    alpha, scale = ctx.alpha, ctx.scale
+    need_f, need_t, need_x = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    B, D = f.shape
+    K = t.shape[0]
+    df = dt = dx = None
+    dfhat = torch.zeros(B, D, device=f.device, dtype=rf.dtype) if need_f else None
+    if need_t:
+        dt = torch.empty_like(t, memory_format=torch.contiguous_format)
+    if need_x:
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    step = class_chunk(B, D, K)
+    for k0 in range(0, K, step):
+        k1 = min(k0 + step, K)
+        g = g_chunk(k0, k1)
+        tc, xc, ruc = t[k0:k1], x[k0:k1], ru[k0:k1]
+        if need_t or need_x:
+            duh = P.grad_u_hat(g, f, rf, scale)
+            P.norm_backward(duh, tc, ruc, b=xc, beta=alpha,
+                            out1=dt[k0:k1] if need_t else None, scale1=1.0,
+                            out2=dx[k0:k1] if need_x else None, scale2=alpha)
+        if need_f:
+            P.grad_f_hat_acc(dfhat, g, tc, xc, alpha, ruc, scale)
+    if need_f:
+        df = torch.empty_like(f, memory_format=torch.contiguous_format)
+        P.norm_backward(dfhat, f, rf, out1=df)
+    return df, dt, dx
+
+
+class ResidualLogits(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, f, t, x, alpha, scale):
+        P = _prims(f)
+        rf = P.inv_norm(f)
+        ru = P.inv_norm(t, x, alpha)
+        out_dtype = torch.promote_types(torch.promote_types(f.dtype, t.dtype), x.dtype)
+        out = P.logits(f, t, x, alpha, rf, ru, scale, out_dtype)
+        ctx.save_for_backward(f, t, x, rf, ru)
+        ctx.alpha, ctx.scale, ctx.prims = alpha, scale, P
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.to(ctx.saved_tensors[3].dtype)
+        df, dt, dx = _backward(ctx.prims, ctx, lambda k0, k1: grad[:, k0:k1])
+        return df, dt, dx, None, None
+
+
+class ResidualCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, f, t, x, target, alpha, scale, reduction, ignore_index):
+        P = _prims(f)
+        rf = P.inv_norm(f)
+        ru = P.inv_norm(t, x, alpha)
+        valid = target != ignore_index
+        tgt = torch.where(valid, target, -1)  # -1 never matches a class
+        lse, tlogit = P.lse_and_target(f, t, x, alpha, rf, ru, scale, tgt)
+        loss = torch.where(valid, lse - tlogit, 0.0)
+        n_valid = valid.sum()
+        out_dtype = torch.promote_types(torch.promote_types(f.dtype, t.dtype), x.dtype)
+        if reduction == "mean":
+            out = loss.sum() / n_valid  # nan when nothing is valid, as F.cross_entropy
+        elif reduction == "sum":
+            out = loss.sum()
+        else:
+            out = loss
+        ctx.save_for_backward(f, t, x, rf, ru, tgt, lse, valid)
+        ctx.alpha, ctx.scale, ctx.reduction, ctx.prims, ctx.n_valid = alpha, scale, reduction, P, n_valid
+        return out.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        f, t, x, rf, ru, tgt, lse, valid = ctx.saved_tensors
+        grad = grad.to(rf.dtype)
+        if ctx.reduction == "mean":
+            w = valid.to(grad.dtype) * (grad / ctx.n_valid)
+        else:  # "sum": grad is a scalar; "none": one per row
+            w = valid.to(grad.dtype) * grad
+        P = ctx.prims
+
+        def g_chunk(k0, k1):
+            return P.grad_logits(f, t[k0:k1], x[k0:k1], ctx.alpha, rf, ru[k0:k1], ctx.scale, tgt - k0, lse, w)
+
+        df, dt, dx = _backward(P, ctx, g_chunk)
+        return df, dt, dx, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# public functions
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check(features, base, residual, alpha, logit_scale):
+    check_matrix("features", features)
+    check_matrix("base", base)
+    check_matrix("residual", residual)
+    on_triton = _backend.use_triton(features)
+    for n, v in (("features", features), ("base", base), ("residual", residual)):
+        check_float(n, v, triton_path=on_triton)
+    check_same_device(features=features, base=base, residual=residual)
+    if residual.shape != base.shape:
+        raise ValueError(f"residual must have the shape of base {tuple(base.shape)}, got {tuple(residual.shape)}")
+    if features.shape[1] != base.shape[1]:
+        raise ValueError(f"features must have D={base.shape[1]} columns like base (K x D), got {features.shape[1]}")
+    if base.shape[0] == 0:
+        raise ValueError("base must have at least one class (K >= 1), got K=0")
+    check_scalar("alpha", alpha)
+    check_scalar("logit_scale", logit_scale)
+
+
+def residual_logits(features, base, residual, alpha=0.5, logit_scale=100.0):
+    """``logit_scale * norm(features) @ norm(base + alpha * residual).T`` (B x K).
+
+    features: [B, D]; base, residual: [K, D]; any float dtype, any strides. Gradients for every input that
+    requires grad. CUDA tensors run the fused Triton kernel, CPU tensors the chunked torch path.
+    """
+    _check(features, base, residual, alpha, logit_scale)
+    return ResidualLogits.apply(features, base, residual, float(alpha), float(logit_scale))
+
+
+def residual_cross_entropy(features, base, residual, target, alpha=0.5, logit_scale=100.0, reduction="mean",
+                           ignore_index=-100):
+    """``F.cross_entropy(residual_logits(...), target, reduction=reduction)`` without ever holding the B x K
+    logits or their gradient: class chunks with an online log-sum-exp forward, recomputed in backward.
+
+    target: [B] int class indices (``ignore_index`` rows contribute nothing, as in F.cross_entropy).
+    """
+    _check(features, base, residual, alpha, logit_scale)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    check_target("target", target, features.shape[0], base.shape[0], ignore_index, device=features.device)
+    return ResidualCrossEntropy.apply(features, base, residual, target.long(), float(alpha), float(logit_scale),
+                                      reduction, int(ignore_index))

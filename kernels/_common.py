@@ -1,0 +1,152 @@
+"""Triton helpers shared by every op family: the tiled matmul core and the launch-configuration policy.
+
+Every kernel casts to fp32 right after each load, so the same code is right in the interpreter (which runs
+bf16 arithmetic and bf16 ``tl.dot`` wrongly) and on a GPU. On a GPU, fp16/bf16 operands are fed to
+``tl.dot`` in their own dtype (tensor cores, fp32 accumulation); fp32 operands use IEEE fp32 dots (no
+TF32), so results match torch's default ``allow_tf32=False`` matmul.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# ---------------------------------------------------------------------------------------------------------
+# configuration policy (the `fastvlm kernels` report enumerates exactly these choices)
+# ---------------------------------------------------------------------------------------------------------
+
+#: dtypes every launcher accepts
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+#: matmul tile (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): one config, no autotuning, so the first
+#: step is as fast as the last and compile time is predictable (autotuning is a known source of slow first
+#: steps and out-of-memory reports in other kernel libraries).
+MM_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def dot_dtype(*tensors: torch.Tensor):
+    """The dtype fed to tl.dot: fp16/bf16 when every operand is that dtype on a GPU, else fp32."""
+    dts = {t.dtype for t in tensors}
+    if not interpreting() and len(dts) == 1 and next(iter(dts)) in (torch.float16, torch.bfloat16):
+        return tl.float16 if torch.float16 in dts else tl.bfloat16
+    return tl.float32
+
+
+def check_launch(name: str, *tensors: torch.Tensor) -> None:
+    """Launcher-level guard: kernels get floating tensors on one device, never a Triton compile error."""
+    dev = None
+    for t in tensors:
+        if t is None:
+            continue
+        if t.dtype not in FLOAT_DTYPES and t.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{name}: the Triton path takes fp32/fp16/bf16 tensors, got {t.dtype}")
+        if dev is None:
+            dev = t.device
+        elif t.device != dev:
+            raise ValueError(f"{name}: all tensors must be on one device, got {dev} and {t.device}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the tiled matmul core
+# ---------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def mm_tile(
+    a_ptr, sa_m, sa_k,
+    b_ptr, sb_k, sb_n,
+    b2_ptr, sb2_k, sb2_n, beta,
+    ks_ptr,
+    mk_ptr, smk_k, smk_n, threshold,
+    offs_m, offs_n, M, N, K,
+    HAS_B2: tl.constexpr, HAS_KSCALE: tl.constexpr, HAS_BMASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    """acc[m, n] = sum_k A[m, k] * Bop[k, n] for one (BLOCK_M, BLOCK_N) tile, fp32 accumulation, where
+
+    Bop[k, n] = (B[k, n] + beta * B2[k, n]) * kscale[k] * (score[k, n] > threshold)
+
+    (each factor only with its flag). Any strides: transposed and non-contiguous operands load in place.
+    """
+    offs_m64 = offs_m.to(tl.int64)
+    offs_n64 = offs_n.to(tl.int64)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        offs_k64 = offs_k.to(tl.int64)
+        a = tl.load(a_ptr + offs_m64[:, None] * sa_m + offs_k64[None, :] * sa_k,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        bmask = k_ok[:, None] & n_ok[None, :]
+        b = tl.load(b_ptr + offs_k64[:, None] * sb_k + offs_n64[None, :] * sb_n, mask=bmask, other=0.0).to(tl.float32)
+        if HAS_B2:
+            b2 = tl.load(b2_ptr + offs_k64[:, None] * sb2_k + offs_n64[None, :] * sb2_n, mask=bmask, other=0.0)
+            b = b + beta * b2.to(tl.float32)
+        if HAS_BMASK:
+            sc = tl.load(mk_ptr + offs_k64[:, None] * smk_k + offs_n64[None, :] * smk_n, mask=bmask, other=0.0)
+            b = tl.where(sc.to(tl.float32) > threshold, b, 0.0)
+        if HAS_KSCALE:
+            ks = tl.load(ks_ptr + offs_k, mask=k_ok, other=0.0)
+            b = b * ks[:, None]
+        if DOT_DTYPE == tl.float32:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc)
+    return acc
+
+
+@triton.jit
+def matmul_kernel(
+    a_ptr, sa_m, sa_k,
+    b_ptr, sb_k, sb_n,
+    b2_ptr, sb2_k, sb2_n, beta,
+    ks_ptr,
+    c_ptr, sc_m, sc_n, alpha,
+    M, N, K,
+    HAS_B2: tl.constexpr, HAS_KSCALE: tl.constexpr, ACCUMULATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    """C = alpha * A @ ((B + beta*B2) * kscale[:, None])  (+ C when ACCUMULATE)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = mm_tile(a_ptr, sa_m, sa_k, b_ptr, sb_k, sb_n, b2_ptr, sb2_k, sb2_n, beta, ks_ptr,
+                  a_ptr, 0, 0, 0.0, offs_m, offs_n, M, N, K,
+                  HAS_B2, HAS_KSCALE, False, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE)
+    acc = acc * alpha
+    cptr = c_ptr + offs_m.to(tl.int64)[:, None] * sc_m + offs_n.to(tl.int64)[None, :] * sc_n
+    cmask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    if ACCUMULATE:
+        acc += tl.load(cptr, mask=cmask, other=0.0).to(tl.float32)
+    tl.store(cptr, acc.to(c_ptr.dtype.element_ty), mask=cmask)
+
+
+def matmul(a, b, out, *, alpha=1.0, b2=None, beta=0.0, kscale=None, accumulate=False):
+    """Launch ``out = alpha * a @ ((b + beta*b2) * kscale[:, None]) (+ out)``; a: [M, K], b/b2: [K, N]."""
+    M, K = a.shape
+    N = b.shape[1]
+    cfg = MM_CONFIG
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    b2_ = b if b2 is None else b2
+    matmul_kernel[grid](
+        a, a.stride(0), a.stride(1),
+        b, b.stride(0), b.stride(1),
+        b2_, b2_.stride(0), b2_.stride(1), float(beta),
+        kscale if kscale is not None else a,
+        out, out.stride(0), out.stride(1), float(alpha),
+        M, N, K,
+        HAS_B2=b2 is not None, HAS_KSCALE=kscale is not None, ACCUMULATE=accumulate,
+        DOT_DTYPE=dot_dtype(a, b) if b2 is None else dot_dtype(a, b, b2),
+        **cfg,
+    )
+    return out

@@ -1,0 +1,225 @@
+"""Triton kernels for the TaskRes residual classifier (formula and reference: fastvlm/ops/residual.py).
+
+    u = t + alpha * x            (K x D, never materialised: combined as tiles load)
+    logits = s * (f * rf) @ (u * ru).T,   rf / ru = 1 / max(||row||, eps)
+
+Kernels: row inverse norms, the logits tile (forward), the cross-entropy partials (online log-sum-exp per
+class tile, so no B x K logits exist), the softmax-gradient chunk, and the normalisation backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import MM_CONFIG, dot_dtype, matmul, mm_tile
+
+EPS = 1e-12
+ROW_BLOCK = dict(BLOCK_R=16, BLOCK_C=128, num_warps=4)
+
+
+@triton.jit
+def inv_norm_kernel(a_ptr, sa_r, sa_c, b_ptr, sb_r, sb_c, beta, out_ptr, R, C, eps,
+                    HAS_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[r] = 1 / max(||a[r] + beta * b[r]||, eps)."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = offs_r < R
+    offs_r64 = offs_r.to(tl.int64)
+    sq = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        m = r_ok[:, None] & (offs_c < C)[None, :]
+        v = tl.load(a_ptr + offs_r64[:, None] * sa_r + offs_c[None, :] * sa_c, mask=m, other=0.0).to(tl.float32)
+        if HAS_B:
+            v += beta * tl.load(b_ptr + offs_r64[:, None] * sb_r + offs_c[None, :] * sb_c, mask=m, other=0.0).to(tl.float32)
+        sq += tl.sum(v * v, axis=1)
+    tl.store(out_ptr + offs_r, 1.0 / tl.maximum(tl.sqrt(sq), eps), mask=r_ok)
+
+
+@triton.jit
+def _logits_tile(f_ptr, sf_b, sf_d, t_ptr, st_k, st_d, x_ptr, sx_k, sx_d, alpha, rf_ptr, ru_ptr, scale,
+                 offs_b, offs_k, B, K, D,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    # B operand is u^T (D x K): t and x read through swapped strides, combined in registers
+    acc = mm_tile(f_ptr, sf_b, sf_d, t_ptr, st_d, st_k, x_ptr, sx_d, sx_k, alpha, rf_ptr,
+                  f_ptr, 0, 0, 0.0, offs_b, offs_k, B, K, D,
+                  True, False, False, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE)
+    rf = tl.load(rf_ptr + offs_b, mask=offs_b < B, other=0.0)
+    ru = tl.load(ru_ptr + offs_k, mask=offs_k < K, other=0.0)
+    return acc * (scale * rf)[:, None] * ru[None, :]
+
+
+@triton.jit
+def logits_kernel(f_ptr, sf_b, sf_d, t_ptr, st_k, st_d, x_ptr, sx_k, sx_d, alpha, rf_ptr, ru_ptr, scale,
+                  out_ptr, so_b, so_k, B, K, D,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    offs_b = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    lg = _logits_tile(f_ptr, sf_b, sf_d, t_ptr, st_k, st_d, x_ptr, sx_k, sx_d, alpha, rf_ptr, ru_ptr, scale,
+                      offs_b, offs_k, B, K, D, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE)
+    m = (offs_b < B)[:, None] & (offs_k < K)[None, :]
+    tl.store(out_ptr + offs_b.to(tl.int64)[:, None] * so_b + offs_k[None, :] * so_k,
+             lg.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def ce_partial_kernel(f_ptr, sf_b, sf_d, t_ptr, st_k, st_d, x_ptr, sx_k, sx_d, alpha, rf_ptr, ru_ptr, scale,
+                      y_ptr, pmax_ptr, psum_ptr, ptgt_ptr, NKB, B, K, D,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Per (row, class tile): max logit, sum exp(logit - max), and the target logit if it falls here."""
+    pid_k = tl.program_id(1)
+    offs_b = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+    lg = _logits_tile(f_ptr, sf_b, sf_d, t_ptr, st_k, st_d, x_ptr, sx_k, sx_d, alpha, rf_ptr, ru_ptr, scale,
+                      offs_b, offs_k, B, K, D, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE)
+    lg = tl.where((offs_k < K)[None, :], lg, float("-inf"))
+    mx = tl.max(lg, axis=1)
+    sm = tl.sum(tl.exp(lg - mx[:, None]), axis=1)
+    y = tl.load(y_ptr + offs_b, mask=offs_b < B, other=-1)
+    tg = tl.sum(tl.where(offs_k[None, :] == y[:, None], lg, 0.0), axis=1)
+    o = offs_b.to(tl.int64) * NKB + pid_k
+    b_ok = offs_b < B
+    tl.store(pmax_ptr + o, mx, mask=b_ok)
+    tl.store(psum_ptr + o, sm, mask=b_ok)
+    tl.store(ptgt_ptr + o, tg, mask=b_ok)
+
+
+@triton.jit
+def ce_grad_kernel(f_ptr, sf_b, sf_d, t_ptr, st_k, st_d, x_ptr, sx_k, sx_d, alpha, rf_ptr, ru_ptr, scale,
+                   y_ptr, lse_ptr, w_ptr, g_ptr, sg_b, sg_k, B, K, D,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """G[b, k] = w[b] * (softmax(logits)[b, k] - [k == y[b]]) for one chunk of classes (t, x, ru offset)."""
+    offs_b = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    lg = _logits_tile(f_ptr, sf_b, sf_d, t_ptr, st_k, st_d, x_ptr, sx_k, sx_d, alpha, rf_ptr, ru_ptr, scale,
+                      offs_b, offs_k, B, K, D, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE)
+    b_ok = offs_b < B
+    lse = tl.load(lse_ptr + offs_b, mask=b_ok, other=0.0)
+    w = tl.load(w_ptr + offs_b, mask=b_ok, other=0.0)
+    y = tl.load(y_ptr + offs_b, mask=b_ok, other=-1)
+    g = tl.exp(lg - lse[:, None]) - tl.where(offs_k[None, :] == y[:, None], 1.0, 0.0)
+    g = g * w[:, None]
+    m = b_ok[:, None] & (offs_k < K)[None, :]
+    tl.store(g_ptr + offs_b.to(tl.int64)[:, None] * sg_b + offs_k[None, :] * sg_k, g, mask=m)
+
+
+@triton.jit
+def norm_backward_kernel(dv_ptr, sdv_r, a_ptr, sa_r, sa_c, b_ptr, sb_r, sb_c, beta, r_ptr,
+                         o1_ptr, so1_r, o1_scale, o2_ptr, so2_r, o2_scale, R, C,
+                         HAS_B: tl.constexpr, HAS_O1: tl.constexpr, HAS_O2: tl.constexpr,
+                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """d v = (d vhat - vhat * <vhat, d vhat>) * r with vhat = (a + beta*b) * r; written scaled to o1 and o2."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = offs_r < R
+    offs_r64 = offs_r.to(tl.int64)
+    r = tl.load(r_ptr + offs_r, mask=r_ok, other=0.0)
+    dot = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):  # pass 1: <vhat, d vhat>
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        m = r_ok[:, None] & (offs_c < C)[None, :]
+        v = tl.load(a_ptr + offs_r64[:, None] * sa_r + offs_c[None, :] * sa_c, mask=m, other=0.0).to(tl.float32)
+        if HAS_B:
+            v += beta * tl.load(b_ptr + offs_r64[:, None] * sb_r + offs_c[None, :] * sb_c, mask=m, other=0.0).to(tl.float32)
+        dv = tl.load(dv_ptr + offs_r64[:, None] * sdv_r + offs_c[None, :], mask=m, other=0.0)
+        dot += tl.sum(v * dv, axis=1)
+    dot = dot * r
+    for c0 in range(0, C, BLOCK_C):  # pass 2: write
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        m = r_ok[:, None] & (offs_c < C)[None, :]
+        v = tl.load(a_ptr + offs_r64[:, None] * sa_r + offs_c[None, :] * sa_c, mask=m, other=0.0).to(tl.float32)
+        if HAS_B:
+            v += beta * tl.load(b_ptr + offs_r64[:, None] * sb_r + offs_c[None, :] * sb_c, mask=m, other=0.0).to(tl.float32)
+        dv = tl.load(dv_ptr + offs_r64[:, None] * sdv_r + offs_c[None, :], mask=m, other=0.0)
+        g = (dv - v * (r * dot)[:, None]) * r[:, None]
+        if HAS_O1:
+            tl.store(o1_ptr + offs_r64[:, None] * so1_r + offs_c[None, :], (g * o1_scale).to(o1_ptr.dtype.element_ty), mask=m)
+        if HAS_O2:
+            tl.store(o2_ptr + offs_r64[:, None] * so2_r + offs_c[None, :], (g * o2_scale).to(o2_ptr.dtype.element_ty), mask=m)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# launchers: the primitives fastvlm/ops/residual.py composes (the torch twins live there)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def inv_norm(a, b=None, beta=0.0):
+    R, C = a.shape
+    out = torch.empty(R, device=a.device, dtype=torch.float32)
+    b_ = a if b is None else b
+    cfg = ROW_BLOCK
+    inv_norm_kernel[(triton.cdiv(R, cfg["BLOCK_R"]),)](
+        a, a.stride(0), a.stride(1), b_, b_.stride(0), b_.stride(1), float(beta), out, R, C, EPS,
+        HAS_B=b is not None, **cfg)
+    return out
+
+
+def _tile_args(f, t, x, alpha, rf, ru, scale):
+    return (f, f.stride(0), f.stride(1), t, t.stride(0), t.stride(1), x, x.stride(0), x.stride(1),
+            float(alpha), rf, ru, float(scale))
+
+
+def _tile_cfg(f, t, x):
+    c = MM_CONFIG
+    return dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], num_warps=c["num_warps"],
+                num_stages=c["num_stages"], DOT_DTYPE=dot_dtype(f, t, x))
+
+
+def logits(f, t, x, alpha, rf, ru, scale, out_dtype):
+    B, D = f.shape
+    K = t.shape[0]
+    out = torch.empty(B, K, device=f.device, dtype=out_dtype)
+    cfg = _tile_cfg(f, t, x)
+    grid = (triton.cdiv(B, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_N"]))
+    logits_kernel[grid](*_tile_args(f, t, x, alpha, rf, ru, scale), out, out.stride(0), out.stride(1), B, K, D, **cfg)
+    return out
+
+
+def lse_and_target(f, t, x, alpha, rf, ru, scale, target):
+    """Per row: log-sum-exp of the logits over all classes, and the target's logit (0 where ignored)."""
+    B, D = f.shape
+    K = t.shape[0]
+    cfg = _tile_cfg(f, t, x)
+    nkb = triton.cdiv(K, cfg["BLOCK_N"])
+    pmax = torch.empty(B, nkb, device=f.device, dtype=torch.float32)
+    psum, ptgt = torch.empty_like(pmax), torch.empty_like(pmax)
+    grid = (triton.cdiv(B, cfg["BLOCK_M"]), nkb)
+    ce_partial_kernel[grid](*_tile_args(f, t, x, alpha, rf, ru, scale), target, pmax, psum, ptgt, nkb, B, K, D, **cfg)
+    # combine the per-tile partials: B x cdiv(K, BLOCK_N) floats, never B x K
+    m = pmax.max(dim=1).values
+    lse = m + torch.log((psum * torch.exp(pmax - m[:, None])).sum(dim=1))
+    return lse, ptgt.sum(dim=1)
+
+
+def grad_logits(f, t, x, alpha, rf, ru, scale, target, lse, w):
+    B, D = f.shape
+    K = t.shape[0]
+    g = torch.empty(B, K, device=f.device, dtype=torch.float32)
+    cfg = _tile_cfg(f, t, x)
+    grid = (triton.cdiv(B, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_N"]))
+    ce_grad_kernel[grid](*_tile_args(f, t, x, alpha, rf, ru, scale), target, lse, w, g, g.stride(0), g.stride(1),
+                         B, K, D, **cfg)
+    return g
+
+
+def grad_u_hat(g, f, rf, scale):
+    """d uhat = scale * g.T @ (f * rf[:, None])  -> [K, D] fp32."""
+    out = torch.empty(g.shape[1], f.shape[1], device=g.device, dtype=torch.float32)
+    return matmul(g.t(), f, out, alpha=scale, kscale=rf)
+
+
+def grad_f_hat_acc(acc, g, t, x, alpha, ru, scale):
+    """acc += scale * g @ ((t + alpha*x) * ru[:, None])."""
+    return matmul(g, t, acc, alpha=scale, b2=x, beta=alpha, kscale=ru, accumulate=True)
+
+
+def norm_backward(dvhat, a, r, b=None, beta=0.0, out1=None, scale1=1.0, out2=None, scale2=1.0):
+    R, C = a.shape
+    b_ = a if b is None else b
+    o1 = dvhat if out1 is None else out1
+    o2 = dvhat if out2 is None else out2
+    cfg = ROW_BLOCK
+    norm_backward_kernel[(triton.cdiv(R, cfg["BLOCK_R"]),)](
+        dvhat, dvhat.stride(0), a, a.stride(0), a.stride(1), b_, b_.stride(0), b_.stride(1), float(beta), r,
+        o1, o1.stride(0), float(scale1), o2, o2.stride(0), float(scale2), R, C,
+        HAS_B=b is not None, HAS_O1=out1 is not None, HAS_O2=out2 is not None, **cfg)

@@ -1,0 +1,28 @@
+"""Test setup. The Triton kernels run in the interpreter on CPU tensors: TRITON_INTERPRET must be set before
+triton defines the kernels, so it is set here, before anything imports fastvlm. On a GPU machine run with
+TRITON_INTERPRET=0 to test the compiled kernels on CUDA tensors instead (tests use `DEVICE`)."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+DEVICE = "cuda" if (os.environ["TRITON_INTERPRET"] != "1" and torch.cuda.is_available()) else "cpu"
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request):
+    """Run a test once on the torch path and once on the Triton kernels (interpreted on CPU)."""
+    import fastvlm
+
+    with fastvlm.backend(request.param):
+        yield request.param
+
+
+@pytest.fixture
+def device():
+    return DEVICE

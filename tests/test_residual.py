@@ -1,0 +1,154 @@
+"""residual_logits and residual_cross_entropy: kernel (interpreted) and torch path against the reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastvlm.functional import residual_cross_entropy, residual_logits
+from fastvlm.ops.residual import residual_cross_entropy_reference, residual_logits_reference
+
+from .helpers import check_op_against_reference, noncontig
+
+SHAPES = [  # (B, K, D): B=1, K=1, K=1001, D in {100, 512, 768, 1024}, sizes off the 64/32 blocks
+    (1, 1, 100),
+    (3, 1001, 100),
+    (2, 5, 512),
+    (5, 3, 768),
+    (2, 7, 1024),
+    (67, 65, 33),
+]
+
+
+def _inputs(B, K, D, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(B, D, generator=g).requires_grad_()
+    t = torch.randn(K, D, generator=g).requires_grad_()
+    x = (0.3 * torch.randn(K, D, generator=g)).requires_grad_()
+    y = torch.randint(0, K, (B,), generator=g)
+    return f, t, x, y
+
+
+@pytest.mark.parametrize("B,K,D", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_residual_logits_matches_reference(backend, B, K, D, dtype):
+    f, t, x, _ = _inputs(B, K, D)
+    check_op_against_reference(
+        lambda f, t, x: residual_logits(f, t, x, 0.7, 100.0),
+        lambda f, t, x: residual_logits_reference(f, t, x, 0.7, 100.0),
+        [f, t, x], dtype, names=["features", "base", "residual"])
+
+
+@pytest.mark.parametrize("B,K,D", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_residual_cross_entropy_matches_reference(backend, B, K, D, dtype, reduction):
+    f, t, x, y = _inputs(B, K, D)
+    check_op_against_reference(
+        lambda f, t, x: residual_cross_entropy(f, t, x, y, 0.5, 100.0, reduction),
+        lambda f, t, x: residual_cross_entropy_reference(f, t, x, y, 0.5, 100.0, reduction),
+        [f, t, x], dtype, names=["features", "base", "residual"])
+
+
+def test_bf16_torch_path():
+    # bf16 runs on the torch path (the interpreter's bf16 arithmetic is unreliable, see README)
+    import fastvlm
+
+    f, t, x, y = _inputs(4, 9, 64)
+    with fastvlm.backend("torch"):
+        check_op_against_reference(
+            lambda f, t, x: residual_cross_entropy(f, t, x, y), lambda f, t, x: residual_cross_entropy_reference(f, t, x, y),
+            [f, t, x], torch.bfloat16)
+
+
+@pytest.mark.parametrize("op", ["logits", "ce"])
+def test_non_contiguous_inputs(backend, op):
+    f, t, x, y = _inputs(6, 11, 40, seed=3)
+    fn = (lambda f, t, x: residual_logits(f, t, x)) if op == "logits" else (lambda f, t, x: residual_cross_entropy(f, t, x, y))
+    rf = (lambda f, t, x: residual_logits_reference(f, t, x)) if op == "logits" else (
+        lambda f, t, x: residual_cross_entropy_reference(f, t, x, y))
+    nf, nt, nx = noncontig(f), noncontig(t), noncontig(x)
+    assert not nf.is_contiguous() and not nt.is_contiguous()
+    check_op_against_reference(fn, rf, [nf, nt, nx], torch.float32)
+
+
+def test_only_residual_requires_grad(backend):
+    f, t, x, y = _inputs(4, 6, 20)
+    f, t = f.detach(), t.detach()
+    loss = residual_cross_entropy(f, t, x, y)
+    (gx,) = torch.autograd.grad(loss, [x])
+    ref = residual_cross_entropy_reference(f, t, x, y)
+    (gr,) = torch.autograd.grad(ref, [x])
+    torch.testing.assert_close(gx, gr, rtol=1e-4, atol=1e-6)
+
+
+def test_ignore_index_matches_cross_entropy(backend):
+    f, t, x, y = _inputs(7, 5, 16)
+    y = y.clone()
+    y[[1, 4]] = -100
+    for red in ("mean", "sum", "none"):
+        got = residual_cross_entropy(f, t, x, y, reduction=red)
+        want = F.cross_entropy(residual_logits_reference(f, t, x), y, reduction=red)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_cross_entropy_equals_f_cross_entropy_on_logits(backend):
+    # the public contract: equals F.cross_entropy(residual_logits(...)) with our own logits op too
+    f, t, x, y = _inputs(9, 13, 24, seed=5)
+    got = residual_cross_entropy(f, t, x, y, alpha=1.0, logit_scale=30.0)
+    want = F.cross_entropy(residual_logits(f, t, x, alpha=1.0, logit_scale=30.0), y)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_gradcheck_fp64_torch_path():
+    import fastvlm
+
+    f, t, x, y = (v.double() if v.is_floating_point() else v for v in _inputs(3, 4, 5, seed=7))
+    f, t, x = (v.detach().requires_grad_() for v in (f, t, x))
+    with fastvlm.backend("torch"):
+        assert torch.autograd.gradcheck(lambda f, t, x: residual_logits(f, t, x, 0.5, 10.0), (f, t, x))
+        for red in ("mean", "sum", "none"):
+            assert torch.autograd.gradcheck(
+                lambda f, t, x: residual_cross_entropy(f, t, x, y, 0.5, 10.0, red), (f, t, x))
+
+
+def test_torch_path_never_holds_b_by_k(monkeypatch):
+    """With a tiny chunk budget the torch path must still be exact: every class chunk is handled."""
+    import fastvlm
+    import fastvlm.ops.residual as R
+
+    monkeypatch.setattr(R, "CHUNK_ELEMENTS", 64)  # chunks of 2 classes for D=32
+    f, t, x, y = _inputs(8, 37, 32, seed=11)
+    with fastvlm.backend("torch"):
+        check_op_against_reference(
+            lambda f, t, x: residual_cross_entropy(f, t, x, y), lambda f, t, x: residual_cross_entropy_reference(f, t, x, y),
+            [f, t, x], torch.float32)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(residual=torch.zeros(3, 8)), "residual must have the shape of base"),
+        (dict(features=torch.zeros(2, 7)), "features must have D=8"),
+        (dict(base=torch.zeros(0, 8), residual=torch.zeros(0, 8)), "base must not be empty"),
+        (dict(features=torch.zeros(2, 8, dtype=torch.int64)), "features must be a floating tensor"),
+        (dict(features=torch.zeros(8)), "features must be 2-D"),
+        (dict(alpha=float("nan")), "alpha must be a finite real number"),
+        (dict(target=torch.tensor([0, 4])), r"target holds class index 4, outside \[0, 4\)"),
+        (dict(target=torch.tensor([0.0, 1.0])), "target must hold integer class indices"),
+        (dict(target=torch.tensor([0, 1, 2])), r"target must have shape \(2,\)"),
+        (dict(reduction="avg"), "reduction must be 'mean', 'sum' or 'none'"),
+    ],
+)
+def test_bad_input_names_the_argument(kwargs, match):
+    args = dict(features=torch.randn(2, 8), base=torch.randn(4, 8), residual=torch.zeros(4, 8),
+                target=torch.tensor([0, 3]), alpha=0.5, reduction="mean")
+    args.update(kwargs)
+    with pytest.raises((ValueError, TypeError), match=match):
+        residual_cross_entropy(**args)
+
+
+def test_fp64_on_triton_path_is_refused():
+    import fastvlm
+
+    with fastvlm.backend("triton"), pytest.raises(TypeError, match="Triton path takes fp32/fp16/bf16"):
+        residual_logits(torch.randn(2, 4).double(), torch.randn(3, 4).double(), torch.zeros(3, 4).double())
