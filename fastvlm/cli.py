@@ -1,0 +1,166 @@
+"""Command line: ``fastvlm tune <method> ...``, ``fastvlm eval ...``, ``fastvlm bench``, ``fastvlm kernels``."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+
+
+def _add_model_data(p: argparse.ArgumentParser, data_required=True) -> None:
+    p.add_argument("--model", default="ViT-B-16", help="open_clip architecture (default ViT-B-16)")
+    p.add_argument("--pretrained", default="openai",
+                   help="open_clip pretrained tag, a local checkpoint file, or 'none' for random init")
+    p.add_argument("--data", required=data_required,
+                   help="image folder (root/<class>/<img>, or with train/ and test/), or a CoOp split json")
+    p.add_argument("--split", default=None, help="CoOp split_zhou_<Dataset>.json; paths relative to --data")
+    p.add_argument("--dataset", default=None, help="dataset name for prompt templates (e.g. ImageNet, OxfordPets)")
+    p.add_argument("--shots", type=int, default=16)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _resolve_data(args):
+    from .data import classnames, few_shot, load_splits, split_holdout
+
+    splits = load_splits(args.data, args.split)
+    if "all" in splits:
+        train, test = split_holdout(splits["all"], args.shots, args.seed)
+        names = classnames(splits["all"])
+    else:
+        train, test = few_shot(splits["train"], args.shots, args.seed), splits["test"]
+        names = classnames(splits["train"])
+    return train, test, names
+
+
+def _cached_features(model, samples, transform, path, args):
+    """Image features of ``samples``, read from ``path`` when it was made from the same model and images."""
+    import torch
+
+    from .data import cache_features
+    from .io import load_checkpoint, save_checkpoint
+
+    key = hashlib.sha256(json.dumps([args.model, args.pretrained, [s[0] for s in samples]]).encode()).hexdigest()
+    if os.path.exists(path):
+        try:
+            t, cfg = load_checkpoint(path, kind="features")
+            if cfg.get("key") == key:
+                return t["features"], t["labels"]
+        except ValueError:
+            pass  # unreadable cache: recompute it
+    f, y = cache_features(model, samples, transform, batch_size=args.batch_size or 64, device=args.device,
+                          progress=not args.no_progress)
+    save_checkpoint(path, {"features": f, "labels": y}, {"kind": "features", "key": key})
+    return f, y
+
+
+def cmd_tune_taskres(args) -> int:
+    from .models import freeze, load_clip
+    from .train.common import seed_everything
+    from .train.taskres import TaskResRecipe, evaluate_head, train_taskres
+    from .tuners.taskres import TaskResConfig, TaskResHead, build_base_classifier
+
+    seed_everything(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    model, _, pre_eval, tok = load_clip(args.model, args.pretrained, args.device)
+    freeze(model)
+    train, test, names = _resolve_data(args)
+    templates = args.dataset
+    base = build_base_classifier(model, tok, names, templates, device=args.device)
+    f_tr, y_tr = _cached_features(model, train, pre_eval, os.path.join(args.out, "features_train.safetensors"), args)
+    f_te, y_te = _cached_features(model, test, pre_eval, os.path.join(args.out, "features_test.safetensors"), args)
+    head = TaskResHead(base.to(args.device), TaskResConfig(alpha=args.alpha)).to(args.device)
+    zs = evaluate_head(head, f_te.to(args.device), y_te.to(args.device))
+    recipe = TaskResRecipe(lr=args.lr, batch_size=args.batch_size or 256, epochs=args.epochs)
+    hist = train_taskres(head, f_tr.to(args.device), y_tr.to(args.device), recipe, args.shots, args.seed,
+                         progress=not args.no_progress)
+    acc = evaluate_head(head, f_te.to(args.device), y_te.to(args.device))
+    ckpt = head.save(os.path.join(args.out, "taskres.safetensors"), model=args.model, pretrained=args.pretrained,
+                     classnames=names, templates=templates, shots=args.shots, seed=args.seed)
+    metrics = {"zero_shot_top1": zs, "top1": acc, "final_loss": hist[-1], "epochs": len(hist),
+               "train_samples": len(train), "test_samples": len(test), "checkpoint": ckpt}
+    with open(os.path.join(args.out, "metrics.json"), "w") as fh:
+        json.dump(metrics, fh, indent=2)
+    print(f"zero-shot top-1 {zs:.2f}%  ->  TaskRes top-1 {acc:.2f}%  ({len(hist)} epochs, {len(train)} shots total)")
+    print(f"checkpoint: {ckpt}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .io import load_checkpoint
+    from .models import load_clip
+    from .train.taskres import evaluate_head
+    from .tuners.taskres import TaskResConfig, TaskResHead, build_base_classifier
+
+    _, cfg = load_checkpoint(args.checkpoint)
+    if cfg.get("kind") != "taskres":
+        raise SystemExit(f"fastvlm eval: {args.checkpoint} is a {cfg.get('kind')!r} checkpoint; eval reads taskres")
+    model_name = args.model or cfg["model"]
+    pretrained = args.pretrained or cfg["pretrained"]
+    model, _, pre_eval, tok = load_clip(model_name, pretrained, args.device)
+    args.model, args.pretrained = model_name, pretrained
+    _, test, names = _resolve_data(args)
+    if names != cfg["classnames"]:
+        raise SystemExit("fastvlm eval: the data's class names differ from the checkpoint's")
+    base = build_base_classifier(model, tok, names, cfg.get("templates"), device=args.device)
+    head = TaskResHead(base, TaskResConfig(cfg["alpha"], cfg["logit_scale"])).to(args.device)
+    head.load_residual(args.checkpoint)
+    f, y = _cached_features(model, test, pre_eval, os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
+                                                                "features_eval.safetensors"), args)
+    acc = evaluate_head(head, f.to(args.device), y.to(args.device))
+    print(f"top-1 {acc:.2f}% on {len(test)} images")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastvlm", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    tune = sub.add_parser("tune", help="few-shot fine-tuning of a CLIP model")
+    tsub = tune.add_subparsers(dest="method", required=True)
+    t = tsub.add_parser("taskres", help="TaskRes: a residual on the text classifier, trained on cached features")
+    _add_model_data(t)
+    t.add_argument("--out", required=True)
+    t.add_argument("--alpha", type=float, default=0.5)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--epochs", type=int, default=None, help="default: 100 for <= 4 shots, 200 above")
+    t.set_defaults(func=cmd_tune_taskres)
+    for extra in _EXTRA_TUNERS:
+        extra(tsub)
+
+    e = sub.add_parser("eval", help="top-1 accuracy of a TaskRes checkpoint on the test split")
+    _add_model_data(e)
+    e.set_defaults(model=None, pretrained=None)
+    e.add_argument("--checkpoint", required=True)
+    e.set_defaults(func=cmd_eval)
+    for extra in _EXTRA_COMMANDS:
+        extra(sub)
+    return p
+
+
+#: other modules register their subcommands here (kept out of this file's imports so --help stays fast)
+_EXTRA_TUNERS: list = []
+_EXTRA_COMMANDS: list = []
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"fastvlm: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

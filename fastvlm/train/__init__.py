@@ -1,0 +1,1 @@
+"""The paper recipes: losses, optimiser settings, schedules and training loops."""

@@ -1,0 +1,1 @@
+"""One module per method: a config dataclass, the module(s), the patching into an open_clip model, export."""
