@@ -135,26 +135,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--epochs", type=int, default=None, help="default: 100 for <= 4 shots, 200 above")
     t.set_defaults(func=cmd_tune_taskres)
-    for extra in _EXTRA_TUNERS:
-        extra(tsub)
 
     e = sub.add_parser("eval", help="top-1 accuracy of a TaskRes checkpoint on the test split")
     _add_model_data(e)
     e.set_defaults(model=None, pretrained=None)
     e.add_argument("--checkpoint", required=True)
     e.set_defaults(func=cmd_eval)
-    for extra in _EXTRA_COMMANDS:
-        extra(sub)
+    from . import bench
+
+    bench.add_parser(sub)
     return p
 
 
-#: other modules register their subcommands here (kept out of this file's imports so --help stays fast)
-_EXTRA_TUNERS: list = []
-_EXTRA_COMMANDS: list = []
-
-
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:

@@ -139,7 +139,7 @@ def norm_backward_kernel(dv_ptr, sdv_r, a_ptr, sa_r, sa_c, b_ptr, sb_r, sb_c, be
 
 
 # ---------------------------------------------------------------------------------------------------------
-# launchers: the primitives fastvlm/ops/residual.py composes (the torch twins live there)
+# launchers: the primitives fastvlm/ops/residual.py drives (the torch twins live there, _TorchPrims)
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -165,55 +165,57 @@ def _tile_cfg(f, t, x):
                 num_stages=c["num_stages"], DOT_DTYPE=dot_dtype(f, t, x))
 
 
-def logits(f, t, x, alpha, rf, ru, scale, out_dtype):
+def forward(f, t, x, alpha, scale, target=None, out_dtype=None):
+    """(rf, ru, logits) when target is None, else (rf, ru, (lse, target logit)): no B x K tensor for the loss."""
     B, D = f.shape
     K = t.shape[0]
-    out = torch.empty(B, K, device=f.device, dtype=out_dtype)
-    cfg = _tile_cfg(f, t, x)
-    grid = (triton.cdiv(B, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_N"]))
-    logits_kernel[grid](*_tile_args(f, t, x, alpha, rf, ru, scale), out, out.stride(0), out.stride(1), B, K, D, **cfg)
-    return out
-
-
-def lse_and_target(f, t, x, alpha, rf, ru, scale, target):
-    """Per row: log-sum-exp of the logits over all classes, and the target's logit (0 where ignored)."""
-    B, D = f.shape
-    K = t.shape[0]
+    rf, ru = inv_norm(f), inv_norm(t, x, alpha)
     cfg = _tile_cfg(f, t, x)
     nkb = triton.cdiv(K, cfg["BLOCK_N"])
+    grid = (triton.cdiv(B, cfg["BLOCK_M"]), nkb)
+    if target is None:
+        out = torch.empty(B, K, device=f.device, dtype=out_dtype)
+        logits_kernel[grid](*_tile_args(f, t, x, alpha, rf, ru, scale), out, out.stride(0), out.stride(1),
+                            B, K, D, **cfg)
+        return rf, ru, out
     pmax = torch.empty(B, nkb, device=f.device, dtype=torch.float32)
     psum, ptgt = torch.empty_like(pmax), torch.empty_like(pmax)
-    grid = (triton.cdiv(B, cfg["BLOCK_M"]), nkb)
     ce_partial_kernel[grid](*_tile_args(f, t, x, alpha, rf, ru, scale), target, pmax, psum, ptgt, nkb, B, K, D, **cfg)
     # combine the per-tile partials: B x cdiv(K, BLOCK_N) floats, never B x K
     m = pmax.max(dim=1).values
     lse = m + torch.log((psum * torch.exp(pmax - m[:, None])).sum(dim=1))
-    return lse, ptgt.sum(dim=1)
+    return rf, ru, (lse, ptgt.sum(dim=1))
 
 
-def grad_logits(f, t, x, alpha, rf, ru, scale, target, lse, w):
+def backward_prologue(f, rf, scale):
+    return None  # the kernels scale f by rf on the fly
+
+
+def backward_chunk(fh, f, rf, tc, xc, ruc, alpha, scale, g, ce, dt_c, dx_c, dfhat):
+    """One class chunk: G (recomputed softmax gradient when g is None), d uhat = s G^T fhat into a chunk
+    scratch, its normalisation backward into dt_c / dx_c, and dfhat += s G uhat_c."""
     B, D = f.shape
-    K = t.shape[0]
-    g = torch.empty(B, K, device=f.device, dtype=torch.float32)
-    cfg = _tile_cfg(f, t, x)
-    grid = (triton.cdiv(B, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_N"]))
-    ce_grad_kernel[grid](*_tile_args(f, t, x, alpha, rf, ru, scale), target, lse, w, g, g.stride(0), g.stride(1),
-                         B, K, D, **cfg)
-    return g
+    Kc = tc.shape[0]
+    if g is None:
+        tgt, lse, w = ce
+        g = torch.empty(B, Kc, device=f.device, dtype=torch.float32)
+        cfg = _tile_cfg(f, tc, xc)
+        grid = (triton.cdiv(B, cfg["BLOCK_M"]), triton.cdiv(Kc, cfg["BLOCK_N"]))
+        ce_grad_kernel[grid](*_tile_args(f, tc, xc, alpha, rf, ruc, scale), tgt, lse, w, g, g.stride(0),
+                             g.stride(1), B, Kc, D, **cfg)
+    if dt_c is not None or dx_c is not None:
+        duh = torch.empty(Kc, D, device=f.device, dtype=torch.float32)
+        matmul(g.t(), f, duh, alpha=scale, kscale=rf)
+        _norm_backward(duh, tc, ruc, b=xc, beta=alpha, out1=dt_c, scale1=1.0, out2=dx_c, scale2=alpha)
+    if dfhat is not None:
+        matmul(g, tc, dfhat, alpha=scale, b2=xc, beta=alpha, kscale=ruc, accumulate=True)
 
 
-def grad_u_hat(g, f, rf, scale):
-    """d uhat = scale * g.T @ (f * rf[:, None])  -> [K, D] fp32."""
-    out = torch.empty(g.shape[1], f.shape[1], device=g.device, dtype=torch.float32)
-    return matmul(g.t(), f, out, alpha=scale, kscale=rf)
+def norm_backward(dvhat, a, r, out):
+    _norm_backward(dvhat, a, r, out1=out)
 
 
-def grad_f_hat_acc(acc, g, t, x, alpha, ru, scale):
-    """acc += scale * g @ ((t + alpha*x) * ru[:, None])."""
-    return matmul(g, t, acc, alpha=scale, b2=x, beta=alpha, kscale=ru, accumulate=True)
-
-
-def norm_backward(dvhat, a, r, b=None, beta=0.0, out1=None, scale1=1.0, out2=None, scale2=1.0):
+def _norm_backward(dvhat, a, r, b=None, beta=0.0, out1=None, scale1=1.0, out2=None, scale2=1.0):
     R, C = a.shape
     b_ = a if b is None else b
     o1 = dvhat if out1 is None else out1

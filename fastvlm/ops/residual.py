@@ -17,8 +17,9 @@ Three implementations of the same math live here and in kernels/residual.py:
 - ``*_reference``: the naive autograd composition, readable and exact: the test oracle.
 - ``_TorchPrims``: the torch path that CPU tensors run. Chunked over classes: no B x K logits or K x D
   normalised copy is ever held, and backward recomputes each chunk (online log-sum-exp for the loss).
-- ``fastvlm.kernels.residual``: the Triton kernels, the same primitives fused tile by tile.
-The autograd Functions below compose the primitives, so both backends share one algorithm.
+- ``fastvlm.kernels.residual``: the Triton kernels behind the same three primitives (``forward``,
+  ``backward_prologue``/``backward_chunk``, ``norm_backward``), fused tile by tile.
+The autograd Functions below drive the primitives, so both backends share one algorithm.
 """
 
 from __future__ import annotations
@@ -64,72 +65,80 @@ def _up(t):
 
 
 class _TorchPrims:
-    @staticmethod
-    def inv_norm(a, b=None, beta=0.0):
-        v = _up(a) if b is None else _up(a) + beta * _up(b)
-        return 1.0 / torch.linalg.vector_norm(v, dim=1).clamp_min(EPS)
+    """The CPU path. Per class chunk, uhat_c = norm(t_c + alpha x_c) is built once and used for everything."""
 
     @staticmethod
-    def _uhat(t, x, alpha, ru):
-        return (_up(t) + alpha * _up(x)) * ru[:, None]
+    def _uhat(tc, xc, alpha):
+        u = torch.add(_up(tc), _up(xc), alpha=alpha)
+        ru = 1.0 / torch.linalg.vector_norm(u, dim=1).clamp_min_(EPS)
+        return u.mul_(ru[:, None]), ru
 
     @staticmethod
-    def logits(f, t, x, alpha, rf, ru, scale, out_dtype):
-        fh = _up(f) * (scale * rf)[:, None]
-        out = torch.empty(f.shape[0], t.shape[0], dtype=out_dtype, device=f.device)
-        step = class_chunk(f.shape[0], f.shape[1], t.shape[0])
-        for k0 in range(0, t.shape[0], step):
-            k1 = k0 + step
-            out[:, k0:k1] = fh @ _TorchPrims._uhat(t[k0:k1], x[k0:k1], alpha, ru[k0:k1]).T
-        return out
+    def inv_norm(a):
+        return 1.0 / torch.linalg.vector_norm(_up(a), dim=1).clamp_min(EPS)
 
     @staticmethod
-    def lse_and_target(f, t, x, alpha, rf, ru, scale, target):
+    def forward(f, t, x, alpha, scale, target=None, out_dtype=None):
+        """(rf, ru, logits) when target is None, else (rf, ru, (lse, target logit)); class chunk by chunk."""
         B, D = f.shape
         K = t.shape[0]
+        rf = _TorchPrims.inv_norm(f)
         fh = _up(f) * (scale * rf)[:, None]
-        m = torch.full((B,), float("-inf"), device=f.device, dtype=rf.dtype)
-        ssum = torch.zeros_like(m)
-        tgt = torch.zeros_like(m)
+        ru = torch.empty(K, dtype=rf.dtype, device=f.device)
+        if target is None:
+            out = torch.empty(B, K, dtype=out_dtype, device=f.device)
+        else:
+            m = torch.full((B,), float("-inf"), device=f.device, dtype=rf.dtype)
+            ssum, tgt = torch.zeros_like(m), torch.zeros_like(m)
         step = class_chunk(B, D, K)
-        for k0 in range(0, K, step):  # online log-sum-exp over class chunks
+        for k0 in range(0, K, step):
             k1 = min(k0 + step, K)
-            lg = fh @ _TorchPrims._uhat(t[k0:k1], x[k0:k1], alpha, ru[k0:k1]).T
-            m_new = torch.maximum(m, lg.max(dim=1).values)
+            uh, ru[k0:k1] = _TorchPrims._uhat(t[k0:k1], x[k0:k1], alpha)
+            lg = fh @ uh.T
+            if target is None:
+                out[:, k0:k1] = lg
+                continue
+            m_new = torch.maximum(m, lg.max(dim=1).values)  # online log-sum-exp
             ssum = ssum * torch.exp(m - m_new) + torch.exp(lg - m_new[:, None]).sum(dim=1)
             m = m_new
             inside = (target >= k0) & (target < k1)
             idx = (target - k0).clamp(0, k1 - k0 - 1)
             tgt += torch.where(inside, lg.gather(1, idx[:, None])[:, 0], 0.0)
-        return m + torch.log(ssum), tgt
+        if target is None:
+            return rf, ru, out
+        return rf, ru, (m + torch.log(ssum), tgt)
 
     @staticmethod
-    def grad_logits(f, t, x, alpha, rf, ru, scale, target, lse, w):
-        fh = _up(f) * (scale * rf)[:, None]
-        g = torch.exp(fh @ _TorchPrims._uhat(t, x, alpha, ru).T - lse[:, None])
-        K = t.shape[0]
-        inside = (target >= 0) & (target < K)
-        rows = inside.nonzero()[:, 0]
-        g[rows, target[rows]] -= 1.0
-        return g.mul_(w[:, None])
+    def backward_prologue(f, rf, scale):
+        return _up(f) * (scale * rf)[:, None]  # s * fhat, shared by every chunk
 
     @staticmethod
-    def grad_u_hat(g, f, rf, scale):
-        return scale * g.T @ (_up(f) * rf[:, None])
+    def backward_chunk(fh, f, rf, tc, xc, ruc, alpha, scale, g, ce, dt_c, dx_c, dfhat):
+        """One class chunk of the backward. g: this chunk of dL/dlogits, or None to recompute it from
+        ce = (target - k0, lse, w). Writes dt_c / dx_c (when given) and accumulates s * g @ uhat_c into dfhat."""
+        uh = torch.add(_up(tc), _up(xc), alpha=alpha).mul_(ruc[:, None])
+        if g is None:
+            tgt, lse, w = ce
+            g = torch.exp_(torch.mm(fh, uh.T).sub_(lse[:, None]))
+            inside = (tgt >= 0) & (tgt < g.shape[1])
+            rows = inside.nonzero()[:, 0]
+            g[rows, tgt[rows]] -= 1.0
+            g.mul_(w[:, None])
+        if dfhat is not None:
+            dfhat.addmm_(g, uh, alpha=scale)
+        if dt_c is not None or dx_c is not None:
+            duh = torch.mm(g.T, fh)  # = s * g.T @ fhat
+            dot = (uh * duh).sum(dim=1, keepdim=True)
+            du = duh.sub_(uh.mul_(dot)).mul_(ruc[:, None])  # (d uhat - uhat <uhat, d uhat>) / ||u||
+            if dt_c is not None:
+                dt_c.copy_(du)
+            if dx_c is not None:
+                dx_c.copy_(du.mul_(alpha))
 
     @staticmethod
-    def grad_f_hat_acc(acc, g, t, x, alpha, ru, scale):
-        acc.addmm_(g, _TorchPrims._uhat(t, x, alpha, ru), alpha=scale)
-        return acc
-
-    @staticmethod
-    def norm_backward(dvhat, a, r, b=None, beta=0.0, out1=None, scale1=1.0, out2=None, scale2=1.0):
-        vhat = (_up(a) if b is None else _up(a) + beta * _up(b)) * r[:, None]
-        gv = (dvhat - vhat * (vhat * dvhat).sum(dim=1, keepdim=True)) * r[:, None]
-        if out1 is not None:
-            out1.copy_(gv * scale1)
-        if out2 is not None:
-            out2.copy_(gv * scale2)
+    def norm_backward(dvhat, a, r, out):
+        vhat = _up(a) * r[:, None]
+        out.copy_((dvhat - vhat * (vhat * dvhat).sum(dim=1, keepdim=True)) * r[:, None])
 
 
 def _prims(t: torch.Tensor):
@@ -141,13 +150,11 @@ def _prims(t: torch.Tensor):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# shared backward: chunk over classes, g_chunk from a callback (sliced grad_output or the recomputed softmax)
+# shared backward: chunk over classes, g_chunk from grad_output (logits) or recomputed (cross-entropy)
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _backward(P, ctx, g_chunk):
-    f, t, x = ctx.saved_tensors[:3]
-    rf, ru = ctx.saved_tensors[3:5]
+def _backward(P, ctx, f, t, x, rf, ru, grad=None, ce=None):
     alpha, scale = ctx.alpha, ctx.scale
     need_f, need_t, need_x = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     B, D = f.shape
@@ -158,21 +165,17 @@ def _backward(P, ctx, g_chunk):
         dt = torch.empty_like(t, memory_format=torch.contiguous_format)
     if need_x:
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    fh = P.backward_prologue(f, rf, scale)
     step = class_chunk(B, D, K)
     for k0 in range(0, K, step):
         k1 = min(k0 + step, K)
-        g = g_chunk(k0, k1)
-        tc, xc, ruc = t[k0:k1], x[k0:k1], ru[k0:k1]
-        if need_t or need_x:
-            duh = P.grad_u_hat(g, f, rf, scale)
-            P.norm_backward(duh, tc, ruc, b=xc, beta=alpha,
-                            out1=dt[k0:k1] if need_t else None, scale1=1.0,
-                            out2=dx[k0:k1] if need_x else None, scale2=alpha)
-        if need_f:
-            P.grad_f_hat_acc(dfhat, g, tc, xc, alpha, ruc, scale)
+        g = None if grad is None else grad[:, k0:k1]
+        ce_c = None if ce is None else (ce[0] - k0, ce[1], ce[2])
+        P.backward_chunk(fh, f, rf, t[k0:k1], x[k0:k1], ru[k0:k1], alpha, scale, g, ce_c,
+                         dt[k0:k1] if need_t else None, dx[k0:k1] if need_x else None, dfhat)
     if need_f:
         df = torch.empty_like(f, memory_format=torch.contiguous_format)
-        P.norm_backward(dfhat, f, rf, out1=df)
+        P.norm_backward(dfhat, f, rf, df)
     return df, dt, dx
 
 
@@ -180,18 +183,16 @@ class ResidualLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, f, t, x, alpha, scale):
         P = _prims(f)
-        rf = P.inv_norm(f)
-        ru = P.inv_norm(t, x, alpha)
         out_dtype = torch.promote_types(torch.promote_types(f.dtype, t.dtype), x.dtype)
-        out = P.logits(f, t, x, alpha, rf, ru, scale, out_dtype)
+        rf, ru, out = P.forward(f, t, x, alpha, scale, out_dtype=out_dtype)
         ctx.save_for_backward(f, t, x, rf, ru)
         ctx.alpha, ctx.scale, ctx.prims = alpha, scale, P
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.to(ctx.saved_tensors[3].dtype)
-        df, dt, dx = _backward(ctx.prims, ctx, lambda k0, k1: grad[:, k0:k1])
+        f, t, x, rf, ru = ctx.saved_tensors
+        df, dt, dx = _backward(ctx.prims, ctx, f, t, x, rf, ru, grad=grad.to(rf.dtype))
         return df, dt, dx, None, None
 
 
@@ -199,11 +200,9 @@ class ResidualCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, f, t, x, target, alpha, scale, reduction, ignore_index):
         P = _prims(f)
-        rf = P.inv_norm(f)
-        ru = P.inv_norm(t, x, alpha)
         valid = target != ignore_index
         tgt = torch.where(valid, target, -1)  # -1 never matches a class
-        lse, tlogit = P.lse_and_target(f, t, x, alpha, rf, ru, scale, tgt)
+        rf, ru, (lse, tlogit) = P.forward(f, t, x, alpha, scale, target=tgt)
         loss = torch.where(valid, lse - tlogit, 0.0)
         n_valid = valid.sum()
         out_dtype = torch.promote_types(torch.promote_types(f.dtype, t.dtype), x.dtype)
@@ -225,12 +224,7 @@ class ResidualCrossEntropy(torch.autograd.Function):
             w = valid.to(grad.dtype) * (grad / ctx.n_valid)
         else:  # "sum": grad is a scalar; "none": one per row
             w = valid.to(grad.dtype) * grad
-        P = ctx.prims
-
-        def g_chunk(k0, k1):
-            return P.grad_logits(f, t[k0:k1], x[k0:k1], ctx.alpha, rf, ru[k0:k1], ctx.scale, tgt - k0, lse, w)
-
-        df, dt, dx = _backward(P, ctx, g_chunk)
+        df, dt, dx = _backward(ctx.prims, ctx, f, t, x, rf, ru, ce=(tgt, lse, w))
         return df, dt, dx, None, None, None, None, None
 
 

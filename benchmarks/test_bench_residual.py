@@ -1,0 +1,13 @@
+"""TaskRes ops: fused residual logits / cross-entropy against the naive torch composition."""
+
+import pytest
+
+from .conftest import case_params, fwd_bwd_step
+
+PARAMS, IDS = case_params("residual")
+
+
+@pytest.mark.parametrize("case,provider", PARAMS, ids=IDS)
+def test_residual(benchmark, case, provider):
+    benchmark.group = f"{case.op} {case.shape}"
+    benchmark.pedantic(fwd_bwd_step(provider), rounds=3, warmup_rounds=1)

@@ -1,0 +1,365 @@
+"""``fastvlm bench``: every op and tuner step against its baselines, one table (plus CSV, JSON and plots).
+
+Each case builds its inputs once per provider and times forward, backward and forward+backward (median of
+several runs, with the spread), then measures the peak memory of one forward+backward. Ratios compare
+providers measured in the same run. On CPU, peak memory is the resident-set high-water mark above what the
+process held before the step (``/proc/self/clear_refs`` + ``VmHWM``), measured with
+``MALLOC_MMAP_THRESHOLD_=65536`` so freed blocks go back to the system; on CUDA it is
+``torch.cuda.max_memory_allocated`` above the memory allocated before the step.
+
+For every op the report also gives its compulsory memory traffic and FLOPs and the H100 roofline lower
+bound they imply, beside the same bound for the naive composition's sequence of kernels: a labelled
+projection, not a measurement.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+H100 = {"name": "H100 SXM", "bytes_per_s": 3.35e12, "flops_bf16": 989e12}
+MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# measuring
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_it(fn: Callable[[], object], device, reps: int, warmup: int = 1) -> list[float]:
+    """Seconds of each of ``reps`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _read_status(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def peak_memory(fn: Callable[[], object], device) -> int:
+    """Bytes above the pre-step level that one call of ``fn`` reaches at its peak."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    before = _read_status("VmRSS")
+    fn()
+    return max(0, _read_status("VmHWM") - before)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# cases
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Provider:
+    """``setup()`` returns (forward callable, tensors whose grads to clear, grad_output or None)."""
+
+    name: str
+    setup: Callable[[], tuple]
+
+
+@dataclass
+class Case:
+    op: str
+    shape: dict
+    providers: list[Provider]
+    baseline: str  # provider the ratios divide by
+    flops: float = 0.0  # fwd+bwd flops of the fused op
+    bytes: float = 0.0  # fwd+bwd compulsory bytes (each input read once, each output written once)
+    naive_bytes: float = 0.0  # the naive composition's kernels, each reading and writing its operands
+    naive_flops: float = 0.0
+    size: float = 0.0  # x axis of the plots
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _roofline(flops: float, nbytes: float) -> float:
+    return max(nbytes / H100["bytes_per_s"], flops / H100["flops_bf16"])
+
+
+def run_case(case: Case, device, reps: int) -> list[dict]:
+    rows = []
+    for prov in case.providers:
+        fwd, params, grad = prov.setup()
+
+        def clear():
+            for p in params:
+                p.grad = None
+
+        def fwd_bwd():
+            clear()
+            out = fwd()
+            out.backward(grad)
+
+        out = fwd()
+        t_fwd = time_it(lambda: fwd(), device, reps)
+
+        def bwd():
+            clear()
+            out.backward(grad, retain_graph=True)
+
+        t_bwd = time_it(bwd, device, reps)
+        t_fb = time_it(fwd_bwd, device, reps)
+        del out
+        clear()
+        mem = peak_memory(fwd_bwd, device)
+        for metric, ts in (("fwd", t_fwd), ("bwd", t_bwd), ("fwd+bwd", t_fb)):
+            rows.append(dict(op=case.op, provider=prov.name, metric=f"time_{metric}", value=statistics.median(ts),
+                             spread=(max(ts) - min(ts)), unit="s", **_shape_cols(case)))
+        rows.append(dict(op=case.op, provider=prov.name, metric="peak_mem_fwd+bwd", value=float(mem), spread=0.0,
+                         unit="B", **_shape_cols(case)))
+        del fwd, params, grad
+        gc.collect()
+    # ratios to the baseline, same run
+    base = {r["metric"]: r["value"] for r in rows if r["provider"] == case.baseline}
+    for r in list(rows):
+        if r["provider"] != case.baseline and base.get(r["metric"]):
+            r["ratio_to_" + case.baseline] = r["value"] / base[r["metric"]]
+    if case.flops:
+        t = next(r["value"] for r in rows if r["provider"] == "fastvlm" and r["metric"] == "time_fwd+bwd")
+        rows.append(dict(op=case.op, provider="fastvlm", metric="achieved_GFLOP/s", value=case.flops / t / 1e9,
+                         spread=0.0, unit="GFLOP/s", **_shape_cols(case)))
+        rows.append(dict(op=case.op, provider="fastvlm", metric="H100_roofline_bound", value=_roofline(case.flops, case.bytes),
+                         spread=0.0, unit="s (projection)", compulsory_bytes=case.bytes, flops=case.flops, **_shape_cols(case)))
+        if case.naive_bytes:
+            rows.append(dict(op=case.op, provider=case.baseline, metric="H100_roofline_bound",
+                             value=_roofline(case.naive_flops or case.flops, case.naive_bytes), spread=0.0,
+                             unit="s (projection)", compulsory_bytes=case.naive_bytes,
+                             flops=case.naive_flops or case.flops, **_shape_cols(case)))
+    return rows
+
+
+def _shape_cols(case: Case) -> dict:
+    return {"shape": " ".join(f"{k}={v}" for k, v in case.shape.items()), "size": case.size}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the op catalogue (each op family adds its cases here)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def residual_cases(device, quick: bool, full: bool) -> list[Case]:
+    from .functional import residual_cross_entropy, residual_logits
+    from .ops.residual import residual_cross_entropy_reference, residual_logits_reference
+
+    shapes = [(256, 1000, 512), (256, 21843, 1024)] if quick else [
+        (256, k, d) for k in (1000, 21843) for d in (512, 1024)]
+    if full:
+        shapes += [(256, 21843, 768)]
+    cases = []
+    for B, K, D in shapes:
+        def mk(op, reference, loss: bool, B=B, K=K, D=D):
+            def setup():
+                g = torch.Generator().manual_seed(0)
+                f = torch.randn(B, D, generator=g).to(device)
+                t = torch.randn(K, D, generator=g).to(device)
+                x = (0.1 * torch.randn(K, D, generator=g)).to(device).requires_grad_()
+                y = torch.randint(0, K, (B,), generator=g).to(device)
+                if loss:
+                    return (lambda: op(f, t, x, y)), [x], None
+                go = torch.randn(B, K, generator=g).to(device)
+                return (lambda: op(f, t, x)), [x], go
+            return setup
+
+        e = 4  # fp32
+        # fused: read f, t, x forward and again backward (recompute), write dx
+        cbytes = e * (2 * (B * D + 2 * K * D) + K * D)
+        # naive kernels: u=t+ax (3KD), normalize u (2KD), normalize f (2BD), matmul (BD+KD+BK), CE/softmax
+        # (2BK), backward: dlogits (2BK), d uhat = g^T fhat (BK+BD+KD), normalize bwd (3KD), scale (2KD)
+        nbytes = e * (3 * K * D + 2 * K * D + 2 * B * D + (B * D + K * D + B * K) + 2 * B * K + 2 * B * K
+                      + (B * K + B * D + K * D) + 3 * K * D + 2 * K * D)
+        fl_fused = 2 * B * K * D * 3  # fwd logits, recomputed logits, d uhat (features frozen)
+        fl_naive = 2 * B * K * D * 2
+        shape = dict(B=B, K=K, D=D)
+        cases.append(Case("residual_cross_entropy", shape, [
+            Provider("fastvlm", mk(residual_cross_entropy, None, True)),
+            Provider("naive", mk(residual_cross_entropy_reference, None, True)),
+        ], baseline="naive", flops=fl_fused, bytes=cbytes, naive_bytes=nbytes, naive_flops=fl_naive, size=K * D))
+        lbytes = e * (2 * (B * D + 2 * K * D) + 2 * B * K + K * D)
+        cases.append(Case("residual_logits", shape, [
+            Provider("fastvlm", mk(residual_logits, None, False)),
+            Provider("naive", mk(residual_logits_reference, None, False)),
+        ], baseline="naive", flops=2 * B * K * D * 2, bytes=lbytes, naive_bytes=nbytes - e * 2 * B * K,
+            naive_flops=2 * B * K * D * 2, size=K * D))
+    return cases
+
+
+#: op family name -> function(device, quick, full) -> cases; families register themselves below
+CATALOGUE: dict[str, Callable] = {"residual": residual_cases}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reporting
+# ---------------------------------------------------------------------------------------------------------
+
+
+def environment(device) -> dict:
+    import triton
+
+    import fastvlm
+
+    from . import _backend
+
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()} threads={torch.get_num_threads()}")
+    with _backend.backend("auto"):
+        probe = torch.empty(1, device=device)
+        backend_name = "triton" if _backend.use_triton(probe) else "torch"
+    return {"device": dev, "torch": torch.__version__, "triton": triton.__version__, "fastvlm": fastvlm.__version__,
+            "python": platform.python_version(), "backend": backend_name}
+
+
+def _fmt(v: float, unit: str) -> str:
+    if unit == "s":
+        return f"{v * 1e3:9.2f} ms"
+    if unit == "B":
+        return f"{v / 2**20:9.1f} MiB"
+    if unit.startswith("s ("):
+        return f"{v * 1e6:9.1f} us"
+    return f"{v:9.2f} {unit}"
+
+
+def print_table(rows: list[dict], env: dict, file=sys.stdout) -> None:
+    print(f"device: {env['device']} | backend: {env['backend']} | torch {env['torch']} | triton {env['triton']}",
+          file=file)
+    hdr = f"{'op':24} {'shape':22} {'provider':10} {'metric':22} {'median':>14} {'spread':>12} {'ratio':>7}"
+    print(hdr, file=file)
+    print("-" * len(hdr), file=file)
+    for r in rows:
+        ratio = next((f"{v:7.2f}" for k, v in r.items() if k.startswith("ratio_to_")), "")
+        spread = _fmt(r["spread"], r["unit"]) if r["spread"] else ""
+        print(f"{r['op']:24} {r['shape']:22} {r['provider']:10} {r['metric']:22} {_fmt(r['value'], r['unit']):>14} "
+              f"{spread:>12} {ratio:>7}", file=file)
+
+
+def write_outputs(rows: list[dict], env: dict, out: str) -> list[str]:
+    os.makedirs(out, exist_ok=True)
+    full = [{**r, **env} for r in rows]
+    cols = sorted({k for r in full for k in r}, key=lambda k: (k not in ("op", "shape", "provider", "metric"), k))
+    paths = [os.path.join(out, "bench.csv"), os.path.join(out, "bench.json")]
+    with open(paths[0], "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols)
+        w.writeheader()
+        w.writerows(full)
+    with open(paths[1], "w") as fh:
+        json.dump({"environment": env, "rows": rows}, fh, indent=1)
+    paths += plot(rows, env, out)
+    return paths
+
+
+def plot(rows: list[dict], env: dict, out: str) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install 'fastvlm[bench]')", file=sys.stderr)
+        return []
+    paths = []
+    for op in sorted({r["op"] for r in rows}):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, metric, scale, label in ((axes[0], "time_fwd+bwd", 1e3, "fwd+bwd median time (ms)"),
+                                         (axes[1], "peak_mem_fwd+bwd", 1 / 2**20, "fwd+bwd peak memory (MiB)")):
+            sel = [r for r in rows if r["op"] == op and r["metric"] == metric]
+            provs = sorted({r["provider"] for r in sel})
+            shapes = list(dict.fromkeys(r["shape"] for r in sel))
+            width = 0.8 / max(1, len(provs))
+            for i, p in enumerate(provs):
+                vals = [next((r["value"] * scale for r in sel if r["provider"] == p and r["shape"] == s), 0) for s in shapes]
+                ax.bar([j + i * width for j in range(len(shapes))], vals, width, label=p)
+            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], shapes, rotation=20, fontsize=7)
+            ax.set_ylabel(label)
+            ax.legend()
+        fig.suptitle(f"{op} on {env['device']} ({env['backend']} backend)", fontsize=9)
+        fig.tight_layout()
+        p = os.path.join(out, f"{op}.png")
+        fig.savefig(p, dpi=90)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------------
+# entry point
+# ---------------------------------------------------------------------------------------------------------
+
+
+def run(ops: list[str] | None = None, quick: bool = True, full: bool = False, out: str = "bench-out",
+        device: str | None = None, reps: int | None = None, progress: bool = True) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    reps = reps or (3 if quick else 7)
+    families = ops or list(CATALOGUE)
+    unknown = [f for f in families if f not in CATALOGUE]
+    if unknown:
+        raise ValueError(f"ops must be among {sorted(CATALOGUE)}, got {unknown}")
+    cases = [c for f in families for c in CATALOGUE[f](dev, quick, full)]
+    env = environment(dev)
+    rows = []
+    for case in tqdm(cases, desc="fastvlm bench", disable=not progress):
+        rows += run_case(case, dev, reps)
+    print_table(rows, env)
+    for p in write_outputs(rows, env, out):
+        print(f"wrote {p}")
+    return rows
+
+
+def main(args) -> int:
+    """CLI entry (``fastvlm bench``). Re-runs itself with the mmap threshold that honest CPU peaks need."""
+    if os.environ.get(MMAP_ENV) is None and not args.device == "cuda":
+        env = {**os.environ, MMAP_ENV: "65536"}
+        return subprocess.call([sys.executable, "-m", "fastvlm.cli", *args.argv], env=env)
+    run(args.ops, quick=not args.full, full=args.full, out=args.out, device=args.device, reps=args.reps,
+        progress=not args.no_progress)
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark every op and tuner step against its baselines")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="a few real CLIP shapes, minutes on a 2-core CPU (default)")
+    g.add_argument("--full", action="store_true", help="the whole sweep")
+    p.add_argument("--ops", nargs="*", default=None, help="families to run (default all)")
+    p.add_argument("--out", default="bench-out", help="folder for bench.csv, bench.json and the plots")
+    p.add_argument("--device", default=None)
+    p.add_argument("--reps", type=int, default=None, help="timed runs per metric (default 3 quick, 7 full)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=main)
