@@ -4,6 +4,7 @@ Each function documents its exact math; its reference, torch path and autograd F
 ``fastvlm/ops/<family>.py`` and its Triton kernels in ``kernels/<family>.py`` (``fastvlm.kernels``).
 """
 
+from .ops.masked import grad_dropout, masked_linear
 from .ops.residual import residual_cross_entropy, residual_logits
 
-__all__ = ["residual_logits", "residual_cross_entropy"]
+__all__ = ["residual_logits", "residual_cross_entropy", "masked_linear", "grad_dropout"]

@@ -110,20 +110,25 @@ def matmul_kernel(
     b_ptr, sb_k, sb_n,
     b2_ptr, sb2_k, sb2_n, beta,
     ks_ptr,
+    mk_ptr, smk_k, smk_n, threshold,
+    bias_ptr,
     c_ptr, sc_m, sc_n, alpha,
     M, N, K,
-    HAS_B2: tl.constexpr, HAS_KSCALE: tl.constexpr, ACCUMULATE: tl.constexpr,
+    HAS_B2: tl.constexpr, HAS_KSCALE: tl.constexpr, HAS_BMASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
-    """C = alpha * A @ ((B + beta*B2) * kscale[:, None])  (+ C when ACCUMULATE)."""
+    """C = alpha * A @ Bop (+ bias[None, :]) (+ C when ACCUMULATE), Bop as in mm_tile."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = mm_tile(a_ptr, sa_m, sa_k, b_ptr, sb_k, sb_n, b2_ptr, sb2_k, sb2_n, beta, ks_ptr,
-                  a_ptr, 0, 0, 0.0, offs_m, offs_n, M, N, K,
-                  HAS_B2, HAS_KSCALE, False, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE)
+                  mk_ptr, smk_k, smk_n, threshold, offs_m, offs_n, M, N, K,
+                  HAS_B2, HAS_KSCALE, HAS_BMASK, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE)
     acc = acc * alpha
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     cptr = c_ptr + offs_m.to(tl.int64)[:, None] * sc_m + offs_n.to(tl.int64)[None, :] * sc_n
     cmask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     if ACCUMULATE:
@@ -131,8 +136,10 @@ def matmul_kernel(
     tl.store(cptr, acc.to(c_ptr.dtype.element_ty), mask=cmask)
 
 
-def matmul(a, b, out, *, alpha=1.0, b2=None, beta=0.0, kscale=None, accumulate=False):
-    """Launch ``out = alpha * a @ ((b + beta*b2) * kscale[:, None]) (+ out)``; a: [M, K], b/b2: [K, N]."""
+def matmul(a, b, out, *, alpha=1.0, b2=None, beta=0.0, kscale=None, scores=None, threshold=0.0, bias=None,
+           accumulate=False):
+    """Launch ``out = alpha * a @ Bop + bias (+ out)``, ``Bop = (b + beta*b2) * kscale[:, None] * (scores >
+    threshold)``; a: [M, K], b/b2/scores: [K, N] (any strides: pass transposed views), bias: [N]."""
     M, K = a.shape
     N = b.shape[1]
     cfg = MM_CONFIG
@@ -143,9 +150,12 @@ def matmul(a, b, out, *, alpha=1.0, b2=None, beta=0.0, kscale=None, accumulate=F
         b, b.stride(0), b.stride(1),
         b2_, b2_.stride(0), b2_.stride(1), float(beta),
         kscale if kscale is not None else a,
+        scores if scores is not None else b, *(scores.stride() if scores is not None else (0, 0)), float(threshold),
+        bias if bias is not None else a,
         out, out.stride(0), out.stride(1), float(alpha),
         M, N, K,
-        HAS_B2=b2 is not None, HAS_KSCALE=kscale is not None, ACCUMULATE=accumulate,
+        HAS_B2=b2 is not None, HAS_KSCALE=kscale is not None, HAS_BMASK=scores is not None,
+        HAS_BIAS=bias is not None, ACCUMULATE=accumulate,
         DOT_DTYPE=dot_dtype(a, b) if b2 is None else dot_dtype(a, b, b2),
         **cfg,
     )

@@ -1,0 +1,233 @@
+r"""RMT mask tuning: masked-weight linear with a straight-through score gradient, and gradient dropout
+(METHODS.md section 2).
+
+Formula::
+
+    y = x @ (W * [S > tau]).T + b                  W frozen, scores S trainable, tau = 5e-3
+    dL/dx = dy @ (W * [S > tau]),   dL/db = sum dy
+    dL/dS = (dy.T @ x) * W                          straight-through estimator (dy, x flattened over leading dims)
+
+    grad_dropout(g_a, g_b, ratio, seed, offset):
+        P = 0.5 * (1 + sign(g_a) * (g_a + g_b) / (|g_a| + |g_b| + 1e-8))
+        U = philox_uniform(seed, offset + i)        i = row-major element index
+        out = ((1 - ratio) + ratio * [P > U]) * g_a
+
+``philox_uniform`` is Triton's ``tl.rand`` (Philox 4x32, 10 rounds, counter (i_lo, i_hi, 0, 0), key
+(seed_lo, seed_hi), first output word mapped to [0, 1)) reproduced bit for bit in torch, so the CPU and GPU
+paths drop the same elements. With ``ref_grad``, ``masked_linear``'s backward returns
+``grad_dropout(dL/dS, ref_grad, drop_ratio, seed, offset=0)`` and the Triton kernel fuses it into the score
+gradient's epilogue: the un-dropped N x K gradient never exists.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _backend
+from .._checks import check_finite, check_float, check_same_device, check_scalar, check_tensor
+
+THRESHOLD = 5e-3
+
+# ---------------------------------------------------------------------------------------------------------
+# Philox 4x32-10 in torch, matching triton.language.random
+# ---------------------------------------------------------------------------------------------------------
+
+_M32 = 0xFFFFFFFF
+_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
+
+
+def _mul32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit words of the 64-bit product of constant ``a`` and uint32 values ``b`` (int64 tensor),
+    computed in 16-bit halves so nothing overflows int64."""
+    p1 = a * (b & 0xFFFF)  # < 2^48
+    p2 = a * (b >> 16)  # < 2^48
+    mid = ((p2 & 0xFFFF) << 16) + p1  # < 2^49
+    return (p2 >> 16) + (mid >> 32), mid & _M32
+
+
+def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """``tl.rand(seed, offsets)`` for int64 ``offsets``: float32 uniforms in [0, 1)."""
+    offsets = offsets.to(torch.int64)
+    c0 = offsets & _M32
+    c1 = (offsets >> 32) & _M32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(10):
+        hi_b, lo_b = _mul32(_ROUND_B, c2)
+        hi_a, lo_a = _mul32(_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
+    x = torch.where(c0 >= 2**31, c0 - 2**32, c0)  # bitcast to int32
+    x = torch.where(x < 0, -x - 1, x).to(torch.int32)
+    return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+
+def binary_mask(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """[S > tau], compared in fp32 (fp16 would round tau = 5e-3 to 0.0050011), as the kernels do."""
+    s = scores if scores.dtype in (torch.float32, torch.float64) else scores.float()
+    return s > threshold
+
+
+def _keep_scale(ga: torch.Tensor, gb: torch.Tensor, u: torch.Tensor, ratio: float) -> torch.Tensor:
+    ga, gb = ga.float(), gb.float()
+    p = 0.5 * (1.0 + torch.sign(ga) * ((ga + gb) / (ga.abs() + gb.abs() + 1e-8)))
+    return (1.0 - ratio) + ratio * (p > u).float()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# references
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the binary mask [S > tau]. Backward: the gradient passes straight through to S."""
+
+    @staticmethod
+    def forward(ctx, scores, threshold):
+        return binary_mask(scores, threshold).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+def masked_linear_reference(x, weight, scores, bias=None, threshold=THRESHOLD):
+    """Naive composition: ``F.linear(x, weight * mask)`` with autograd; dL/dS = dL/dW' * W."""
+    return F.linear(x, weight * _StraightThrough.apply(scores, threshold).to(weight.dtype), bias)
+
+
+def grad_dropout_reference(g_task, g_ref, ratio, seed, offset=0):
+    u = philox_uniform(seed, torch.arange(g_task.numel(), device=g_task.device) + offset).view(g_task.shape)
+    return (_keep_scale(g_task, g_ref, u, ratio) * g_task.float()).to(g_task.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torch path and autograd Function
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _grad_dropout_torch(g_task, g_ref, ratio, seed, offset):
+    out = torch.empty_like(g_task)
+    flat_a, flat_b, flat_o = g_task.reshape(-1), g_ref.reshape(-1), out.view(-1)
+    step = 1 << 20  # bounded temporaries for the random stream
+    for i in range(0, flat_a.numel(), step):
+        a, b = flat_a[i:i + step], flat_b[i:i + step]
+        u = philox_uniform(seed, torch.arange(i, i + a.numel(), device=a.device) + offset)
+        flat_o[i:i + step] = (_keep_scale(a, b, u, ratio) * a.float()).to(out.dtype)
+    return out
+
+
+class MaskedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, scores, bias, threshold, ref_grad, ratio, seed):
+        x2 = x.reshape(-1, x.shape[-1])
+        if _backend.use_triton(x):
+            from ..kernels import masked as km
+
+            y = km.forward(x2, weight, scores, bias, threshold)
+            ctx.kernels = km
+        else:
+            w_eff = weight * binary_mask(scores, threshold)  # a temporary; only x, W, S (existing tensors) are saved
+            y = F.linear(x2, w_eff.to(x.dtype), bias)
+            ctx.kernels = None
+        ctx.save_for_backward(x, weight, scores, ref_grad)
+        ctx.threshold, ctx.ratio, ctx.seed, ctx.has_bias = threshold, ratio, seed, bias is not None
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, scores, ref_grad = ctx.saved_tensors
+        km = ctx.kernels
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        dx = ds = db = None
+        if ctx.needs_input_grad[0]:
+            if km is not None:
+                dx = km.grad_input(dy2, weight, scores, ctx.threshold, x.dtype).view(x.shape)
+            else:
+                dx = (dy2 @ (weight * binary_mask(scores, ctx.threshold)).to(dy2.dtype)).view(x.shape)
+        if ctx.needs_input_grad[2]:
+            if km is not None:
+                ds = km.grad_scores(dy2, x2, weight, ref_grad, ctx.ratio, ctx.seed, scores.dtype)
+            else:
+                ds = (dy2.T @ x2).mul_(weight).to(scores.dtype)
+                if ref_grad is not None:
+                    ds = _grad_dropout_torch(ds, ref_grad, ctx.ratio, ctx.seed, 0)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            db = dy2.sum(dim=0)
+        return dx, None, ds, db, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# public functions
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check_seed(seed, offset=0):
+    for name, v in (("seed", seed), ("offset", offset)):
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**62:
+            raise ValueError(f"{name} must be an int in [0, 2**62), got {v!r}")
+
+
+def grad_dropout(g_task, g_ref, ratio, seed, offset=0):
+    """Gradient dropout regularity: ``((1 - ratio) + ratio * [P > U]) * g_task`` (see the module docstring).
+
+    ``ratio=0`` returns ``g_task`` exactly; elements whose signs agree (P = 1) are always kept.
+    """
+    check_tensor("g_task", g_task)
+    check_tensor("g_ref", g_ref)
+    on_triton = _backend.use_triton(g_task)
+    check_float("g_task", g_task, on_triton)
+    check_float("g_ref", g_ref, on_triton)
+    if g_ref.shape != g_task.shape:
+        raise ValueError(f"g_ref must have the shape of g_task {tuple(g_task.shape)}, got {tuple(g_ref.shape)}")
+    check_same_device(g_task=g_task, g_ref=g_ref)
+    check_scalar("ratio", ratio, 0.0, 1.0)
+    _check_seed(seed, offset)
+    if g_task.numel() == 0:
+        return g_task.clone()
+    if on_triton:
+        from ..kernels import masked as km
+
+        return km.grad_dropout(g_task, g_ref, ratio, seed, offset)
+    return _grad_dropout_torch(g_task.contiguous(), g_ref.contiguous(), float(ratio), seed, offset)
+
+
+def masked_linear(x, weight, scores, bias=None, threshold=THRESHOLD, ref_grad=None, drop_ratio=0.0, seed=0):
+    """``x @ (weight * (scores > threshold)).T + bias`` for x of any leading shape [..., K].
+
+    weight [N, K] is frozen (must not require grad); scores [N, K] get the straight-through gradient
+    ``(dy.T @ x) * weight``. With ``ref_grad`` [N, K], that gradient is returned after
+    ``grad_dropout(., ref_grad, drop_ratio, seed, offset=0)``, fused into the kernel on the Triton path.
+    """
+    for n, t in (("x", x), ("weight", weight), ("scores", scores)):
+        check_tensor(n, t)
+    on_triton = _backend.use_triton(x)
+    for n, t in (("x", x), ("weight", weight), ("scores", scores), ("bias", bias), ("ref_grad", ref_grad)):
+        if t is not None:
+            check_float(n, t, on_triton)
+    if weight.dim() != 2 or weight.numel() == 0:
+        raise ValueError(f"weight must be a non-empty 2-D [N, K] tensor, got shape {tuple(weight.shape)}")
+    if weight.requires_grad:
+        raise ValueError("weight must be frozen (requires_grad=False): masked_linear trains the scores only")
+    if scores.shape != weight.shape:
+        raise ValueError(f"scores must have the shape of weight {tuple(weight.shape)}, got {tuple(scores.shape)}")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x must end in K={weight.shape[1]} features like weight [N, K], got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if ref_grad is not None and ref_grad.shape != weight.shape:
+        raise ValueError(f"ref_grad must have the shape of scores {tuple(weight.shape)}, got {tuple(ref_grad.shape)}")
+    check_same_device(x=x, weight=weight, scores=scores, bias=bias, ref_grad=ref_grad)
+    check_scalar("threshold", threshold)
+    check_scalar("drop_ratio", drop_ratio, 0.0, 1.0)
+    _check_seed(seed)
+    if torch.is_grad_enabled() and scores.requires_grad:
+        check_finite("scores", scores)
+    return MaskedLinear.apply(x, weight, scores, bias, float(threshold),
+                              None if ref_grad is None else ref_grad.detach(), float(drop_ratio), int(seed))

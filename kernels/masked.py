@@ -1,0 +1,99 @@
+"""Triton kernels for RMT mask tuning (formula and reference: fastvlm/ops/masked.py).
+
+    forward:  y  = x @ (W * [S > tau]).T + b        (the mask applied as W's tiles load: no masked copy)
+    backward: dx = dy @ (W * [S > tau])
+              dS = (dy.T @ x) * W, then gradient dropout against ref_grad in the same kernel's epilogue
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import MM_CONFIG, dot_dtype, matmul, mm_tile
+
+DROP_BLOCK = dict(BLOCK=1024, num_warps=4)
+
+
+@triton.jit
+def dropout_keep_scale(ga, gb, u, ratio):
+    """((1 - ratio) + ratio * [P > u]) with P = 0.5 (1 + sign(ga) (ga + gb) / (|ga| + |gb| + 1e-8))."""
+    sgn = tl.where(ga > 0, 1.0, tl.where(ga < 0, -1.0, 0.0))
+    q = tl.math.div_rn(ga + gb, tl.abs(ga) + tl.abs(gb) + 1e-8)  # IEEE division: same bits as torch
+    p = 0.5 * (1.0 + sgn * q)
+    return (1.0 - ratio) + ratio * tl.where(p > u, 1.0, 0.0)
+
+
+@triton.jit
+def score_grad_kernel(dy_ptr, sdy_m, sdy_n, x_ptr, sx_m, sx_k, w_ptr, sw_n, sw_k, ref_ptr, sr_n, sr_k,
+                      out_ptr, so_n, so_k, ratio, seed, N, K, M,
+                      DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      DOT_DTYPE: tl.constexpr):
+    """dS[n, k] = (sum_m dy[m, n] x[m, k]) * W[n, k], dropped against ref[n, k] with U(seed, n*K + k)."""
+    offs_n = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # rows of dS
+    offs_k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # cols of dS
+    acc = mm_tile(dy_ptr, sdy_n, sdy_m, x_ptr, sx_m, sx_k, x_ptr, 0, 0, 0.0, x_ptr,
+                  x_ptr, 0, 0, 0.0, offs_n, offs_k, N, K, M,
+                  False, False, False, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE)
+    n64 = offs_n.to(tl.int64)
+    m = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    w = tl.load(w_ptr + n64[:, None] * sw_n + offs_k[None, :] * sw_k, mask=m, other=0.0).to(tl.float32)
+    g = acc * w
+    if DROPOUT:
+        gb = tl.load(ref_ptr + n64[:, None] * sr_n + offs_k[None, :] * sr_k, mask=m, other=0.0).to(tl.float32)
+        u = tl.rand(seed, n64[:, None] * K + offs_k[None, :])
+        g = g * dropout_keep_scale(g, gb, u, ratio)
+    tl.store(out_ptr + n64[:, None] * so_n + offs_k[None, :] * so_k, g.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def grad_dropout_kernel(ga_ptr, gb_ptr, out_ptr, ratio, seed, offset, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    ga = tl.load(ga_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    gb = tl.load(gb_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    u = tl.rand(seed, offs + offset)
+    g = ga * dropout_keep_scale(ga, gb, u, ratio)
+    tl.store(out_ptr + offs, g.to(out_ptr.dtype.element_ty), mask=m)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def forward(x2, weight, scores, bias, threshold):
+    """x2: [M, K] -> [M, N] = x2 @ (W * [S > tau]).T + bias."""
+    M = x2.shape[0]
+    N = weight.shape[0]
+    out = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
+    return matmul(x2, weight.t(), out, scores=scores.t(), threshold=threshold, bias=bias)
+
+
+def grad_input(dy2, weight, scores, threshold, dtype):
+    out = torch.empty(dy2.shape[0], weight.shape[1], device=dy2.device, dtype=dtype)
+    return matmul(dy2, weight, out, scores=scores, threshold=threshold)
+
+
+def grad_scores(dy2, x2, weight, ref_grad, ratio, seed, dtype):
+    N, K = weight.shape
+    M = x2.shape[0]
+    out = torch.empty(N, K, device=x2.device, dtype=dtype)
+    cfg = MM_CONFIG
+    grid = (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_N"]))
+    ref = ref_grad if ref_grad is not None else weight
+    score_grad_kernel[grid](dy2, dy2.stride(0), dy2.stride(1), x2, x2.stride(0), x2.stride(1),
+                            weight, weight.stride(0), weight.stride(1), ref, ref.stride(0), ref.stride(1),
+                            out, out.stride(0), out.stride(1), float(ratio), int(seed), N, K, M,
+                            DROPOUT=ref_grad is not None, DOT_DTYPE=dot_dtype(dy2, x2), **cfg)
+    return out
+
+
+def grad_dropout(g_task, g_ref, ratio, seed, offset):
+    ga, gb = g_task.contiguous(), g_ref.contiguous()
+    out = torch.empty_like(ga)
+    n = ga.numel()
+    cfg = DROP_BLOCK
+    grad_dropout_kernel[(triton.cdiv(n, cfg["BLOCK"]),)](ga, gb, out, float(ratio), int(seed), int(offset), n, **cfg)
+    return out
