@@ -96,6 +96,50 @@ def cmd_tune_taskres(args) -> int:
     return 0
 
 
+def _zero_shot_setup(args):
+    """Model, transforms, data and the normalised zero-shot text classifier shared by the image tuners."""
+    import torch.nn.functional as F
+
+    from .models import load_clip
+    from .train.common import seed_everything
+    from .tuners.taskres import build_base_classifier
+
+    seed_everything(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    model, _, pre_eval, tok = load_clip(args.model, args.pretrained, args.device)
+    train, test, names = _resolve_data(args)
+    classifier = F.normalize(build_base_classifier(model, tok, names, args.dataset, device=args.device), dim=-1)
+    return model, pre_eval, train, test, names, classifier
+
+
+def _write_metrics(out, metrics) -> None:
+    with open(os.path.join(out, "metrics.json"), "w") as fh:
+        json.dump(metrics, fh, indent=2)
+
+
+def cmd_tune_mask(args) -> int:
+    from .train.common import evaluate_model, image_norm, train_loader
+    from .train.rmt import RMTRecipe, train_rmt, train_transform
+    from .tuners.mask import MaskConfig, apply_masks, export_masks, sparsity
+
+    model, pre_eval, train, test, names, cls = _zero_shot_setup(args)
+    zs = evaluate_model(model, cls, test, pre_eval, device=args.device)
+    apply_masks(model, MaskConfig(mlp=args.mlp))
+    recipe = RMTRecipe(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size or 32, drop_ratio=args.drop_ratio,
+                       seed=args.seed)
+    size, mean, std = image_norm(model)
+    loader = train_loader(train, train_transform(size, mean, std), recipe.batch_size, args.seed)
+    hist = train_rmt(model, cls, loader, recipe, device=args.device, progress=not args.no_progress)
+    acc = evaluate_model(model, cls, test, pre_eval, device=args.device)
+    path = export_masks(model, os.path.join(args.out, "masks.safetensors"), model_name=args.model,
+                        pretrained=args.pretrained, classnames=names)
+    metrics = {"zero_shot_top1": zs, "top1": acc, "sparsity": sparsity(model), "history": hist, "masks": path}
+    _write_metrics(args.out, metrics)
+    print(f"zero-shot top-1 {zs:.2f}%  ->  RMT top-1 {acc:.2f}%  (sparsity {100 * metrics['sparsity']:.2f}%)")
+    print(f"masks: {path}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .io import load_checkpoint
     from .models import load_clip
@@ -135,6 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--epochs", type=int, default=None, help="default: 100 for <= 4 shots, 200 above")
     t.set_defaults(func=cmd_tune_taskres)
+
+    t = tsub.add_parser("mask", help="RMT: binary masks over the image encoder's weights, gradient dropout")
+    _add_model_data(t)
+    t.add_argument("--out", required=True)
+    t.add_argument("--lr", type=float, default=8e-5)
+    t.add_argument("--epochs", type=int, default=30)
+    t.add_argument("--drop-ratio", type=float, default=1.0, help="lambda of gradient dropout (0 turns it off)")
+    t.add_argument("--mlp", action="store_true", help="mask the MLP layers too")
+    t.set_defaults(func=cmd_tune_mask)
 
     e = sub.add_parser("eval", help="top-1 accuracy of a TaskRes checkpoint on the test split")
     _add_model_data(e)

@@ -1,7 +1,8 @@
 """Loading open_clip models: a known architecture with pretrained weights (an open_clip tag such as
 'openai', or a local checkpoint file), or random initialisation (``pretrained=None``).
 
-Also registers ``fastvlm-tiny-vit``, a 2-block ViT at 32 px used by the tests, the quick benchmarks and the
+Also registers ``fastvlm-tiny-vit``, a 2-block ViT at 32 px, and ``fastvlm-tiny-rn``, a one-block-per-stage
+ModifiedResNet at 64 px, used by the tests, the quick benchmarks and the
 CLI demos, so everything runs on a CPU with no downloads.
 """
 
@@ -13,10 +14,17 @@ import open_clip
 import torch
 
 TINY = "fastvlm-tiny-vit"
+TINY_RN = "fastvlm-tiny-rn"
+_TEXT = {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}
 TINY_CONFIG = {
     "embed_dim": 32,
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+    "text_cfg": _TEXT,
+}
+TINY_RN_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None},
+    "text_cfg": _TEXT,
 }
 
 
@@ -24,6 +32,7 @@ def _register() -> None:
     from open_clip import factory
 
     factory._MODEL_CONFIGS.setdefault(TINY, TINY_CONFIG)
+    factory._MODEL_CONFIGS.setdefault(TINY_RN, TINY_RN_CONFIG)
 
 
 _register()

@@ -27,10 +27,11 @@ def dropout_keep_scale(ga, gb, u, ratio):
 
 @triton.jit
 def score_grad_kernel(dy_ptr, sdy_m, sdy_n, x_ptr, sx_m, sx_k, w_ptr, sw_n, sw_k, ref_ptr, sr_n, sr_k,
-                      out_ptr, so_n, so_k, ratio, seed, N, K, M,
-                      DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      DOT_DTYPE: tl.constexpr):
-    """dS[n, k] = (sum_m dy[m, n] x[m, k]) * W[n, k], dropped against ref[n, k] with U(seed, n*K + k)."""
+                      s_ptr, ss_n, ss_k, add_scale, out_ptr, so_n, so_k, ratio, seed, N, K, M,
+                      DROPOUT: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """dS[n, k] = (sum_m dy[m, n] x[m, k]) * W[n, k] (+ add_scale * S[n, k]), dropped against ref[n, k]
+    with U(seed, n*K + k). out may be ref itself: each element is read before it is written."""
     offs_n = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # rows of dS
     offs_k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # cols of dS
     acc = mm_tile(dy_ptr, sdy_n, sdy_m, x_ptr, sx_m, sx_k, x_ptr, 0, 0, 0.0, x_ptr,
@@ -40,6 +41,8 @@ def score_grad_kernel(dy_ptr, sdy_m, sdy_n, x_ptr, sx_m, sx_k, w_ptr, sw_n, sw_k
     m = (offs_n < N)[:, None] & (offs_k < K)[None, :]
     w = tl.load(w_ptr + n64[:, None] * sw_n + offs_k[None, :] * sw_k, mask=m, other=0.0).to(tl.float32)
     g = acc * w
+    if HAS_ADD:  # the gradient of c * ||S||_2 (add_scale = c / ||S||), so dropout sees all of g_a
+        g += add_scale * tl.load(s_ptr + n64[:, None] * ss_n + offs_k[None, :] * ss_k, mask=m, other=0.0).to(tl.float32)
     if DROPOUT:
         gb = tl.load(ref_ptr + n64[:, None] * sr_n + offs_k[None, :] * sr_k, mask=m, other=0.0).to(tl.float32)
         u = tl.rand(seed, n64[:, None] * K + offs_k[None, :])
@@ -76,17 +79,20 @@ def grad_input(dy2, weight, scores, threshold, dtype):
     return matmul(dy2, weight, out, scores=scores, threshold=threshold)
 
 
-def grad_scores(dy2, x2, weight, ref_grad, ratio, seed, dtype):
+def grad_scores(dy2, x2, weight, ref_grad, ratio, seed, dtype, scores=None, add_scale=0.0, out=None):
+    """(dy2.T @ x2) * W (+ add_scale * scores), gradient-dropped against ref_grad when given; into ``out``
+    (which may be ref_grad itself) or a new tensor."""
     N, K = weight.shape
     M = x2.shape[0]
-    out = torch.empty(N, K, device=x2.device, dtype=dtype)
+    out = torch.empty(N, K, device=x2.device, dtype=dtype) if out is None else out
     cfg = MM_CONFIG
     grid = (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_N"]))
     ref = ref_grad if ref_grad is not None else weight
     score_grad_kernel[grid](dy2, dy2.stride(0), dy2.stride(1), x2, x2.stride(0), x2.stride(1),
                             weight, weight.stride(0), weight.stride(1), ref, ref.stride(0), ref.stride(1),
-                            out, out.stride(0), out.stride(1), float(ratio), int(seed), N, K, M,
-                            DROPOUT=ref_grad is not None, DOT_DTYPE=dot_dtype(dy2, x2), **cfg)
+                            scores if scores is not None else weight, *(scores if scores is not None else weight).stride(),
+                            float(add_scale), out, out.stride(0), out.stride(1), float(ratio), int(seed), N, K, M,
+                            DROPOUT=ref_grad is not None, HAS_ADD=scores is not None, DOT_DTYPE=dot_dtype(dy2, x2), **cfg)
     return out
 
 

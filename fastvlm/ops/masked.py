@@ -109,8 +109,29 @@ def grad_dropout_reference(g_task, g_ref, ratio, seed, offset=0):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _grad_dropout_torch(g_task, g_ref, ratio, seed, offset):
-    out = torch.empty_like(g_task)
+class GradSlot:
+    """Hand-off for the two-pass gradient dropout step (fastvlm/train/rmt.py).
+
+    Pass 1 (the KL loss) runs with an empty slot: plain straight-through gradients. Before pass 2 the step
+    puts pass 1's gradient in ``ref`` and the regulariser coefficient ``reg`` (of ``reg * ||S||_2``) here;
+    pass 2's backward then takes ``ref`` out of the slot, adds ``reg * S / ||S||`` to the score gradient
+    (so dropout sees all of g_a = grad of CE + reg), drops it against ``ref`` and writes the result into
+    ``ref``'s own storage (the Triton kernel reads each element before writing it): pass 1's buffer is
+    consumed in place and no second N x K buffer is kept per layer.
+    """
+
+    __slots__ = ("ref", "ratio", "seed", "reg")
+
+    def __init__(self):
+        self.ref, self.ratio, self.seed, self.reg = None, 0.0, 0, 0.0
+
+    def take(self):
+        ref, self.ref = self.ref, None
+        return ref
+
+
+def _grad_dropout_torch(g_task, g_ref, ratio, seed, offset, out=None):
+    out = torch.empty_like(g_task) if out is None else out
     flat_a, flat_b, flat_o = g_task.reshape(-1), g_ref.reshape(-1), out.view(-1)
     step = 1 << 20  # bounded temporaries for the random stream
     for i in range(0, flat_a.numel(), step):
@@ -133,8 +154,9 @@ class MaskedLinear(torch.autograd.Function):
             w_eff = weight * binary_mask(scores, threshold)  # a temporary; only x, W, S (existing tensors) are saved
             y = F.linear(x2, w_eff.to(x.dtype), bias)
             ctx.kernels = None
-        ctx.save_for_backward(x, weight, scores, ref_grad)
-        ctx.threshold, ctx.ratio, ctx.seed, ctx.has_bias = threshold, ratio, seed, bias is not None
+        slot = ref_grad if isinstance(ref_grad, GradSlot) else None
+        ctx.save_for_backward(x, weight, scores, None if slot is not None else ref_grad)
+        ctx.threshold, ctx.ratio, ctx.seed, ctx.has_bias, ctx.slot = threshold, ratio, seed, bias is not None, slot
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -150,12 +172,22 @@ class MaskedLinear(torch.autograd.Function):
             else:
                 dx = (dy2 @ (weight * binary_mask(scores, ctx.threshold)).to(dy2.dtype)).view(x.shape)
         if ctx.needs_input_grad[2]:
+            ratio, seed, reg, slot = ctx.ratio, ctx.seed, 0.0, ctx.slot
+            if slot is not None:
+                ref_grad, ratio, seed, reg = slot.take(), slot.ratio, slot.seed, slot.reg
+                if ref_grad is not None:  # the scores may be a view (patch embedding): match its shape
+                    ref_grad = ref_grad.view(scores.shape)
+            add = reg / max(torch.linalg.vector_norm(scores.float()).item(), 1e-12) if reg else 0.0
+            inplace = slot is not None and ref_grad is not None
             if km is not None:
-                ds = km.grad_scores(dy2, x2, weight, ref_grad, ctx.ratio, ctx.seed, scores.dtype)
+                ds = km.grad_scores(dy2, x2, weight, ref_grad, ratio, seed, scores.dtype,
+                                    scores=scores if reg else None, add_scale=add, out=ref_grad if inplace else None)
             else:
                 ds = (dy2.T @ x2).mul_(weight).to(scores.dtype)
-                if ref_grad is not None:
-                    ds = _grad_dropout_torch(ds, ref_grad, ctx.ratio, ctx.seed, 0)
+                if reg:
+                    ds.add_(scores, alpha=add)
+                if ref_grad is not None:  # two-pass step: the result goes into pass 1's buffer
+                    ds = _grad_dropout_torch(ds, ref_grad, ratio, seed, 0, out=ref_grad if inplace else ds)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             db = dy2.sum(dim=0)
         return dx, None, ds, db, None, None, None, None
@@ -202,9 +234,14 @@ def masked_linear(x, weight, scores, bias=None, threshold=THRESHOLD, ref_grad=No
     weight [N, K] is frozen (must not require grad); scores [N, K] get the straight-through gradient
     ``(dy.T @ x) * weight``. With ``ref_grad`` [N, K], that gradient is returned after
     ``grad_dropout(., ref_grad, drop_ratio, seed, offset=0)``, fused into the kernel on the Triton path.
+    ``ref_grad`` may instead be a :class:`GradSlot` (the two-pass RMT step; drop_ratio and seed then come
+    from the slot).
     """
     for n, t in (("x", x), ("weight", weight), ("scores", scores)):
         check_tensor(n, t)
+    slot = ref_grad if isinstance(ref_grad, GradSlot) else None
+    if slot is not None:
+        ref_grad = None
     on_triton = _backend.use_triton(x)
     for n, t in (("x", x), ("weight", weight), ("scores", scores), ("bias", bias), ("ref_grad", ref_grad)):
         if t is not None:
@@ -229,5 +266,5 @@ def masked_linear(x, weight, scores, bias=None, threshold=THRESHOLD, ref_grad=No
     _check_seed(seed)
     if torch.is_grad_enabled() and scores.requires_grad:
         check_finite("scores", scores)
-    return MaskedLinear.apply(x, weight, scores, bias, float(threshold),
-                              None if ref_grad is None else ref_grad.detach(), float(drop_ratio), int(seed))
+    ref = slot if slot is not None else (None if ref_grad is None else ref_grad.detach())
+    return MaskedLinear.apply(x, weight, scores, bias, float(threshold), ref, float(drop_ratio), int(seed))

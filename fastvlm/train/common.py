@@ -33,3 +33,42 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Top-1 accuracy in percent."""
     return 100.0 * (logits.argmax(dim=1) == labels).float().mean().item()
+
+
+@torch.no_grad()
+def evaluate_model(model, classifier: torch.Tensor, samples, transform, batch_size: int = 64, device="cpu",
+                   scale: float = 100.0) -> float:
+    """Top-1 accuracy (%) of ``scale * norm(encode_image) @ classifier.T`` over ``samples``."""
+    import torch.nn.functional as F
+
+    from ..data import ImageDataset
+
+    was = model.training
+    model.eval()
+    loader = torch.utils.data.DataLoader(ImageDataset(samples, transform), batch_size=batch_size)
+    correct = total = 0
+    for img, y in loader:
+        logits = scale * F.normalize(model.encode_image(img.to(device)), dim=-1) @ classifier.T
+        correct += int((logits.argmax(1).cpu() == y).sum())
+        total += y.numel()
+    model.train(was)
+    return 100.0 * correct / max(1, total)
+
+
+def train_loader(samples, transform, batch_size: int, seed: int):
+    """Shuffled, seeded loader over ``samples`` (the same order for the same seed)."""
+    from ..data import ImageDataset
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(ImageDataset(samples, transform), batch_size=batch_size, shuffle=True,
+                                       generator=g, drop_last=False)
+
+
+def image_norm(model):
+    """(image size, mean, std) of an open_clip model's preprocessing."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    return size, getattr(model.visual, "image_mean", None) or OPENAI_DATASET_MEAN, \
+        getattr(model.visual, "image_std", None) or OPENAI_DATASET_STD
