@@ -99,13 +99,14 @@ class Case:
     op: str
     shape: dict
     providers: list[Provider]
-    baseline: str  # provider the ratios divide by
+    baseline: str | tuple  # provider(s) the ratios divide by
     flops: float = 0.0  # fwd+bwd flops of the fused op
     bytes: float = 0.0  # fwd+bwd compulsory bytes (each input read once, each output written once)
     naive_bytes: float = 0.0  # the naive composition's kernels, each reading and writing its operands
     naive_flops: float = 0.0
     size: float = 0.0  # x axis of the plots
     notes: str = ""
+    kind: str = "op"  # "op": time fwd, bwd, fwd+bwd; "step": setup gives one whole training step to time
     extra: dict = field(default_factory=dict)
 
 
@@ -113,9 +114,23 @@ def _roofline(flops: float, nbytes: float) -> float:
     return max(nbytes / H100["bytes_per_s"], flops / H100["flops_bf16"])
 
 
+def _run_step(case: Case, prov: Provider, device, reps: int) -> list[dict]:
+    step = prov.setup()
+    ts = time_it(step, device, reps)
+    mem = peak_memory(step, device)
+    return [dict(op=case.op, provider=prov.name, metric="time_step", value=statistics.median(ts),
+                 spread=max(ts) - min(ts), unit="s", **_shape_cols(case)),
+            dict(op=case.op, provider=prov.name, metric="peak_mem_step", value=float(mem), spread=0.0, unit="B",
+                 **_shape_cols(case))]
+
+
 def run_case(case: Case, device, reps: int) -> list[dict]:
     rows = []
     for prov in case.providers:
+        if case.kind == "step":
+            rows += _run_step(case, prov, device, reps)
+            gc.collect()
+            continue
         fwd, params, grad = prov.setup()
 
         def clear():
@@ -146,11 +161,12 @@ def run_case(case: Case, device, reps: int) -> list[dict]:
                          unit="B", **_shape_cols(case)))
         del fwd, params, grad
         gc.collect()
-    # ratios to the baseline, same run
-    base = {r["metric"]: r["value"] for r in rows if r["provider"] == case.baseline}
-    for r in list(rows):
-        if r["provider"] != case.baseline and base.get(r["metric"]):
-            r["ratio_to_" + case.baseline] = r["value"] / base[r["metric"]]
+    # ratios to each baseline, same run
+    for bl in (case.baseline,) if isinstance(case.baseline, str) else case.baseline:
+        base = {r["metric"]: r["value"] for r in rows if r["provider"] == bl}
+        for r in rows:
+            if r["provider"] != bl and base.get(r["metric"]):
+                r["ratio_to_" + bl] = r["value"] / base[r["metric"]]
     if case.flops:
         t = next(r["value"] for r in rows if r["provider"] == "fastvlm" and r["metric"] == "time_fwd+bwd")
         rows.append(dict(op=case.op, provider="fastvlm", metric="achieved_GFLOP/s", value=case.flops / t / 1e9,
@@ -158,7 +174,7 @@ def run_case(case: Case, device, reps: int) -> list[dict]:
         rows.append(dict(op=case.op, provider="fastvlm", metric="H100_roofline_bound", value=_roofline(case.flops, case.bytes),
                          spread=0.0, unit="s (projection)", compulsory_bytes=case.bytes, flops=case.flops, **_shape_cols(case)))
         if case.naive_bytes:
-            rows.append(dict(op=case.op, provider=case.baseline, metric="H100_roofline_bound",
+            rows.append(dict(op=case.op, provider="naive", metric="H100_roofline_bound",
                              value=_roofline(case.naive_flops or case.flops, case.naive_bytes), spread=0.0,
                              unit="s (projection)", compulsory_bytes=case.naive_bytes,
                              flops=case.naive_flops or case.flops, **_shape_cols(case)))
@@ -220,8 +236,116 @@ def residual_cases(device, quick: bool, full: bool) -> list[Case]:
     return cases
 
 
+def masked_cases(device, quick: bool, full: bool) -> list[Case]:
+    import torch.nn.functional as F
+
+    from .functional import grad_dropout, masked_linear
+    from .ops.masked import masked_linear_reference
+
+    batches = [8] if quick else [8, 32]
+    layers = [("qkv", 2304, 768), ("out_proj", 768, 768)] + ([("mlp_fc", 3072, 768)] if full else [])
+    cases = []
+    for b in batches:
+        M = b * 197
+        for lname, N, K in layers:
+            def inputs(M=M, N=N, K=K):
+                g = torch.Generator().manual_seed(0)
+                x = torch.randn(M, K, generator=g).to(device).requires_grad_()
+                w = (0.02 * torch.randn(N, K, generator=g)).to(device)
+                s = (0.02 * torch.rand(N, K, generator=g)).to(device).requires_grad_()
+                bias = torch.randn(N, generator=g).to(device)
+                go = torch.randn(M, N, generator=g).to(device)
+                ref = torch.randn(N, K, generator=g).to(device)
+                return x, w, s, bias, go, ref
+
+            def fused():
+                x, w, s, bias, go, _ = inputs()
+                return (lambda: masked_linear(x, w, s, bias)), [x, s], go
+
+            def naive():
+                x, w, s, bias, go, _ = inputs()
+                return (lambda: masked_linear_reference(x, w, s, bias)), [x, s], go
+
+            def linear():
+                x, w, s, bias, go, _ = inputs()
+                w = w.clone().requires_grad_()
+                return (lambda: F.linear(x, w, bias)), [x, w], go
+
+            e = 4
+            shape = dict(tokens=M, N=N, K=K, layer=lname)
+            cbytes = e * (2 * M * K + 3 * N * K + 2 * M * N)
+            nbytes = e * (2 * N * K + 3 * N * K + (M * K + N * K + M * N) + (M * N + N * K + M * K)
+                          + (M * N + M * K + N * K) + 3 * N * K)
+            cases.append(Case("masked_linear", shape, [Provider("fastvlm", fused), Provider("naive", naive),
+                                                       Provider("nn.Linear", linear)],
+                              baseline=("naive", "nn.Linear"), flops=6 * M * N * K, bytes=cbytes, naive_bytes=nbytes,
+                              size=M * N * K))
+
+            def gdr_fused():
+                x, w, s, bias, go, ref = inputs()
+
+                def step():
+                    masked_linear(x, w, s, bias, ref_grad=ref, drop_ratio=0.5, seed=1).backward(go)
+                    x.grad = s.grad = None  # each measured step starts with no gradients held
+                return step
+
+            def gdr_naive():
+                x, w, s, bias, go, ref = inputs()
+
+                def step():
+                    masked_linear_reference(x, w, s, bias).backward(go)
+                    s.grad = grad_dropout(s.grad, ref, 0.5, 1)
+                    x.grad = s.grad = None
+                return step
+
+            cases.append(Case("masked_linear+gdr", shape, [Provider("fastvlm", gdr_fused), Provider("naive", gdr_naive)],
+                              baseline="naive", kind="step", size=M * N * K))
+    cases += rmt_step_cases(device, quick, full)
+    return cases
+
+
+def _clip_batch(model_name: str, batch: int, device, seed=0):
+    from .models import load_clip
+    from .train.common import image_norm
+
+    torch.manual_seed(seed)
+    model, *_ = load_clip(model_name, None, device)
+    size, _, _ = image_norm(model)
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, size, size, generator=g).to(device)
+    labels = torch.randint(0, 10, (batch,), generator=g).to(device)
+    dim = model.text_projection.shape[1] if model.text_projection is not None else model.visual.output_dim
+    cls = torch.nn.functional.normalize(torch.randn(10, dim, generator=g), dim=-1).to(device)
+    return model, images, labels, cls
+
+
+def rmt_step_cases(device, quick: bool, full: bool) -> list[Case]:
+    """The two-pass RMT step against one plain backward of L_a (lambda = 0), same model and batch."""
+    from .train.rmt import RMTRecipe, rmt_step
+    from .tuners.mask import apply_masks, score_parameters
+
+    model_name, batch = ("ViT-B-32", 4) if quick else ("ViT-B-16", 8)
+
+    def provider(drop):
+        def setup():
+            model, images, labels, cls = _clip_batch(model_name, batch, device)
+            apply_masks(model)
+            opt = torch.optim.Adam(score_parameters(model), lr=1e-5)
+            recipe = RMTRecipe(drop_ratio=drop)
+
+            def step():
+                rmt_step(model, images, labels, cls, opt, recipe, 0)
+                opt.zero_grad(set_to_none=True)  # each measured step starts with no gradients held
+            return step
+        return setup
+
+    return [Case("rmt_step", dict(model=model_name, batch=batch),
+                 [Provider("two-pass", provider(1.0)), Provider("one-backward", provider(0.0))],
+                 baseline="one-backward", kind="step", size=batch)]
+
+
 #: op family name -> function(device, quick, full) -> cases; families register themselves below
-CATALOGUE: dict[str, Callable] = {"residual": residual_cases}
+CATALOGUE: dict[str, Callable] = {"residual": residual_cases, "masked": masked_cases}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -258,14 +382,14 @@ def _fmt(v: float, unit: str) -> str:
 def print_table(rows: list[dict], env: dict, file=sys.stdout) -> None:
     print(f"device: {env['device']} | backend: {env['backend']} | torch {env['torch']} | triton {env['triton']}",
           file=file)
-    hdr = f"{'op':24} {'shape':22} {'provider':10} {'metric':22} {'median':>14} {'spread':>12} {'ratio':>7}"
+    hdr = f"{'op':24} {'shape':22} {'provider':10} {'metric':20} {'median':>14} {'spread':>12}  ratios"
     print(hdr, file=file)
     print("-" * len(hdr), file=file)
     for r in rows:
-        ratio = next((f"{v:7.2f}" for k, v in r.items() if k.startswith("ratio_to_")), "")
+        ratio = " ".join(f"{k[9:]}:{v:.2f}" for k, v in r.items() if k.startswith("ratio_to_"))
         spread = _fmt(r["spread"], r["unit"]) if r["spread"] else ""
-        print(f"{r['op']:24} {r['shape']:22} {r['provider']:10} {r['metric']:22} {_fmt(r['value'], r['unit']):>14} "
-              f"{spread:>12} {ratio:>7}", file=file)
+        print(f"{r['op']:24} {r['shape']:22} {r['provider']:10} {r['metric']:20} {_fmt(r['value'], r['unit']):>14} "
+              f"{spread:>12}  {ratio}", file=file)
 
 
 def write_outputs(rows: list[dict], env: dict, out: str) -> list[str]:
@@ -295,8 +419,10 @@ def plot(rows: list[dict], env: dict, out: str) -> list[str]:
     paths = []
     for op in sorted({r["op"] for r in rows}):
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for ax, metric, scale, label in ((axes[0], "time_fwd+bwd", 1e3, "fwd+bwd median time (ms)"),
-                                         (axes[1], "peak_mem_fwd+bwd", 1 / 2**20, "fwd+bwd peak memory (MiB)")):
+        step = any(r["op"] == op and r["metric"] == "time_step" for r in rows)
+        tm, mm = ("time_step", "peak_mem_step") if step else ("time_fwd+bwd", "peak_mem_fwd+bwd")
+        for ax, metric, scale, label in ((axes[0], tm, 1e3, f"{tm} median (ms)"),
+                                         (axes[1], mm, 1 / 2**20, f"{mm} (MiB)")):
             sel = [r for r in rows if r["op"] == op and r["metric"] == metric]
             provs = sorted({r["provider"] for r in sel})
             shapes = list(dict.fromkeys(r["shape"] for r in sel))

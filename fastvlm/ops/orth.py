@@ -1,0 +1,206 @@
+r"""OrthCR: exact Cayley orthogonal transforms and block rotations (METHODS.md section 3).
+
+Formula::
+
+    params [r, b(b-1)/2]  ->  U strictly upper triangular (torch.triu_indices(b, b, 1) order),  Q = U - U^T
+    cayley:  R = (I + Q)(I - Q)^-1 = 2 (I - Q)^-1 - I          (exact; one inverse per block)
+             R = (I + Q)(I + Q + ... + Q^k)                     (neumann_terms = k: the truncated series)
+    backward (exact), A = I - Q, G = dL/dR:  dL/dQ = 2 A^-T G A^-T,  dL/dU = (dL/dQ - dL/dQ^T) on the strict
+             upper triangle
+    orthogonal_linear:  y = (x @ blockdiag(R)) @ W^T + bias  =  x @ (W @ blockdiag(R)^T)^T + bias
+             input side costs M*K*b flops for M rows of x, weight side N*K*b: the cheaper side is used.
+
+Implementations: ``*_reference`` (naive: dense solve / dense block-diagonal matrix, the oracle); the torch
+path (batched LU inverse, einsum rotations, explicit backward); the Triton kernels in ``kernels/orth.py``
+(Gauss-Jordan inverse per block: I - Q has every singular value >= 1, so no pivoting is needed).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _backend
+from .._checks import check_finite, check_float, check_same_device, check_tensor
+
+
+def n_params(block_size: int) -> int:
+    return block_size * (block_size - 1) // 2
+
+
+def skew(params: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Q = U - U^T from the strict upper triangles [r, b(b-1)/2] -> [r, b, b]."""
+    iu = torch.triu_indices(block_size, block_size, 1, device=params.device)
+    q = params.new_zeros(params.shape[0], block_size, block_size)
+    q[:, iu[0], iu[1]] = params
+    return q - q.transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# references
+# ---------------------------------------------------------------------------------------------------------
+
+
+def cayley_reference(params, block_size, neumann_terms=None):
+    q = skew(params, block_size)
+    eye = torch.eye(block_size, dtype=q.dtype, device=q.device).expand_as(q)
+    if neumann_terms is None:
+        return torch.linalg.solve(eye - q, eye + q, left=False)  # (I + Q)(I - Q)^-1
+    series, power = eye.clone(), eye
+    for _ in range(neumann_terms):
+        power = power @ q
+        series = series + power
+    return (eye + q) @ series
+
+
+def orthogonal_linear_reference(x, weight, params, bias=None, block_size=32, neumann_terms=None):
+    r = cayley_reference(params, block_size, neumann_terms)
+    return F.linear(x @ torch.block_diag(*r).to(x.dtype), weight, bias)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# autograd Functions
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _kernels(t):
+    if _backend.use_triton(t):
+        from ..kernels import orth as ko
+
+        return ko
+    return None
+
+
+class Cayley(torch.autograd.Function):
+    """Exact R = 2 (I - Q)^-1 - I from Q; saves only R (A^-1 = (R + I) / 2)."""
+
+    @staticmethod
+    def forward(ctx, q):
+        ko = _kernels(q)
+        if ko is not None:
+            r = ko.cayley(q)
+        else:
+            eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+            r = torch.linalg.inv(eye - q).mul_(2.0).sub_(eye)
+        ctx.save_for_backward(r)
+        ctx.ko = ko
+        return r
+
+    @staticmethod
+    def backward(ctx, g):
+        (r,) = ctx.saved_tensors
+        if ctx.ko is not None:
+            return ctx.ko.cayley_backward(r, g)
+        eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
+        ainv_t = ((r + eye) * 0.5).transpose(1, 2)
+        return 2.0 * ainv_t @ g @ ainv_t  # dL/dQ; autograd through Q = U - U^T gives dU = dQ - dQ^T
+
+
+def _rotate_torch(x2, r, transpose):
+    nb, b, _ = r.shape
+    rr = (r.transpose(1, 2) if transpose else r).to(x2.dtype)
+    return torch.einsum("mrj,rjc->mrc", x2.view(x2.shape[0], nb, b), rr).reshape(x2.shape)
+
+
+class BlockRotate(torch.autograd.Function):
+    """x [M, K] @ blockdiag(R) (transpose=True: blockdiag(R)^T) without the dense matrix."""
+
+    @staticmethod
+    def forward(ctx, x2, r, transpose):
+        ko = _kernels(x2)
+        nb, b, _ = r.shape
+        out = ko.rotate(x2, r, transpose) if ko is not None else _rotate_torch(x2, r, transpose)
+        ctx.save_for_backward(x2, r)
+        ctx.ko, ctx.transpose = ko, transpose
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, r = ctx.saved_tensors
+        nb, b, _ = r.shape
+        ko, tr = ctx.ko, ctx.transpose
+        dx = dr = None
+        if ctx.needs_input_grad[0]:
+            dx = ko.rotate(dy, r, not tr) if ko is not None else _rotate_torch(dy, r, not tr)
+        if ctx.needs_input_grad[1]:
+            if ko is not None:
+                dr = ko.rotate_grad_r(x2, dy, nb, b)
+            else:
+                dr = torch.einsum("mrj,mrc->rjc", x2.view(-1, nb, b).to(r.dtype), dy.view(-1, nb, b).to(r.dtype))
+            if tr:
+                dr = dr.transpose(1, 2)
+            dr = dr.to(r.dtype)
+        return dx, dr, None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# public functions
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check_params(params, block_size):
+    check_tensor("params", params)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if params.dim() != 2 or params.shape[1] != n_params(block_size) or params.shape[0] == 0:
+        raise ValueError(f"params must have shape [r, {n_params(block_size)}] (b(b-1)/2 for block_size={block_size}), "
+                         f"got {tuple(params.shape)}")
+    check_float("params", params, _backend.use_triton(params))
+    if torch.is_grad_enabled() and params.requires_grad:
+        check_finite("params", params)
+
+
+def cayley(params, block_size, neumann_terms=None):
+    """The r orthogonal blocks [r, b, b] of ``R = (I + Q)(I - Q)^-1`` (exact), or of the truncated series
+    ``(I + Q)(I + Q + ... + Q^k)`` with ``neumann_terms=k``. Differentiable. Computed in fp32 (fp64 kept on
+    the torch path); the Triton kernel runs the exact transform, the series runs in torch everywhere."""
+    _check_params(params, block_size)
+    if neumann_terms is not None:
+        if isinstance(neumann_terms, bool) or not isinstance(neumann_terms, int) or neumann_terms < 1:
+            raise ValueError(f"neumann_terms must be None (exact) or an int >= 1, got {neumann_terms!r}")
+        return cayley_reference(params if params.dtype == torch.float64 else params.float(), block_size, neumann_terms)
+    q = skew(params if params.dtype == torch.float64 else params.float(), block_size)
+    return Cayley.apply(q)
+
+
+def block_rotate(x, rotation, transpose=False):
+    """``x @ blockdiag(rotation)`` (or its transpose) for x [..., K], rotation [r, b, b], K = r*b."""
+    nb, b, _ = rotation.shape
+    if x.shape[-1] != nb * b:
+        raise ValueError(f"x must end in K = r*b = {nb * b} features, got shape {tuple(x.shape)}")
+    x2 = x.reshape(-1, x.shape[-1])
+    return BlockRotate.apply(x2, rotation, transpose).view(x.shape)
+
+
+def rotation_side(m_rows: int, n_out: int) -> str:
+    """'input' when rotating x (M*K*b) is cheaper than rotating the weight (N*K*b), else 'weight'."""
+    return "input" if m_rows <= n_out else "weight"
+
+
+def orthogonal_linear(x, weight, params, bias=None, block_size=32, neumann_terms=None):
+    """``F.linear(x @ blockdiag(cayley(params)), weight, bias)``, rotating x or the weight, whichever is
+    cheaper for the shape; the dense block-diagonal matrix is never built. weight [N, K], K = r*b."""
+    for n, t in (("x", x), ("weight", weight)):
+        check_tensor(n, t)
+    on_triton = _backend.use_triton(x)
+    check_float("x", x, on_triton)
+    check_float("weight", weight, on_triton)
+    if weight.dim() != 2 or weight.numel() == 0:
+        raise ValueError(f"weight must be a non-empty 2-D [N, K] tensor, got shape {tuple(weight.shape)}")
+    K = weight.shape[1]
+    if isinstance(block_size, int) and block_size >= 1 and K % block_size:
+        raise ValueError(f"block_size={block_size} must divide the input width K={K}")
+    _check_params(params, block_size)
+    if params.shape[0] * block_size != K:
+        raise ValueError(f"params must have r = K / block_size = {K // block_size} rows, got {params.shape[0]}")
+    if x.dim() < 1 or x.shape[-1] != K or x.numel() == 0:
+        raise ValueError(f"x must be non-empty and end in K={K} features, got shape {tuple(x.shape)}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    check_same_device(x=x, weight=weight, params=params, bias=bias)
+    r = cayley(params, block_size, neumann_terms)
+    m_rows = x.numel() // K
+    if rotation_side(m_rows, weight.shape[0]) == "input":
+        return F.linear(block_rotate(x, r), weight, bias)
+    w_rot = block_rotate(weight, r, transpose=True)  # W @ blockdiag(R)^T
+    return F.linear(x, w_rot.to(x.dtype), bias)

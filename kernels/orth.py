@@ -1,0 +1,157 @@
+"""Triton kernels for OrthCR (formula and reference: fastvlm/ops/orth.py).
+
+    cayley:   R = 2 (I - Q)^-1 - I per block (Gauss-Jordan without pivoting: I - Q has every singular
+              value >= 1), one program per block, the block padded to a power of two >= 16 with identity.
+    backward: dQ = 2 A^-T G A^-T with A^-1 = (R + I) / 2 (autograd through Q = U - U^T does the rest).
+    rotate:   out[m, r*b + c] = sum_j X[m, r*b + j] R[r, j, c]   (x @ blockdiag(R), never built dense)
+    rotate_grad_r: dR[r] = X[:, r]^T @ dY[:, r]
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import dot_dtype
+
+
+def block_pad(b: int) -> int:
+    return max(16, triton.next_power_of_2(b))
+
+
+def _warps(BLOCK: int) -> int:
+    return 4 if BLOCK <= 64 else 8
+
+
+@triton.jit
+def cayley_fwd_kernel(q_ptr, r_ptr, b, BLOCK: tl.constexpr):
+    blk = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, BLOCK)
+    cols = tl.arange(0, BLOCK)
+    inside = (rows[:, None] < b) & (cols[None, :] < b)
+    offs = blk * b * b + rows[:, None] * b + cols[None, :]
+    q = tl.load(q_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+    eye = tl.where(rows[:, None] == cols[None, :], 1.0, 0.0)
+    a = eye - q  # padded with identity: the inverse is blockdiag(A^-1, I)
+    inv = eye
+    for i in range(0, b):
+        is_row = rows[:, None] == i
+        is_col = cols[None, :] == i
+        a_row = tl.sum(tl.where(is_row, a, 0.0), axis=0)
+        inv_row = tl.sum(tl.where(is_row, inv, 0.0), axis=0)
+        piv = tl.sum(tl.where(cols == i, a_row, 0.0), axis=0)
+        a_row = a_row / piv
+        inv_row = inv_row / piv
+        factor = tl.sum(tl.where(is_col, a, 0.0), axis=1)
+        factor = tl.where(rows == i, 0.0, factor)
+        a = tl.where(is_row, a_row[None, :], a - factor[:, None] * a_row[None, :])
+        inv = tl.where(is_row, inv_row[None, :], inv - factor[:, None] * inv_row[None, :])
+    r = 2.0 * inv - eye
+    tl.store(r_ptr + offs, r.to(r_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def cayley_bwd_kernel(r_ptr, g_ptr, dq_ptr, b, BLOCK: tl.constexpr):
+    blk = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, BLOCK)
+    cols = tl.arange(0, BLOCK)
+    inside = (rows[:, None] < b) & (cols[None, :] < b)
+    offs = blk * b * b + rows[:, None] * b + cols[None, :]
+    offs_t = blk * b * b + cols[None, :] * b + rows[:, None]  # transposed load
+    eye = tl.where(rows[:, None] == cols[None, :], 1.0, 0.0)
+    ainv_t = (tl.load(r_ptr + offs_t, mask=inside, other=0.0).to(tl.float32) + eye) * 0.5  # A^-T
+    g = tl.load(g_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+    dq = 2.0 * tl.dot(tl.dot(ainv_t, g, input_precision="ieee"), ainv_t, input_precision="ieee")
+    tl.store(dq_ptr + offs, dq, mask=inside)
+
+
+@triton.jit
+def rotate_kernel(x_ptr, sx_m, sx_k, r_ptr, sr_r, sr_j, sr_c, out_ptr, so_m, so_k, M, b,
+                  BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """One (row tile, block) of out = x @ blockdiag(R); pass R's strides swapped for blockdiag(R)^T."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    blk = tl.program_id(1)
+    j = tl.arange(0, BLOCK)
+    m_ok = offs_m < M
+    j_ok = j < b
+    col = blk * b + j
+    m64 = offs_m.to(tl.int64)
+    x = tl.load(x_ptr + m64[:, None] * sx_m + col[None, :] * sx_k, mask=m_ok[:, None] & j_ok[None, :], other=0.0)
+    rr = tl.load(r_ptr + blk.to(tl.int64) * sr_r + j[:, None] * sr_j + j[None, :] * sr_c,
+                 mask=j_ok[:, None] & j_ok[None, :], other=0.0)
+    if DOT_DTYPE == tl.float32:
+        y = tl.dot(x.to(tl.float32), rr.to(tl.float32), input_precision="ieee")
+    else:
+        y = tl.dot(x.to(DOT_DTYPE), rr.to(DOT_DTYPE))
+    tl.store(out_ptr + m64[:, None] * so_m + col[None, :] * so_k, y.to(out_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & j_ok[None, :])
+
+
+@triton.jit
+def rotate_grad_r_kernel(x_ptr, sx_m, sx_k, dy_ptr, sd_m, sd_k, dr_ptr, M, b,
+                         BLOCK_M: tl.constexpr, BLOCK: tl.constexpr):
+    """dR[r, j, c] = sum_m x[m, r*b + j] dy[m, r*b + c] (fp32)."""
+    blk = tl.program_id(0)
+    j = tl.arange(0, BLOCK)
+    j_ok = j < b
+    col = blk * b + j
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mk = (offs_m < M)[:, None] & j_ok[None, :]
+        m64 = offs_m.to(tl.int64)
+        x = tl.load(x_ptr + m64[:, None] * sx_m + col[None, :] * sx_k, mask=mk, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + m64[:, None] * sd_m + col[None, :] * sd_k, mask=mk, other=0.0).to(tl.float32)
+        acc = tl.dot(tl.trans(x), dy, acc, input_precision="ieee")
+    offs = blk.to(tl.int64) * b * b + j[:, None] * b + j[None, :]
+    tl.store(dr_ptr + offs, acc, mask=j_ok[:, None] & j_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------------------------------------
+
+ROTATE_BLOCK_M = 64
+
+
+def cayley(q):
+    """q: [r, b, b] skew-symmetric (contiguous) -> R [r, b, b] fp32."""
+    r, b, _ = q.shape
+    out = torch.empty(r, b, b, device=q.device, dtype=torch.float32)
+    BLOCK = block_pad(b)
+    cayley_fwd_kernel[(r,)](q.contiguous(), out, b, BLOCK=BLOCK, num_warps=_warps(BLOCK))
+    return out
+
+
+def cayley_backward(rmat, g):
+    """dQ = 2 A^-T g A^-T, A^-1 = (R + I) / 2 -> [r, b, b] fp32."""
+    r, b, _ = rmat.shape
+    out = torch.empty(r, b, b, device=rmat.device, dtype=torch.float32)
+    BLOCK = block_pad(b)
+    cayley_bwd_kernel[(r,)](rmat.contiguous(), g.contiguous(), out, b, BLOCK=BLOCK, num_warps=_warps(BLOCK))
+    return out
+
+
+def rotate(x2, rmat, transpose=False):
+    """x2 [M, K] @ blockdiag(R) (or blockdiag(R)^T) -> [M, K] in x2's dtype."""
+    M, K = x2.shape
+    nb, b, _ = rmat.shape
+    out = torch.empty(M, K, device=x2.device, dtype=x2.dtype)
+    BLOCK = block_pad(b)
+    s_r, s_j, s_c = rmat.stride()
+    if transpose:
+        s_j, s_c = s_c, s_j
+    grid = (triton.cdiv(M, ROTATE_BLOCK_M), nb)
+    rotate_kernel[grid](x2, x2.stride(0), x2.stride(1), rmat, s_r, s_j, s_c, out, out.stride(0), out.stride(1), M, b,
+                        BLOCK_M=ROTATE_BLOCK_M, BLOCK=BLOCK, DOT_DTYPE=dot_dtype(x2, rmat), num_warps=_warps(BLOCK))
+    return out
+
+
+def rotate_grad_r(x2, dy2, nb, b):
+    M = x2.shape[0]
+    out = torch.empty(nb, b, b, device=x2.device, dtype=torch.float32)
+    BLOCK = block_pad(b)
+    rotate_grad_r_kernel[(nb,)](x2, x2.stride(0), x2.stride(1), dy2, dy2.stride(0), dy2.stride(1), out, M, b,
+                                BLOCK_M=ROTATE_BLOCK_M, BLOCK=BLOCK, num_warps=_warps(BLOCK))
+    return out

@@ -1,0 +1,177 @@
+"""cayley, block_rotate and orthogonal_linear: kernels (interpreted) and torch path against the references."""
+
+import pytest
+import torch
+
+import fastvlm
+from fastvlm.functional import block_rotate, cayley, orthogonal_linear
+from fastvlm.ops.orth import cayley_reference, n_params, orthogonal_linear_reference, rotation_side
+
+from .helpers import check_op_against_reference, noncontig
+
+BLOCKS = [2, 3, 16, 32, 64]
+
+
+def _params(r, b, scale=0.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(r, n_params(b), generator=g)).requires_grad_()
+
+
+@pytest.mark.parametrize("b", BLOCKS)
+@pytest.mark.parametrize("r", [1, 3])
+def test_cayley_matches_reference(backend, b, r):
+    p = _params(r, b)
+    check_op_against_reference(lambda p: cayley(p, b), lambda p: cayley_reference(p, b), [p], torch.float32)
+
+
+@pytest.mark.parametrize("b", BLOCKS)
+def test_cayley_fp16_params(backend, b):
+    p = _params(3, b)
+    check_op_against_reference(lambda p: cayley(p, b), lambda p: cayley_reference(p, b), [p], torch.float16)
+
+
+@pytest.mark.parametrize("b", [3, 16, 64])
+@pytest.mark.parametrize("norm", [0.1, 1.0, 10.0])
+def test_exact_transform_is_orthogonal_at_any_norm(backend, b, norm):
+    p = _params(5, b, seed=1).detach()
+    q_norm = torch.linalg.matrix_norm(cayley_reference(p, b) * 0 + _skew_norm(p, b), ord=2).max()
+    p = p * (norm / q_norm)
+    r = cayley(p, b)
+    err = (r.transpose(1, 2) @ r - torch.eye(b)).abs().max().item()
+    assert err < 2e-5 * max(1.0, norm), err
+
+
+def _skew_norm(p, b):
+    from fastvlm.ops.orth import skew
+
+    return skew(p, b)
+
+
+def test_neumann_series_breaks_down_where_exact_does_not():
+    b = 16
+    p = _params(2, b, seed=2).detach()
+    q = _skew_norm(p, b)
+    p = p / torch.linalg.matrix_norm(q, ord=2).max()  # ||Q|| = 1
+    exact = cayley(p, b)
+    series = cayley(p, b, neumann_terms=5)
+    eye = torch.eye(b)
+    assert (exact.transpose(1, 2) @ exact - eye).abs().max() < 1e-5
+    assert (series.transpose(1, 2) @ series - eye).abs().max() > 0.1
+    torch.testing.assert_close(cayley(0.01 * p, b, neumann_terms=8), cayley(0.01 * p, b), rtol=1e-5, atol=1e-6)
+
+
+def test_zero_params_give_identity(backend):
+    r = cayley(torch.zeros(4, n_params(8)), 8)
+    torch.testing.assert_close(r, torch.eye(8).expand(4, 8, 8))
+
+
+@pytest.mark.parametrize("b", [3, 16, 32])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_block_rotate_matches_dense(backend, b, transpose):
+    nb = 3
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(70, nb * b, generator=g).requires_grad_()
+    rot = torch.randn(nb, b, b, generator=g).requires_grad_()
+
+    def ref(x, rot):
+        d = torch.block_diag(*rot)
+        return x @ (d.T if transpose else d)
+
+    check_op_against_reference(lambda x, rot: block_rotate(x, rot, transpose), ref, [x, rot], torch.float32)
+    check_op_against_reference(lambda x, rot: block_rotate(x, rot, transpose), ref, [x, rot], torch.float16)
+
+
+@pytest.mark.parametrize("lead,N,b,r", [((5,), 40, 16, 2), ((2, 70), 40, 32, 3), ((3,), 1, 3, 5), ((130,), 17, 64, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_orthogonal_linear_matches_reference(backend, lead, N, b, r, dtype):
+    K = r * b
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(*lead, K, generator=g).requires_grad_()
+    w = (torch.randn(N, K, generator=g) / K**0.5).requires_grad_()
+    bias = torch.randn(N, generator=g).requires_grad_()
+    p = _params(r, b, seed=5)
+    check_op_against_reference(lambda x, w, p, bias: orthogonal_linear(x, w, p, bias, b),
+                               lambda x, w, p, bias: orthogonal_linear_reference(x, w, p, bias, b),
+                               [x, w, p, bias], dtype, names=["x", "weight", "params", "bias"])
+
+
+def test_both_sides_agree_and_side_follows_cost(backend):
+    assert rotation_side(10, 3072) == "input" and rotation_side(1576, 768) == "weight"
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(8, 64, generator=g)
+    p = _params(2, 32, seed=7)
+    few = torch.randn(3, 64, generator=g)  # 3 rows < 8 outputs: input side
+    many = torch.randn(50, 64, generator=g)  # 50 rows > 8 outputs: weight side
+    for x in (few, many):
+        torch.testing.assert_close(orthogonal_linear(x, w, p, None, 32), orthogonal_linear_reference(x, w, p, None, 32),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_non_contiguous(backend):
+    g = torch.Generator().manual_seed(8)
+    x = noncontig(torch.randn(9, 48, generator=g).requires_grad_())
+    w = noncontig(torch.randn(20, 48, generator=g).requires_grad_())
+    p = _params(3, 16, seed=9)
+    assert not x.is_contiguous()
+    check_op_against_reference(lambda x, w, p: orthogonal_linear(x, w, p, None, 16),
+                               lambda x, w, p: orthogonal_linear_reference(x, w, p, None, 16), [x, w, p], torch.float32)
+
+
+def test_gradcheck_fp64_torch_path():
+    with fastvlm.backend("torch"):
+        p = _params(2, 5, seed=10).detach().double().requires_grad_()
+        assert torch.autograd.gradcheck(lambda p: cayley(p, 5), (p,))
+        x = torch.randn(4, 10, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(3, 10, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda x, w, p: orthogonal_linear(x, w, p, None, 5), (x, w, p))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(block_size=5), "block_size=5 must divide the input width K=64"),
+        (dict(params=torch.zeros(2, 10)), r"params must have shape \[r, 496\]"),
+        (dict(params=torch.zeros(3, 496)), "params must have r = K / block_size = 2 rows"),
+        (dict(x=torch.zeros(2, 63)), "x must be non-empty and end in K=64"),
+        (dict(params=torch.full((2, 496), float("inf"), requires_grad=True)), "params contains NaN or inf"),
+        (dict(block_size=0), "block_size must be a positive int"),
+        (dict(neumann_terms=0), "neumann_terms must be None"),
+        (dict(x=torch.zeros(2, 64, dtype=torch.int64)), "x must be a floating tensor"),
+    ],
+)
+def test_bad_input_names_the_argument(kwargs, match):
+    args = dict(x=torch.randn(2, 64), weight=torch.randn(8, 64), params=torch.zeros(2, 496), block_size=32)
+    args.update(kwargs)
+    with pytest.raises((ValueError, TypeError), match=match):
+        orthogonal_linear(**args)
+
+
+peft = pytest.importorskip("peft", reason="peft is not installed (CI installs it)")
+
+
+@pytest.mark.parametrize("neumann", [False, True])
+def test_matches_peft_oft(neumann):
+    """peft's exact branch computes (I - Q)(I + Q)^-1, i.e. our R for -Q; its Neumann branch expands
+    (I + Q)(I - Q)^-1 with num_cayley_neumann_terms = our neumann_terms + 2. Outputs and gradients agree."""
+    from peft import OFTConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(64, 24))
+    cfg = OFTConfig(target_modules=["0"], oft_block_size=16, r=0, use_cayley_neumann=neumann,
+                    num_cayley_neumann_terms=5, init_weights=False)
+    model = get_peft_model(base, cfg)
+    layer = model.base_model.model[0]
+    rot = layer.oft_R["default"]
+    with torch.no_grad():
+        rot.weight.normal_(0, 0.05 if neumann else 0.5)
+    x = torch.randn(7, 64, requires_grad=True)
+    y_peft = model(x)
+    ours_p = (rot.weight.detach() * (1.0 if neumann else -1.0)).requires_grad_()
+    w = layer.base_layer.weight.detach()
+    y = orthogonal_linear(x, w, ours_p, layer.base_layer.bias.detach(), 16, neumann_terms=3 if neumann else None)
+    torch.testing.assert_close(y, y_peft, rtol=1e-4, atol=1e-5)
+    go = torch.randn_like(y)
+    gx_p, gw_p = torch.autograd.grad(y_peft, [x, rot.weight], go)
+    gx, gp = torch.autograd.grad(y, [x, ours_p], go)
+    torch.testing.assert_close(gx, gx_p, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gp * (1.0 if neumann else -1.0), gw_p, rtol=1e-4, atol=1e-5)
