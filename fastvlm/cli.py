@@ -119,7 +119,8 @@ def _write_metrics(out, metrics) -> None:
 
 def cmd_tune_mask(args) -> int:
     from .train.common import evaluate_model, image_norm, train_loader
-    from .train.rmt import RMTRecipe, train_rmt, train_transform
+    from .train.common import train_transform
+    from .train.rmt import RMTRecipe, train_rmt
     from .tuners.mask import MaskConfig, apply_masks, export_masks, sparsity
 
     model, pre_eval, train, test, names, cls = _zero_shot_setup(args)
@@ -137,6 +138,50 @@ def cmd_tune_mask(args) -> int:
     _write_metrics(args.out, metrics)
     print(f"zero-shot top-1 {zs:.2f}%  ->  RMT top-1 {acc:.2f}%  (sparsity {100 * metrics['sparsity']:.2f}%)")
     print(f"masks: {path}")
+    return 0
+
+
+def cmd_tune_orth(args) -> int:
+    import torch
+
+    from .models import load_clip
+    from .templates import templates_for
+    from .train.common import evaluate_model, image_norm, seed_everything, train_loader, train_transform
+    from .train.orth import OrthRecipe, base_to_new, harmonic_mean, text_classifier, train_orth
+    from .tuners.orth import OrthConfig, apply_orth, save_orth
+
+    seed_everything(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    model, _, pre_eval, tok = load_clip(args.model, args.pretrained, args.device)
+    train, test, names = _resolve_data(args)
+    template = templates_for(args.dataset)[0]
+
+    def tokens(class_names):
+        return tok([template.format(c) for c in class_names]).to(args.device)
+
+    splits = {"all": (test, names)}
+    train_names = names
+    if args.base_to_new:
+        (train, train_names), _ = base_to_new(train, names)
+        (b_test, b_names), (n_test, n_names) = base_to_new(test, names)
+        splits = {"base": (b_test, b_names), "new": (n_test, n_names)}
+    apply_orth(model, OrthConfig(block_size=args.block_size, attention=args.attention,
+                                 neumann_terms=args.neumann_terms))
+    recipe = OrthRecipe(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size or 32)
+    size, mean, std = image_norm(model)
+    loader = train_loader(train, train_transform(size, mean, std), recipe.batch_size, args.seed)
+    hist = train_orth(model, tokens(train_names), loader, recipe, args.device, args.seed, progress=not args.no_progress)
+    acc = {}
+    with torch.no_grad():
+        for k, (samples, cn) in splits.items():
+            acc[k] = evaluate_model(model, text_classifier(model, tokens(cn)), samples, pre_eval, device=args.device)
+    if args.base_to_new:
+        acc["hm"] = harmonic_mean(acc["base"], acc["new"])
+    path = save_orth(model, os.path.join(args.out, "orth.safetensors"), model_name=args.model,
+                     pretrained=args.pretrained, classnames=names)
+    _write_metrics(args.out, {"top1": acc, "history": hist, "rotations": path})
+    print("OrthCR top-1: " + ", ".join(f"{k} {v:.2f}%" for k, v in acc.items()))
+    print(f"rotations: {path}")
     return 0
 
 
@@ -188,6 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--drop-ratio", type=float, default=1.0, help="lambda of gradient dropout (0 turns it off)")
     t.add_argument("--mlp", action="store_true", help="mask the MLP layers too")
     t.set_defaults(func=cmd_tune_mask)
+
+    t = tsub.add_parser("orth", help="OrthCR: Cayley rotations of the MLP weights of both encoders")
+    _add_model_data(t)
+    t.add_argument("--out", required=True)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--block-size", type=int, default=32)
+    t.add_argument("--attention", action="store_true", help="rotate the attention projections too")
+    t.add_argument("--neumann-terms", type=int, default=None, help="use the truncated series instead of exact")
+    t.add_argument("--base-to-new", action="store_true", help="train on the base half of the classes, report both")
+    t.set_defaults(func=cmd_tune_orth)
 
     e = sub.add_parser("eval", help="top-1 accuracy of a TaskRes checkpoint on the test split")
     _add_model_data(e)

@@ -72,3 +72,16 @@ def image_norm(model):
     size = size[0] if isinstance(size, (tuple, list)) else size
     return size, getattr(model.visual, "image_mean", None) or OPENAI_DATASET_MEAN, \
         getattr(model.visual, "image_std", None) or OPENAI_DATASET_STD
+
+
+def train_transform(image_size: int, mean, std):
+    """Random resized crop (scale 0.5-1) + horizontal flip: the RMT recipe's augmentation, used by every
+    image tuner."""
+    from torchvision import transforms as T
+
+    return T.Compose([
+        T.RandomResizedCrop(image_size, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])

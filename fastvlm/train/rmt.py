@@ -94,17 +94,6 @@ def rmt_step(model, images, labels, classifier, optimizer, recipe: RMTRecipe, st
     return {"ce": ce.item(), "kl": l_kl.item(), "reg": float(reg_value), "loss_a": ce.item() + float(reg_value)}
 
 
-def train_transform(image_size: int, mean, std):
-    from torchvision import transforms as T
-
-    return T.Compose([
-        T.RandomResizedCrop(image_size, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(mean, std),
-    ])
-
-
 def train_rmt(model, classifier, loader, recipe: RMTRecipe, device="cpu", progress=False) -> list[dict]:
     """Adam over the scores, cosine per epoch; returns each epoch's mean losses."""
     from tqdm.auto import trange

@@ -58,6 +58,16 @@ class _MaskedBase(nn.Module):
 
 
 class MaskedLinear(_MaskedBase):
+    """Wraps a frozen nn.Linear; ``weight``/``bias`` stay readable (open_clip reads ``mlp.c_fc.weight.dtype``)."""
+
+    @property
+    def weight(self):
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias
+
     def __init__(self, base: nn.Linear, cfg: MaskConfig):
         super().__init__()
         self.base = base
