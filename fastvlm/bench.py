@@ -114,53 +114,61 @@ def _roofline(flops: float, nbytes: float) -> float:
     return max(nbytes / H100["bytes_per_s"], flops / H100["flops_bf16"])
 
 
-def _run_step(case: Case, prov: Provider, device, reps: int) -> list[dict]:
-    step = prov.setup()
-    ts = time_it(step, device, reps)
-    mem = peak_memory(step, device)
-    return [dict(op=case.op, provider=prov.name, metric="time_step", value=statistics.median(ts),
-                 spread=max(ts) - min(ts), unit="s", **_shape_cols(case)),
-            dict(op=case.op, provider=prov.name, metric="peak_mem_step", value=float(mem), spread=0.0, unit="B",
-                 **_shape_cols(case))]
+def _callables(case: Case, prov: Provider) -> dict:
+    """metric -> zero-argument callable for one provider (built once; timed round-robin with the others)."""
+    if case.kind == "step":
+        step = prov.setup()
+        return {"step": step, "_mem": step}
+    fwd, params, grad = prov.setup()
+    state = {"out": None}
+
+    def clear():
+        for p in params:
+            p.grad = None
+
+    def fwd_bwd():
+        clear()
+        fwd().backward(grad)
+
+    def bwd():
+        if state["out"] is None:
+            state["out"] = fwd()
+        clear()
+        state["out"].backward(grad, retain_graph=True)
+
+    def release():
+        state["out"] = None
+        clear()
+
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd, "_mem": fwd_bwd, "_release": release}
 
 
 def run_case(case: Case, device, reps: int) -> list[dict]:
+    """Providers are timed round-robin, one repetition of each in turn, so that a noisy machine (other
+    load, frequency changes) biases none of them; the median of ``reps`` and the spread (max - min)."""
+    calls = {p.name: _callables(case, p) for p in case.providers}
+    metrics = [m for m in next(iter(calls.values())) if not m.startswith("_")]
+    times = {(p, m): [] for p in calls for m in metrics}
+    for rep in range(reps + 1):  # the first round warms up
+        for m in metrics:
+            for p, c in calls.items():
+                t = time_it(c[m], device, 1, warmup=0)[0]
+                if rep:
+                    times[(p, m)].append(t)
     rows = []
-    for prov in case.providers:
-        if case.kind == "step":
-            rows += _run_step(case, prov, device, reps)
-            gc.collect()
-            continue
-        fwd, params, grad = prov.setup()
-
-        def clear():
-            for p in params:
-                p.grad = None
-
-        def fwd_bwd():
-            clear()
-            out = fwd()
-            out.backward(grad)
-
-        out = fwd()
-        t_fwd = time_it(lambda: fwd(), device, reps)
-
-        def bwd():
-            clear()
-            out.backward(grad, retain_graph=True)
-
-        t_bwd = time_it(bwd, device, reps)
-        t_fb = time_it(fwd_bwd, device, reps)
-        del out
-        clear()
-        mem = peak_memory(fwd_bwd, device)
-        for metric, ts in (("fwd", t_fwd), ("bwd", t_bwd), ("fwd+bwd", t_fb)):
-            rows.append(dict(op=case.op, provider=prov.name, metric=f"time_{metric}", value=statistics.median(ts),
-                             spread=(max(ts) - min(ts)), unit="s", **_shape_cols(case)))
-        rows.append(dict(op=case.op, provider=prov.name, metric="peak_mem_fwd+bwd", value=float(mem), spread=0.0,
-                         unit="B", **_shape_cols(case)))
-        del fwd, params, grad
-        gc.collect()
+    for p, c in calls.items():
+        c.get("_release", lambda: None)()
+    for p, c in calls.items():
+        mem = peak_memory(c["_mem"], device)
+        for m in metrics:
+            ts = times[(p, m)]
+            rows.append(dict(op=case.op, provider=p, metric=f"time_{m}", value=statistics.median(ts),
+                             spread=max(ts) - min(ts), unit="s", **_shape_cols(case)))
+        mname = "peak_mem_step" if case.kind == "step" else "peak_mem_fwd+bwd"
+        rows.append(dict(op=case.op, provider=p, metric=mname, value=float(mem), spread=0.0, unit="B",
+                         **_shape_cols(case)))
+    del calls
+    gc.collect()
     # ratios to each baseline, same run
     for bl in (case.baseline,) if isinstance(case.baseline, str) else case.baseline:
         base = {r["metric"]: r["value"] for r in rows if r["provider"] == bl}
@@ -344,8 +352,97 @@ def rmt_step_cases(device, quick: bool, full: bool) -> list[Case]:
                  baseline="one-backward", kind="step", size=batch)]
 
 
+def orth_cases(device, quick: bool, full: bool) -> list[Case]:
+    """orthogonal_linear vs peft OFT (exact and its default Neumann series) at ViT-B/16 MLP shapes, and the
+    batched Cayley transform vs the dense solve."""
+    import torch.nn.functional as F
+
+    from .functional import cayley, orthogonal_linear
+    from .ops.orth import cayley_reference, n_params
+
+    try:
+        import peft  # noqa: F401
+
+        have_peft = True
+    except ImportError:  # pragma: no cover - CI installs peft
+        have_peft = False
+    batch = 8
+    M = batch * 197
+    blocks = [32] if quick else [16, 32, 64]
+    shapes = [(768, 3072), (3072, 768)]
+    cases = []
+    for K, N in shapes:
+        for b in blocks:
+            def inputs(K=K, N=N, b=b):
+                g = torch.Generator().manual_seed(0)
+                x = torch.randn(M, K, generator=g).to(device).requires_grad_()
+                w = (torch.randn(N, K, generator=g) / K**0.5).to(device)
+                bias = torch.zeros(N).to(device)
+                p = (0.1 * torch.randn(K // b, n_params(b), generator=g)).to(device).requires_grad_()
+                go = torch.randn(M, N, generator=g).to(device)
+                return x, w, bias, p, go
+
+            def ours(b=b, inputs=inputs):
+                x, w, bias, p, go = inputs()
+                return (lambda: orthogonal_linear(x, w, p, bias, b)), [x, p], go
+
+            def peft_oft(neumann, b=b, K=K, N=N, inputs=inputs):
+                def setup():
+                    from peft import OFTConfig, get_peft_model
+
+                    x, w, bias, p, go = inputs()
+                    lin = torch.nn.Linear(K, N).to(device)
+                    with torch.no_grad():
+                        lin.weight.copy_(w)
+                        lin.bias.copy_(bias)
+                    model = get_peft_model(torch.nn.Sequential(lin), OFTConfig(
+                        target_modules=["0"], oft_block_size=b, r=0, use_cayley_neumann=neumann, init_weights=False))
+                    rot = model.base_model.model[0].oft_R["default"].weight
+                    with torch.no_grad():
+                        rot.copy_(-p if not neumann else p)
+                    return (lambda: model(x)), [x, rot], go
+                return setup
+
+            def naive(b=b, inputs=inputs):  # dense block-diagonal rotation, exact, by plain autograd
+                x, w, bias, p, go = inputs()
+                from .ops.orth import orthogonal_linear_reference
+                return (lambda: orthogonal_linear_reference(x, w, p, bias, b)), [x, p], go
+
+            provs = [Provider("fastvlm", ours), Provider("naive-dense", naive)]
+            base = ["naive-dense"]
+            if have_peft:
+                provs += [Provider("peft-exact", peft_oft(False)), Provider("peft-neumann", peft_oft(True))]
+                base = ["peft-exact", "peft-neumann", "naive-dense"]
+            e = 4
+            side = "input" if M <= N else "weight"
+            rot_rows = M if side == "input" else N
+            flops = 3 * 2 * M * N * K + 3 * 2 * rot_rows * K * b  # linear fwd+bwd, rotation fwd + 2 bwd
+            cbytes = e * (2 * M * K + N * K + 2 * M * N + 2 * rot_rows * K)
+            cases.append(Case("orthogonal_linear", dict(tokens=M, K=K, N=N, b=b), provs, baseline=tuple(base),
+                              flops=flops, bytes=cbytes, size=K * b))
+    for b in ([32] if quick else [16, 32, 64]):
+        r = 3072 // b
+
+        def ours_c(b=b, r=r):
+            g = torch.Generator().manual_seed(1)
+            p = (0.3 * torch.randn(r, n_params(b), generator=g)).to(device).requires_grad_()
+            go = torch.randn(r, b, b, generator=g).to(device)
+            return (lambda: cayley(p, b)), [p], go
+
+        def ref_c(b=b, r=r):
+            g = torch.Generator().manual_seed(1)
+            p = (0.3 * torch.randn(r, n_params(b), generator=g)).to(device).requires_grad_()
+            go = torch.randn(r, b, b, generator=g).to(device)
+            return (lambda: cayley_reference(p, b)), [p], go
+
+        cases.append(Case("cayley", dict(blocks=r, b=b), [Provider("fastvlm", ours_c), Provider("naive-solve", ref_c)],
+                          baseline="naive-solve", flops=r * (2 * b**3 + 4 * b**3), bytes=4 * r * b * b * 4, size=b))
+    del F
+    return cases
+
+
 #: op family name -> function(device, quick, full) -> cases; families register themselves below
-CATALOGUE: dict[str, Callable] = {"residual": residual_cases, "masked": masked_cases}
+CATALOGUE: dict[str, Callable] = {"residual": residual_cases, "masked": masked_cases, "orth": orth_cases}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -8,7 +8,9 @@ Formula::
     backward (exact), A = I - Q, G = dL/dR:  dL/dQ = 2 A^-T G A^-T,  dL/dU = (dL/dQ - dL/dQ^T) on the strict
              upper triangle
     orthogonal_linear:  y = (x @ blockdiag(R)) @ W^T + bias  =  x @ (W @ blockdiag(R)^T)^T + bias
-             input side costs M*K*b flops for M rows of x, weight side N*K*b: the cheaper side is used.
+             input side costs M*K*b flops for M rows of x, weight side N*K*b: the cheaper side is used; when
+             the rotation trains, the weight side's backward needs an extra M*N*K matmul (dW' = dy^T x),
+             so the input side wins (see rotation_side).
 
 Implementations: ``*_reference`` (naive: dense solve / dense block-diagonal matrix, the oracle); the torch
 path (batched LU inverse, einsum rotations, explicit backward); the Triton kernels in ``kernels/orth.py``
@@ -96,10 +98,18 @@ class Cayley(torch.autograd.Function):
         return 2.0 * ainv_t @ g @ ainv_t  # dL/dQ; autograd through Q = U - U^T gives dU = dQ - dQ^T
 
 
+def _blocks(t2, nb, b):
+    """[M, nb*b] viewed as the batch [nb, M, b] (strided: no copy)."""
+    return t2.view(t2.shape[0], nb, b).transpose(0, 1)
+
+
 def _rotate_torch(x2, r, transpose):
+    """One strided bmm straight into the output: no permuted copies of x (einsum makes two)."""
     nb, b, _ = r.shape
     rr = (r.transpose(1, 2) if transpose else r).to(x2.dtype)
-    return torch.einsum("mrj,rjc->mrc", x2.view(x2.shape[0], nb, b), rr).reshape(x2.shape)
+    out = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
+    torch.bmm(_blocks(x2, nb, b), rr, out=_blocks(out, nb, b))
+    return out
 
 
 class BlockRotate(torch.autograd.Function):
@@ -126,7 +136,7 @@ class BlockRotate(torch.autograd.Function):
             if ko is not None:
                 dr = ko.rotate_grad_r(x2, dy, nb, b)
             else:
-                dr = torch.einsum("mrj,mrc->rjc", x2.view(-1, nb, b).to(r.dtype), dy.view(-1, nb, b).to(r.dtype))
+                dr = torch.bmm(_blocks(x2, nb, b).transpose(1, 2).to(r.dtype), _blocks(dy, nb, b).to(r.dtype))
             if tr:
                 dr = dr.transpose(1, 2)
             dr = dr.to(r.dtype)
@@ -172,9 +182,14 @@ def block_rotate(x, rotation, transpose=False):
     return BlockRotate.apply(x2, rotation, transpose).view(x.shape)
 
 
-def rotation_side(m_rows: int, n_out: int) -> str:
-    """'input' when rotating x (M*K*b) is cheaper than rotating the weight (N*K*b), else 'weight'."""
-    return "input" if m_rows <= n_out else "weight"
+def rotation_side(m_rows: int, n_out: int, block_size: int = 32, training: bool = False) -> str:
+    """Which side to rotate. Forward alone: x (M*K*b) or the weight (N*K*b), whichever is cheaper. When the
+    rotation trains, the weight side's backward also needs dW' = dy^T x, a whole extra M*N*K matmul, while
+    the input side needs only M*K*b more: flops 2MNK + 3MKb (input) vs 3MNK + 2NKb (weight)."""
+    if not training:
+        return "input" if m_rows <= n_out else "weight"
+    m, n, b = m_rows, n_out, block_size
+    return "input" if 2 * m * n + 3 * m * b <= 3 * m * n + 2 * n * b else "weight"
 
 
 def orthogonal_linear(x, weight, params, bias=None, block_size=32, neumann_terms=None):
@@ -200,7 +215,8 @@ def orthogonal_linear(x, weight, params, bias=None, block_size=32, neumann_terms
     check_same_device(x=x, weight=weight, params=params, bias=bias)
     r = cayley(params, block_size, neumann_terms)
     m_rows = x.numel() // K
-    if rotation_side(m_rows, weight.shape[0]) == "input":
+    training = torch.is_grad_enabled() and params.requires_grad
+    if rotation_side(m_rows, weight.shape[0], block_size, training) == "input":
         return F.linear(block_rotate(x, r), weight, bias)
     w_rot = block_rotate(weight, r, transpose=True)  # W @ blockdiag(R)^T
     return F.linear(x, w_rot.to(x.dtype), bias)
