@@ -250,9 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(model=None, pretrained=None)
     e.add_argument("--checkpoint", required=True)
     e.set_defaults(func=cmd_eval)
-    from . import bench
+    from . import aot, bench
 
     bench.add_parser(sub)
+    aot.add_parser(sub)
     return p
 
 

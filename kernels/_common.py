@@ -21,22 +21,90 @@ import triton.language as tl
 #: dtypes every launcher accepts
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-#: matmul tile (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): one config, no autotuning, so the first
-#: step is as fast as the last and compile time is predictable (autotuning is a known source of slow first
-#: steps and out-of-memory reports in other kernel libraries).
-MM_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
+#: matmul tiles by dot dtype: one config each, no autotuning, so the first step is as fast as the last and
+#: compile time is predictable (autotuning is a known source of slow first steps and out-of-memory reports in
+#: other kernel libraries). Chosen with `fastvlm kernels`: IEEE fp32 dots at 64x64x32 spill on sm_80 and
+#: sm_90a (255 registers), 64x32x16 does not; a heavy epilogue (the Philox dropout) needs 8 warps at 64x64.
+MM_HALF = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
+MM_FP32 = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2)
+
+
+def mm_config(dot, heavy_epilogue: bool = False) -> dict:
+    cfg = dict(MM_FP32 if dot == tl.float32 else MM_HALF)
+    if heavy_epilogue and dot != tl.float32:
+        cfg["num_warps"] = 8
+    return cfg
 
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def dot_dtype(*tensors: torch.Tensor):
-    """The dtype fed to tl.dot: fp16/bf16 when every operand is that dtype on a GPU, else fp32."""
-    dts = {t.dtype for t in tensors}
-    if not interpreting() and len(dts) == 1 and next(iter(dts)) in (torch.float16, torch.bfloat16):
-        return tl.float16 if torch.float16 in dts else tl.bfloat16
+def gpu_dot_dtype(*dtypes: torch.dtype):
+    """The dtype a GPU launch feeds tl.dot: fp16/bf16 (tensor cores) when every operand has that dtype,
+    else IEEE fp32."""
+    dts = set(dtypes)
+    if dts == {torch.float16}:
+        return tl.float16
+    if dts == {torch.bfloat16}:
+        return tl.bfloat16
     return tl.float32
+
+
+def dot_dtype(*tensors: torch.Tensor):
+    """gpu_dot_dtype of the operands; in the interpreter bf16 dots run as fp32 (its bf16 tl.dot is wrong),
+    fp16 dots run as on a GPU."""
+    d = gpu_dot_dtype(*(t.dtype for t in tensors))
+    return tl.float32 if (interpreting() and d == tl.bfloat16) else d
+
+
+# ---------------------------------------------------------------------------------------------------------
+# launch variants: every configuration a launcher can choose, for `fastvlm kernels` to compile ahead of time
+# ---------------------------------------------------------------------------------------------------------
+
+FLOAT_ARGS = {"beta", "alpha", "threshold", "scale", "eps", "ratio", "add_scale", "o1_scale", "o2_scale"}
+INT64_ARGS = {"seed", "offset"}
+_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64"}
+
+
+class Variant:
+    """One compilable configuration: the kernel, its constexprs, the dtype behind each pointer argument
+    (fp32 where not named) and the launch options (num_warps, num_stages)."""
+
+    def __init__(self, kernel, constexprs: dict, options: dict | None = None, ptrs: dict | None = None):
+        self.kernel, self.constexprs, self.ptrs, self.options = kernel, constexprs, ptrs or {}, options or {}
+
+    @property
+    def name(self) -> str:
+        return self.kernel.fn.__name__ if hasattr(self.kernel, "fn") else self.kernel.__name__
+
+    def signature(self) -> dict:
+        sig = {}
+        for a in self.kernel.arg_names:
+            if a in self.constexprs:
+                sig[a] = "constexpr"
+            elif a.endswith("_ptr"):
+                sig[a] = "*" + _TYPE[self.ptrs.get(a, torch.float32)]
+            elif a in FLOAT_ARGS:
+                sig[a] = "fp32"
+            elif a in INT64_ARGS:
+                sig[a] = "i64"
+            else:
+                sig[a] = "i32"
+        return sig
+
+    def describe(self) -> str:
+        flags = " ".join(f"{k}={_short(v)}" for k, v in self.constexprs.items())
+        ptrs = ",".join(sorted({_TYPE[v] for v in self.ptrs.values()})) or "fp32"
+        opts = " ".join(f"{k}={v}" for k, v in self.options.items())
+        return f"{ptrs} {flags} {opts}"
+
+
+def _short(v):
+    return str(v).replace("triton.language.", "").replace("tl.", "") if not isinstance(v, bool) else ("T" if v else "F")
+
+
+HALF_AND_FULL = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def check_launch(name: str, *tensors: torch.Tensor) -> None:
@@ -137,12 +205,14 @@ def matmul_kernel(
 
 
 def matmul(a, b, out, *, alpha=1.0, b2=None, beta=0.0, kscale=None, scores=None, threshold=0.0, bias=None,
-           accumulate=False):
+           accumulate=False, dot=None):
     """Launch ``out = alpha * a @ Bop + bias (+ out)``, ``Bop = (b + beta*b2) * kscale[:, None] * (scores >
-    threshold)``; a: [M, K], b/b2/scores: [K, N] (any strides: pass transposed views), bias: [N]."""
+    threshold)``; a: [M, K], b/b2/scores: [K, N] (any strides: pass transposed views), bias: [N].
+    ``dot``: the tl.dot dtype (default: from a and b, see dot_dtype)."""
     M, K = a.shape
     N = b.shape[1]
-    cfg = MM_CONFIG
+    dot = dot if dot is not None else dot_dtype(a, b)
+    cfg = mm_config(dot)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
     b2_ = b if b2 is None else b2
     matmul_kernel[grid](
@@ -156,7 +226,23 @@ def matmul(a, b, out, *, alpha=1.0, b2=None, beta=0.0, kscale=None, scores=None,
         M, N, K,
         HAS_B2=b2 is not None, HAS_KSCALE=kscale is not None, HAS_BMASK=scores is not None,
         HAS_BIAS=bias is not None, ACCUMULATE=accumulate,
-        DOT_DTYPE=dot_dtype(a, b) if b2 is None else dot_dtype(a, b, b2),
+        DOT_DTYPE=dot,
         **cfg,
     )
     return out
+
+
+def matmul_variants(flag_sets, dtypes=HALF_AND_FULL):
+    """matmul_kernel variants for the given (flags, pointer-dtype function, dot-dtype function) uses."""
+    out = []
+    for dt in dtypes:
+        for flags, ptrs, dot in flag_sets:
+            out.append(Variant(matmul_kernel, *tile_constexprs(dot(dt), flags), ptrs=ptrs(dt)))
+    return out
+
+
+def tile_constexprs(dot, extra: dict, heavy_epilogue: bool = False):
+    """(constexprs, launch options) of a tiled-matmul kernel for this dot dtype: the launchers' policy."""
+    cfg = mm_config(dot, heavy_epilogue)
+    opts = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
+    return {**extra, **cfg, "DOT_DTYPE": dot}, opts

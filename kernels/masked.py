@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import MM_CONFIG, dot_dtype, matmul, mm_tile
+from ._common import HALF_AND_FULL, Variant, dot_dtype, gpu_dot_dtype, matmul, matmul_variants, mm_config, mm_tile, tile_constexprs
 
 DROP_BLOCK = dict(BLOCK=1024, num_warps=4)
 
@@ -85,14 +85,15 @@ def grad_scores(dy2, x2, weight, ref_grad, ratio, seed, dtype, scores=None, add_
     N, K = weight.shape
     M = x2.shape[0]
     out = torch.empty(N, K, device=x2.device, dtype=dtype) if out is None else out
-    cfg = MM_CONFIG
+    dot = dot_dtype(dy2, x2)
+    cfg = mm_config(dot, heavy_epilogue=ref_grad is not None)
     grid = (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_N"]))
     ref = ref_grad if ref_grad is not None else weight
     score_grad_kernel[grid](dy2, dy2.stride(0), dy2.stride(1), x2, x2.stride(0), x2.stride(1),
                             weight, weight.stride(0), weight.stride(1), ref, ref.stride(0), ref.stride(1),
                             scores if scores is not None else weight, *(scores if scores is not None else weight).stride(),
                             float(add_scale), out, out.stride(0), out.stride(1), float(ratio), int(seed), N, K, M,
-                            DROPOUT=ref_grad is not None, HAS_ADD=scores is not None, DOT_DTYPE=dot_dtype(dy2, x2), **cfg)
+                            DROPOUT=ref_grad is not None, HAS_ADD=scores is not None, DOT_DTYPE=dot, **cfg)
     return out
 
 
@@ -102,4 +103,28 @@ def grad_dropout(g_task, g_ref, ratio, seed, offset):
     n = ga.numel()
     cfg = DROP_BLOCK
     grad_dropout_kernel[(triton.cdiv(n, cfg["BLOCK"]),)](ga, gb, out, float(ratio), int(seed), int(offset), n, **cfg)
+    return out
+
+
+def variants():
+    """Every configuration the launchers above can choose (scores, ref_grad and the score gradient in fp32,
+    as the mask tuner keeps them; activations and weights in each dtype)."""
+    f32 = torch.float32
+    out = []
+    base = dict(HAS_B2=False, HAS_KSCALE=False, HAS_BMASK=True, ACCUMULATE=False)
+    out += matmul_variants([
+        ({**base, "HAS_BIAS": True}, lambda d: {"a_ptr": d, "b_ptr": d, "b2_ptr": d, "bias_ptr": d, "c_ptr": d,
+                                                "ks_ptr": d}, gpu_dot_dtype),  # forward with bias
+        ({**base, "HAS_BIAS": False}, lambda d: {"a_ptr": d, "b_ptr": d, "b2_ptr": d, "bias_ptr": d, "c_ptr": d,
+                                                 "ks_ptr": d}, gpu_dot_dtype),  # forward without / grad_input
+    ])
+    for d in HALF_AND_FULL:
+        for dropout in (False, True):
+            for has_add in (False, True):
+                tile, opts = tile_constexprs(gpu_dot_dtype(d), {"DROPOUT": dropout, "HAS_ADD": has_add},
+                                             heavy_epilogue=dropout)
+                out.append(Variant(score_grad_kernel, tile, opts,
+                                   {"dy_ptr": d, "x_ptr": d, "w_ptr": d, "ref_ptr": f32, "s_ptr": f32, "out_ptr": f32}))
+        out.append(Variant(grad_dropout_kernel, {"BLOCK": DROP_BLOCK["BLOCK"]}, {"num_warps": DROP_BLOCK["num_warps"]},
+                           {"ga_ptr": d, "gb_ptr": d, "out_ptr": d}))
     return out

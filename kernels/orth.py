@@ -13,7 +13,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_dtype
+from ._common import HALF_AND_FULL, Variant, dot_dtype, gpu_dot_dtype
+
+
+#: largest block size the kernels take (one block's tiles live in registers); larger blocks run in torch
+MAX_BLOCK = 64
 
 
 def block_pad(b: int) -> int:
@@ -21,7 +25,19 @@ def block_pad(b: int) -> int:
 
 
 def _warps(BLOCK: int) -> int:
-    return 4 if BLOCK <= 64 else 8
+    return 4 if BLOCK < 64 else 8  # 64-wide rotation tiles spill at 4 warps (fastvlm kernels)
+
+
+# launch policy per kernel, chosen with `fastvlm kernels` (no spills on sm_80 or sm_90a)
+CAYLEY_FWD_WARPS = 4  # Gauss-Jordan: 8 warps spill at BLOCK=64 on sm_90a
+
+
+def cayley_bwd_warps(BLOCK: int) -> int:
+    return 4 if BLOCK < 64 else 16  # two IEEE fp32 64x64 dots
+
+
+def rotate_block_m(BLOCK: int, dot) -> int:
+    return 32 if (BLOCK >= 64 and dot == tl.float32) else 64
 
 
 @triton.jit
@@ -90,7 +106,7 @@ def rotate_kernel(x_ptr, sx_m, sx_k, r_ptr, sr_r, sr_j, sr_c, out_ptr, so_m, so_
 
 @triton.jit
 def rotate_grad_r_kernel(x_ptr, sx_m, sx_k, dy_ptr, sd_m, sd_k, dr_ptr, M, b,
-                         BLOCK_M: tl.constexpr, BLOCK: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """dR[r, j, c] = sum_m x[m, r*b + j] dy[m, r*b + c] (fp32)."""
     blk = tl.program_id(0)
     j = tl.arange(0, BLOCK)
@@ -101,9 +117,12 @@ def rotate_grad_r_kernel(x_ptr, sx_m, sx_k, dy_ptr, sd_m, sd_k, dr_ptr, M, b,
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mk = (offs_m < M)[:, None] & j_ok[None, :]
         m64 = offs_m.to(tl.int64)
-        x = tl.load(x_ptr + m64[:, None] * sx_m + col[None, :] * sx_k, mask=mk, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + m64[:, None] * sd_m + col[None, :] * sd_k, mask=mk, other=0.0).to(tl.float32)
-        acc = tl.dot(tl.trans(x), dy, acc, input_precision="ieee")
+        x = tl.load(x_ptr + m64[:, None] * sx_m + col[None, :] * sx_k, mask=mk, other=0.0)
+        dy = tl.load(dy_ptr + m64[:, None] * sd_m + col[None, :] * sd_k, mask=mk, other=0.0)
+        if DOT_DTYPE == tl.float32:
+            acc = tl.dot(tl.trans(x.to(tl.float32)), dy.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(tl.trans(x.to(DOT_DTYPE)), dy.to(DOT_DTYPE), acc)
     offs = blk.to(tl.int64) * b * b + j[:, None] * b + j[None, :]
     tl.store(dr_ptr + offs, acc, mask=j_ok[:, None] & j_ok[None, :])
 
@@ -112,15 +131,12 @@ def rotate_grad_r_kernel(x_ptr, sx_m, sx_k, dy_ptr, sd_m, sd_k, dr_ptr, M, b,
 # launchers
 # ---------------------------------------------------------------------------------------------------------
 
-ROTATE_BLOCK_M = 64
-
-
 def cayley(q):
     """q: [r, b, b] skew-symmetric (contiguous) -> R [r, b, b] fp32."""
     r, b, _ = q.shape
     out = torch.empty(r, b, b, device=q.device, dtype=torch.float32)
     BLOCK = block_pad(b)
-    cayley_fwd_kernel[(r,)](q.contiguous(), out, b, BLOCK=BLOCK, num_warps=_warps(BLOCK))
+    cayley_fwd_kernel[(r,)](q.contiguous(), out, b, BLOCK=BLOCK, num_warps=CAYLEY_FWD_WARPS)
     return out
 
 
@@ -129,22 +145,26 @@ def cayley_backward(rmat, g):
     r, b, _ = rmat.shape
     out = torch.empty(r, b, b, device=rmat.device, dtype=torch.float32)
     BLOCK = block_pad(b)
-    cayley_bwd_kernel[(r,)](rmat.contiguous(), g.contiguous(), out, b, BLOCK=BLOCK, num_warps=_warps(BLOCK))
+    cayley_bwd_kernel[(r,)](rmat.contiguous(), g.contiguous(), out, b, BLOCK=BLOCK, num_warps=cayley_bwd_warps(BLOCK))
     return out
 
 
 def rotate(x2, rmat, transpose=False):
-    """x2 [M, K] @ blockdiag(R) (or blockdiag(R)^T) -> [M, K] in x2's dtype."""
+    """x2 [M, K] @ blockdiag(R) (or blockdiag(R)^T) -> [M, K] in x2's dtype (R cast to it: fp16/bf16
+    activations rotate on tensor cores)."""
     M, K = x2.shape
     nb, b, _ = rmat.shape
+    rmat = rmat.to(x2.dtype)
     out = torch.empty(M, K, device=x2.device, dtype=x2.dtype)
     BLOCK = block_pad(b)
     s_r, s_j, s_c = rmat.stride()
     if transpose:
         s_j, s_c = s_c, s_j
-    grid = (triton.cdiv(M, ROTATE_BLOCK_M), nb)
+    dot = dot_dtype(x2)
+    bm = rotate_block_m(BLOCK, dot)
+    grid = (triton.cdiv(M, bm), nb)
     rotate_kernel[grid](x2, x2.stride(0), x2.stride(1), rmat, s_r, s_j, s_c, out, out.stride(0), out.stride(1), M, b,
-                        BLOCK_M=ROTATE_BLOCK_M, BLOCK=BLOCK, DOT_DTYPE=dot_dtype(x2, rmat), num_warps=_warps(BLOCK))
+                        BLOCK_M=bm, BLOCK=BLOCK, DOT_DTYPE=dot, num_warps=_warps(BLOCK))
     return out
 
 
@@ -152,6 +172,26 @@ def rotate_grad_r(x2, dy2, nb, b):
     M = x2.shape[0]
     out = torch.empty(nb, b, b, device=x2.device, dtype=torch.float32)
     BLOCK = block_pad(b)
+    dot = dot_dtype(x2, dy2)
     rotate_grad_r_kernel[(nb,)](x2, x2.stride(0), x2.stride(1), dy2, dy2.stride(0), dy2.stride(1), out, M, b,
-                                BLOCK_M=ROTATE_BLOCK_M, BLOCK=BLOCK, num_warps=_warps(BLOCK))
+                                BLOCK_M=rotate_block_m(BLOCK, dot), BLOCK=BLOCK, DOT_DTYPE=dot,
+                                num_warps=_warps(BLOCK))
+    return out
+
+
+def variants():
+    """Every configuration the launchers above can choose: blocks padded to 16, 32 or 64 (b <= MAX_BLOCK)."""
+    f32 = torch.float32
+    out = []
+    for BLOCK in (16, 32, 64):
+        w = _warps(BLOCK)
+        out.append(Variant(cayley_fwd_kernel, {"BLOCK": BLOCK}, {"num_warps": CAYLEY_FWD_WARPS},
+                           {"q_ptr": f32, "r_ptr": f32}))
+        out.append(Variant(cayley_bwd_kernel, {"BLOCK": BLOCK}, {"num_warps": cayley_bwd_warps(BLOCK)},
+                           {"r_ptr": f32, "g_ptr": f32, "dq_ptr": f32}))
+        for d in HALF_AND_FULL:
+            dot = gpu_dot_dtype(d)
+            c = {"BLOCK_M": rotate_block_m(BLOCK, dot), "BLOCK": BLOCK, "DOT_DTYPE": dot}
+            out.append(Variant(rotate_kernel, c, {"num_warps": w}, {"x_ptr": d, "r_ptr": d, "out_ptr": d}))
+            out.append(Variant(rotate_grad_r_kernel, c, {"num_warps": w}, {"x_ptr": d, "dy_ptr": d, "dr_ptr": f32}))
     return out

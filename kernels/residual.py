@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import MM_CONFIG, dot_dtype, matmul, mm_tile
+from ._common import HALF_AND_FULL, Variant, dot_dtype, gpu_dot_dtype, matmul, matmul_variants, mm_config, mm_tile, tile_constexprs
 
 EPS = 1e-12
 ROW_BLOCK = dict(BLOCK_R=16, BLOCK_C=128, num_warps=4)
@@ -160,9 +160,11 @@ def _tile_args(f, t, x, alpha, rf, ru, scale):
 
 
 def _tile_cfg(f, t, x):
-    c = MM_CONFIG
-    return dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], num_warps=c["num_warps"],
-                num_stages=c["num_stages"], DOT_DTYPE=dot_dtype(f, t, x))
+    return _tile_cfg_dot(dot_dtype(f, t, x))
+
+
+def _tile_cfg_dot(dot):
+    return {**mm_config(dot), "DOT_DTYPE": dot}
 
 
 def forward(f, t, x, alpha, scale, target=None, out_dtype=None):
@@ -203,12 +205,13 @@ def backward_chunk(fh, f, rf, tc, xc, ruc, alpha, scale, g, ce, dt_c, dx_c, dfha
         grid = (triton.cdiv(B, cfg["BLOCK_M"]), triton.cdiv(Kc, cfg["BLOCK_N"]))
         ce_grad_kernel[grid](*_tile_args(f, tc, xc, alpha, rf, ruc, scale), tgt, lse, w, g, g.stride(0),
                              g.stride(1), B, Kc, D, **cfg)
+    dot = dot_dtype(f, tc, xc)  # fp16/bf16 inputs: the fp32 G scratch is cast at load, tensor cores run
     if dt_c is not None or dx_c is not None:
         duh = torch.empty(Kc, D, device=f.device, dtype=torch.float32)
-        matmul(g.t(), f, duh, alpha=scale, kscale=rf)
+        matmul(g.t(), f, duh, alpha=scale, kscale=rf, dot=dot)
         _norm_backward(duh, tc, ruc, b=xc, beta=alpha, out1=dt_c, scale1=1.0, out2=dx_c, scale2=alpha)
     if dfhat is not None:
-        matmul(g, tc, dfhat, alpha=scale, b2=xc, beta=alpha, kscale=ruc, accumulate=True)
+        matmul(g, tc, dfhat, alpha=scale, b2=xc, beta=alpha, kscale=ruc, accumulate=True, dot=dot)
 
 
 def norm_backward(dvhat, a, r, out):
@@ -225,3 +228,30 @@ def _norm_backward(dvhat, a, r, b=None, beta=0.0, out1=None, scale1=1.0, out2=No
         dvhat, dvhat.stride(0), a, a.stride(0), a.stride(1), b_, b_.stride(0), b_.stride(1), float(beta), r,
         o1, o1.stride(0), float(scale1), o2, o2.stride(0), float(scale2), R, C,
         HAS_B=b is not None, HAS_O1=out1 is not None, HAS_O2=out2 is not None, **cfg)
+
+
+def variants():
+    """Every configuration the launchers above can choose (compiled ahead of time by `fastvlm kernels`)."""
+    f32, i64 = torch.float32, torch.int64
+    out = []
+    mm_flags = dict(HAS_BMASK=False, HAS_BIAS=False)
+    out += matmul_variants([  # grad_u_hat: G^T (fp32) @ f ; grad_f_hat_acc: G @ (t + alpha x)
+        ({**mm_flags, "HAS_B2": False, "HAS_KSCALE": True, "ACCUMULATE": False},
+         lambda d: {"b_ptr": d, "b2_ptr": d, "mk_ptr": d}, gpu_dot_dtype),
+        ({**mm_flags, "HAS_B2": True, "HAS_KSCALE": True, "ACCUMULATE": True},
+         lambda d: {"b_ptr": d, "b2_ptr": d, "mk_ptr": d}, gpu_dot_dtype),
+    ])
+    rows = {"BLOCK_R": ROW_BLOCK["BLOCK_R"], "BLOCK_C": ROW_BLOCK["BLOCK_C"]}
+    row_opts = {"num_warps": ROW_BLOCK["num_warps"]}
+    for d in HALF_AND_FULL:
+        tile, opts = tile_constexprs(gpu_dot_dtype(d), {})
+        io = {"f_ptr": d, "t_ptr": d, "x_ptr": d}
+        for has_b in (False, True):
+            out.append(Variant(inv_norm_kernel, {"HAS_B": has_b, **rows}, row_opts, {"a_ptr": d, "b_ptr": d}))
+        out.append(Variant(logits_kernel, tile, opts, {**io, "out_ptr": d}))
+        out.append(Variant(ce_partial_kernel, tile, opts, {**io, "y_ptr": i64}))
+        out.append(Variant(ce_grad_kernel, tile, opts, {**io, "y_ptr": i64}))
+        for has_b, o1, o2 in ((False, True, False), (True, True, True), (True, True, False), (True, False, True)):
+            out.append(Variant(norm_backward_kernel, {"HAS_B": has_b, "HAS_O1": o1, "HAS_O2": o2, **rows}, row_opts,
+                               {"dv_ptr": f32, "a_ptr": d, "b_ptr": d, "o1_ptr": d, "o2_ptr": d}))
+    return out

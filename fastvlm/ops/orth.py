@@ -65,11 +65,12 @@ def orthogonal_linear_reference(x, weight, params, bias=None, block_size=32, neu
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _kernels(t):
+def _kernels(t, block_size):
+    """The Triton launchers when this call runs on Triton and the block fits them (b <= 64), else None."""
     if _backend.use_triton(t):
         from ..kernels import orth as ko
 
-        return ko
+        return ko if block_size <= ko.MAX_BLOCK else None
     return None
 
 
@@ -78,7 +79,7 @@ class Cayley(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q):
-        ko = _kernels(q)
+        ko = _kernels(q, q.shape[-1])
         if ko is not None:
             r = ko.cayley(q)
         else:
@@ -117,8 +118,8 @@ class BlockRotate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, r, transpose):
-        ko = _kernels(x2)
         nb, b, _ = r.shape
+        ko = _kernels(x2, b)
         out = ko.rotate(x2, r, transpose) if ko is not None else _rotate_torch(x2, r, transpose)
         ctx.save_for_backward(x2, r)
         ctx.ko, ctx.transpose = ko, transpose
