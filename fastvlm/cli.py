@@ -17,7 +17,7 @@ def _add_model_data(p: argparse.ArgumentParser, data_required=True) -> None:
                    help="image folder (root/<class>/<img>, or with train/ and test/), or a CoOp split json")
     p.add_argument("--split", default=None, help="CoOp split_zhou_<Dataset>.json; paths relative to --data")
     p.add_argument("--dataset", default=None, help="dataset name for prompt templates (e.g. ImageNet, OxfordPets)")
-    p.add_argument("--shots", type=int, default=16)
+    p.add_argument("--shots", type=int, default=16, help="images per class (0: every training image)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--batch-size", type=int, default=None)
@@ -35,10 +35,13 @@ def _resolve_data(args):
 
     splits = load_splits(args.data, args.split)
     if "all" in splits:
+        if args.shots <= 0:
+            raise ValueError("--shots 0 (every training image) needs a train/ and test/ split or a split file")
         train, test = split_holdout(splits["all"], args.shots, args.seed)
         names = classnames(splits["all"])
     else:
-        train, test = few_shot(splits["train"], args.shots, args.seed), splits["test"]
+        train = splits["train"] if args.shots <= 0 else few_shot(splits["train"], args.shots, args.seed)
+        test = splits["test"]
         names = classnames(splits["train"])
     return train, test, names
 
@@ -185,6 +188,57 @@ def cmd_tune_orth(args) -> int:
     return 0
 
 
+def cmd_tune_pvp(args) -> int:
+    """vpt / lora / adapter: stage 1 (upstream, --save-pack implied) or stage 2 (--init-from PACK)."""
+    import torch
+
+    from .train.common import image_norm, train_loader, train_transform
+    from .train.pvp import PVPRecipe, ZeroShotHead, evaluate_head_on_images, train_modules
+    from .tuners.adapter import AdapterConfig
+    from .tuners.lora import LoRAConfig
+    from .tuners.pack import apply_method, config_of_pack, load_pack, method_parameters, save_pack
+    from .tuners.vpt import VPTConfig
+
+    model, pre_eval, train, test, names, cls = _zero_shot_setup(args)
+    if args.init_from:
+        method, cfg = config_of_pack(args.init_from)
+        if method != args.method:
+            raise ValueError(f"--init-from holds a {method!r} pack, not {args.method!r}")
+    else:
+        cfg = {"vpt": lambda: VPTConfig(tokens=args.tokens, deep=not args.shallow, seed=args.seed),
+               "lora": lambda: LoRAConfig(rank=args.rank, alpha=args.lora_alpha, seed=args.seed),
+               "adapter": lambda: AdapterConfig(bottleneck=args.bottleneck, seed=args.seed)}[args.method]()
+    apply_method(model, args.method, cfg)
+    if args.init_from:
+        load_pack(model, args.init_from, backbone=args.model)
+    if args.head == "zeroshot":
+        head = ZeroShotHead(cls)
+    else:
+        head = torch.nn.Linear(cls.shape[1], len(names)).to(args.device)
+    recipe = PVPRecipe(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size or 32)
+    size, mean, std = image_norm(model)
+    loader = train_loader(train, train_transform(size, mean, std), recipe.batch_size, args.seed)
+    params = method_parameters(model, args.method)
+    hist = train_modules(model, params, head, loader, recipe, args.device, progress=not args.no_progress)
+    acc = evaluate_head_on_images(model, head, test, pre_eval, device=args.device)
+    pack = save_pack(os.path.join(args.out, "pack"), model, args.method, args.model, pretrained=args.pretrained,
+                     classes=len(names), init_from=args.init_from)
+    _write_metrics(args.out, {"top1": acc, "history": hist, "pack": pack, "init_from": args.init_from,
+                              "trainable_parameters": sum(p.numel() for p in params)})
+    print(f"{args.method} top-1 {acc:.2f}% ({'from ' + args.init_from if args.init_from else 'from scratch'})")
+    print(f"pack: {pack}")
+    return 0
+
+
+def cmd_pack(args) -> int:
+    from .tuners.pack import read_pack
+
+    tensors, meta = read_pack(args.pack)
+    print(json.dumps({k: v for k, v in meta.items() if k != "shapes"}, indent=2, sort_keys=True))
+    print(f"{len(tensors)} tensors, {sum(t.numel() for t in tensors.values())} parameters")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .io import load_checkpoint
     from .models import load_clip
@@ -244,6 +298,28 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--neumann-terms", type=int, default=None, help="use the truncated series instead of exact")
     t.add_argument("--base-to-new", action="store_true", help="train on the base half of the classes, report both")
     t.set_defaults(func=cmd_tune_orth)
+
+    for method, text in (("vpt", "VPT: learnable prompt tokens in the image encoder"),
+                         ("lora", "LoRA on the image encoder's attention projections"),
+                         ("adapter", "bottleneck adapters after each block's attention and MLP")):
+        t = tsub.add_parser(method, help=text + " (PVP: --init-from a pack trained upstream)")
+        _add_model_data(t)
+        t.add_argument("--out", required=True)
+        t.add_argument("--init-from", default=None, help="a pack folder from an upstream run (stage 2)")
+        t.add_argument("--head", choices=["zeroshot", "linear"], default="zeroshot",
+                       help="classification head: the zero-shot text classifier, or a linear head")
+        t.add_argument("--lr", type=float, default=1e-3)
+        t.add_argument("--epochs", type=int, default=10)
+        t.add_argument("--tokens", type=int, default=10, help="vpt: prompt tokens")
+        t.add_argument("--shallow", action="store_true", help="vpt: first block only")
+        t.add_argument("--rank", type=int, default=8, help="lora: rank")
+        t.add_argument("--lora-alpha", type=float, default=16.0, help="lora: alpha")
+        t.add_argument("--bottleneck", type=int, default=64, help="adapter: bottleneck width")
+        t.set_defaults(func=cmd_tune_pvp, method=method)
+
+    pk = sub.add_parser("pack", help="show what a PVP module pack holds")
+    pk.add_argument("pack")
+    pk.set_defaults(func=cmd_pack)
 
     e = sub.add_parser("eval", help="top-1 accuracy of a TaskRes checkpoint on the test split")
     _add_model_data(e)

@@ -84,7 +84,7 @@ def test_bad_configs_are_refused():
     with pytest.raises(ValueError, match="block_size=48 must divide the input width 64 of visual.transformer.resblocks.0.mlp.c_fc"):
         apply_orth(model, OrthConfig(block_size=48))
     rn, _ = _model(TINY_RN)
-    with pytest.raises(ValueError, match="cannot rotate an image encoder of type ModifiedResNet"):
+    with pytest.raises(ValueError, match="cannot patch an image encoder of type ModifiedResNet"):
         apply_orth(rn)
     apply_orth(rn, OrthConfig(towers=("text",), block_size=16))  # the text tower alone works
     assert rotated_layers(rn)

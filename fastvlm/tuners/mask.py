@@ -24,9 +24,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..io import load_checkpoint, save_checkpoint
-from ..models import freeze
 from ..ops.masked import GradSlot, _StraightThrough, binary_mask, masked_linear
 from ._attention import ProjectedMultiheadAttention, replace_module
+from .common import attach
 
 
 @dataclass
@@ -151,7 +151,7 @@ class ScoreMask(nn.Module):
 
 
 def apply_masks(model: nn.Module, config: MaskConfig | None = None) -> nn.Module:
-    """Patch ``model.visual`` in place; freeze everything but the scores. Returns the model."""
+    """Patch ``model.visual`` in place; only the scores (and other tuners' parameters) train. Returns the model."""
     from open_clip.modified_resnet import ModifiedResNet
     from open_clip.transformer import VisionTransformer
 
@@ -159,23 +159,27 @@ def apply_masks(model: nn.Module, config: MaskConfig | None = None) -> nn.Module
     if cfg.init <= cfg.threshold:
         raise ValueError(f"init ({cfg.init}) must exceed threshold ({cfg.threshold}) so masks start at 1")
     visual = getattr(model, "visual", None)
-    freeze(model)
-    if isinstance(visual, VisionTransformer):
-        if cfg.patch_embed:
-            visual.conv1 = MaskedPatchEmbed(visual.conv1, cfg)
-        for blk in visual.transformer.resblocks:
-            if cfg.attention:
-                blk.attn = MaskedAttention(blk.attn, cfg)
-            if cfg.mlp:
-                blk.mlp.c_fc = MaskedLinear(blk.mlp.c_fc, cfg)
-                blk.mlp.c_proj = MaskedLinear(blk.mlp.c_proj, cfg)
-    elif isinstance(visual, ModifiedResNet):
-        for name, mod in list(visual.named_modules()):
-            if isinstance(mod, (nn.Conv2d, nn.Linear)):
-                parametrize.register_parametrization(mod, "weight", ScoreMask(mod.weight, cfg))
-    else:
+    if not isinstance(visual, (VisionTransformer, ModifiedResNet)):
         raise ValueError(f"apply_masks: cannot patch an image encoder of type {type(visual).__name__}; "
                          "supported: open_clip VisionTransformer and ModifiedResNet")
+
+    def patch():
+        if isinstance(visual, VisionTransformer):
+            if cfg.patch_embed:
+                visual.conv1 = MaskedPatchEmbed(visual.conv1, cfg)
+            for blk in visual.transformer.resblocks:
+                if cfg.attention:
+                    blk.attn = MaskedAttention(blk.attn, cfg)
+                if cfg.mlp:
+                    blk.mlp.c_fc = MaskedLinear(blk.mlp.c_fc, cfg)
+                    blk.mlp.c_proj = MaskedLinear(blk.mlp.c_proj, cfg)
+        else:
+            for name, mod in list(visual.named_modules()):
+                if isinstance(mod, (nn.Conv2d, nn.Linear)):
+                    parametrize.register_parametrization(mod, "weight", ScoreMask(mod.weight, cfg))
+
+    attach(model, patch)
+    # the frozen weights moved under parametrizations (ResNet) are still not tuner parameters: attach froze them
     model._fastvlm_mask_config = cfg
     return model
 

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from ..io import load_checkpoint, save_checkpoint
-from ..models import freeze
 from ..ops.orth import block_rotate, cayley, n_params, orthogonal_linear
 from ._attention import ProjectedMultiheadAttention
+from .common import attach, blocks_of
 
 
 @dataclass
@@ -93,39 +93,23 @@ class OrthAttention(ProjectedMultiheadAttention, _Rotated):
         return [(self.mha.in_proj_weight, self.params), (self.mha.out_proj.weight, self.params_out)]
 
 
-def _towers(model, cfg: OrthConfig):
-    from open_clip.transformer import VisionTransformer
-
-    out = []
-    for tower in cfg.towers:
-        if tower == "visual":
-            if not isinstance(getattr(model, "visual", None), VisionTransformer):
-                raise ValueError(f"apply_orth: cannot rotate an image encoder of type {type(getattr(model, 'visual', None)).__name__}; "
-                                 "supported: open_clip VisionTransformer (use towers=('text',) for ResNet models)")
-            out.append(("visual.transformer", model.visual.transformer))
-        elif tower == "text":
-            t = getattr(model, "transformer", None) or getattr(getattr(model, "text", None), "transformer", None)
-            if t is None:
-                raise ValueError("apply_orth: this model has no open_clip text transformer")
-            out.append(("transformer" if hasattr(model, "transformer") else "text.transformer", t))
-        else:
-            raise ValueError(f"towers must name 'visual' and/or 'text', got {tower!r}")
-    return out
-
-
 def apply_orth(model: nn.Module, config: OrthConfig | None = None) -> nn.Module:
-    """Patch in place; freeze everything but the rotation parameters. Returns the model."""
+    """Patch in place; only the rotation parameters (and other tuners' parameters) train. Returns the model."""
     cfg = config or OrthConfig()
-    towers = _towers(model, cfg)
-    freeze(model)
-    for prefix, tr in towers:
-        for i, blk in enumerate(tr.resblocks):
-            where = f"{prefix}.resblocks.{i}"
+    try:
+        blocks = blocks_of(model, cfg.towers)
+    except ValueError as e:
+        raise ValueError(f"apply_orth: {e} (use towers=('text',) for ResNet models)") from None
+
+    def patch():
+        for where, blk in blocks:
             if cfg.mlp:
                 blk.mlp.c_fc = OrthLinear(blk.mlp.c_fc, cfg, f"{where}.mlp.c_fc")
                 blk.mlp.c_proj = OrthLinear(blk.mlp.c_proj, cfg, f"{where}.mlp.c_proj")
             if cfg.attention:
                 blk.attn = OrthAttention(blk.attn, cfg, f"{where}.attn")
+
+    attach(model, patch)
     model._fastvlm_orth_config = cfg
     return model
 
