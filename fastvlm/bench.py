@@ -169,6 +169,9 @@ def run_case(case: Case, device, reps: int) -> list[dict]:
                          **_shape_cols(case)))
     del calls
     gc.collect()
+    for p, n in case.extra.get("trainable", {}).items():
+        rows.append(dict(op=case.op, provider=p, metric="trainable_params", value=float(n), spread=0.0, unit="params",
+                         **_shape_cols(case)))
     # ratios to each baseline, same run
     for bl in (case.baseline,) if isinstance(case.baseline, str) else case.baseline:
         base = {r["metric"]: r["value"] for r in rows if r["provider"] == bl}
@@ -441,8 +444,58 @@ def orth_cases(device, quick: bool, full: bool) -> list[Case]:
     return cases
 
 
+def tuner_cases(device, quick: bool, full: bool) -> list[Case]:
+    """Each tuner's training step (forward + CE on the zero-shot classifier + backward + Adam) against the
+    frozen model's forward + backward to the input, same model and batch; plus trainable parameter counts."""
+    import torch.nn.functional as F
+
+    from .tuners.mask import apply_masks
+    from .tuners.orth import OrthConfig, apply_orth
+    from .tuners.pack import apply_method
+
+    model_name, batch = ("ViT-B-32", 8) if quick else ("ViT-B-16", 8)
+    attachers = {
+        "vpt": lambda m: apply_method(m, "vpt"),
+        "lora": lambda m: apply_method(m, "lora"),
+        "adapter": lambda m: apply_method(m, "adapter"),
+        "mask": lambda m: apply_masks(m),
+        "orth": lambda m: apply_orth(m, OrthConfig(towers=("visual",))),
+    }
+    counts = {}
+
+    def provider(name):
+        def setup():
+            model, images, labels, cls = _clip_batch(model_name, batch, device)
+            if name == "frozen":
+                for p in model.parameters():
+                    p.requires_grad_(False)
+                x = images.clone().requires_grad_()
+
+                def step():
+                    F.cross_entropy(100 * F.normalize(model.encode_image(x), dim=-1) @ cls.T, labels).backward()
+                    x.grad = None
+                return step
+            attachers[name](model)
+            params = [p for p in model.parameters() if p.requires_grad]
+            counts[name] = sum(p.numel() for p in params)
+            opt = torch.optim.Adam(params, lr=1e-5)
+
+            def step():
+                F.cross_entropy(100 * F.normalize(model.encode_image(images), dim=-1) @ cls.T, labels).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            return step
+        return setup
+
+    case = Case("tuner_step", dict(model=model_name, batch=batch),
+                [Provider("frozen", provider("frozen"))] + [Provider(n, provider(n)) for n in attachers],
+                baseline="frozen", kind="step", size=batch, extra={"trainable": counts})
+    return [case]
+
+
 #: op family name -> function(device, quick, full) -> cases; families register themselves below
-CATALOGUE: dict[str, Callable] = {"residual": residual_cases, "masked": masked_cases, "orth": orth_cases}
+CATALOGUE: dict[str, Callable] = {"residual": residual_cases, "masked": masked_cases, "orth": orth_cases,
+                                  "tuners": tuner_cases}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -473,6 +526,8 @@ def _fmt(v: float, unit: str) -> str:
         return f"{v / 2**20:9.1f} MiB"
     if unit.startswith("s ("):
         return f"{v * 1e6:9.1f} us"
+    if unit == "params":
+        return f"{v:9.0f}"
     return f"{v:9.2f} {unit}"
 
 
