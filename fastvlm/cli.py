@@ -86,7 +86,7 @@ def cmd_tune_taskres(args) -> int:
     zs = evaluate_head(head, f_te.to(args.device), y_te.to(args.device))
     recipe = TaskResRecipe(lr=args.lr, batch_size=args.batch_size or 256, epochs=args.epochs)
     hist = train_taskres(head, f_tr.to(args.device), y_tr.to(args.device), recipe, args.shots, args.seed,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, checkpoint=_state_path(args))
     acc = evaluate_head(head, f_te.to(args.device), y_te.to(args.device))
     ckpt = head.save(os.path.join(args.out, "taskres.safetensors"), model=args.model, pretrained=args.pretrained,
                      classnames=names, templates=templates, shots=args.shots, seed=args.seed)
@@ -115,6 +115,15 @@ def _zero_shot_setup(args):
     return model, pre_eval, train, test, names, classifier
 
 
+def _state_path(args) -> str:
+    """OUT/train_state.pt, saved after every epoch; an earlier run's state is resumed with --resume and
+    discarded without it."""
+    path = os.path.join(args.out, "train_state.pt")
+    if not getattr(args, "resume", False) and os.path.exists(path):
+        os.unlink(path)
+    return path
+
+
 def _write_metrics(out, metrics) -> None:
     with open(os.path.join(out, "metrics.json"), "w") as fh:
         json.dump(metrics, fh, indent=2)
@@ -133,7 +142,8 @@ def cmd_tune_mask(args) -> int:
                        seed=args.seed)
     size, mean, std = image_norm(model)
     loader = train_loader(train, train_transform(size, mean, std), recipe.batch_size, args.seed)
-    hist = train_rmt(model, cls, loader, recipe, device=args.device, progress=not args.no_progress)
+    hist = train_rmt(model, cls, loader, recipe, device=args.device, progress=not args.no_progress,
+                     checkpoint=_state_path(args))
     acc = evaluate_model(model, cls, test, pre_eval, device=args.device)
     path = export_masks(model, os.path.join(args.out, "masks.safetensors"), model_name=args.model,
                         pretrained=args.pretrained, classnames=names)
@@ -277,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--alpha", type=float, default=0.5)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--epochs", type=int, default=None, help="default: 100 for <= 4 shots, 200 above")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt (saved every epoch)")
     t.set_defaults(func=cmd_tune_taskres)
 
     t = tsub.add_parser("mask", help="RMT: binary masks over the image encoder's weights, gradient dropout")
@@ -286,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=30)
     t.add_argument("--drop-ratio", type=float, default=1.0, help="lambda of gradient dropout (0 turns it off)")
     t.add_argument("--mlp", action="store_true", help="mask the MLP layers too")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt (saved every epoch)")
     t.set_defaults(func=cmd_tune_mask)
 
     t = tsub.add_parser("orth", help="OrthCR: Cayley rotations of the MLP weights of both encoders")

@@ -13,18 +13,15 @@ from safetensors.torch import load_file, save_file
 META_KEY = "fastvlm"
 
 
-def save_checkpoint(path: str, tensors: dict[str, torch.Tensor], config: dict) -> str:
-    """Write atomically: a temporary file in the same folder, fsync, then rename over ``path``.
-
-    An interrupted save never leaves a partial file at ``path``.
-    """
+def atomic_write(path: str, write) -> str:
+    """``write(tmp_path)`` into a temporary file in the same folder, fsync it, then rename it over ``path``:
+    an interrupted save never leaves a partial file at ``path`` (the old one stays)."""
     folder = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     os.close(fd)
     try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        save_file(tensors, tmp, metadata={META_KEY: json.dumps(config, sort_keys=True)})
+        write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -32,6 +29,12 @@ def save_checkpoint(path: str, tensors: dict[str, torch.Tensor], config: dict) -
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def save_checkpoint(path: str, tensors: dict[str, torch.Tensor], config: dict) -> str:
+    """Tensors and a JSON config in one safetensors file, written atomically (see atomic_write)."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={META_KEY: json.dumps(config, sort_keys=True)}))
 
 
 def load_checkpoint(path: str, kind: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
@@ -52,3 +55,26 @@ def load_checkpoint(path: str, kind: str | None = None) -> tuple[dict[str, torch
     if kind is not None and config.get("kind") != kind:
         raise ValueError(f"checkpoint {path!r} holds a {config.get('kind')!r} checkpoint, expected {kind!r}")
     return tensors, config
+
+
+def save_train_state(path: str, state: dict) -> str:
+    """A resumable training state (tensors, optimizer state, counters, RNG states), written atomically."""
+    def write(tmp):
+        with open(tmp, "wb") as fh:  # a handle: torch's zip writer rejects dotted temporary names
+            torch.save({"fastvlm_train_state": 1, **state}, fh)
+
+    return atomic_write(path, write)
+
+
+def load_train_state(path: str, kind: str | None = None) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"training state {path!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated or foreign file
+        raise ValueError(f"training state {path!r} is not readable ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or state.get("fastvlm_train_state") != 1:
+        raise ValueError(f"training state {path!r} was not written by fastvlm")
+    if kind is not None and state.get("kind") != kind:
+        raise ValueError(f"training state {path!r} is for {state.get('kind')!r}, expected {kind!r}")
+    return state

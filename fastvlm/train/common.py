@@ -85,3 +85,46 @@ def train_transform(image_size: int, mean, std):
         T.ToTensor(),
         T.Normalize(mean, std),
     ])
+
+
+class Checkpointer:
+    """Saves a resumable state at the end of every epoch and restores it: the trainable tensors (by
+    name), the optimizer, the epoch/step counters, the shuffle generator and torch's global RNG (used by the
+    augmentations), so a resumed run reproduces the uninterrupted one bit for bit."""
+
+    def __init__(self, path: str | None, kind: str, tensors: dict, optimizer, generator: torch.Generator):
+        self.path, self.kind, self.tensors, self.optimizer, self.generator = path, kind, tensors, optimizer, generator
+
+    def save(self, epoch: int, step: int, history: list) -> None:
+        if self.path is None:
+            return
+        from ..io import save_train_state
+
+        save_train_state(self.path, {
+            "kind": self.kind, "epoch": epoch, "step": step, "history": history,
+            "tensors": {k: v.detach().cpu().clone() for k, v in self.tensors.items()},
+            "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state()})
+
+    @torch.no_grad()
+    def restore(self) -> tuple[int, int, list]:
+        """(next epoch, step, history) from the saved state; (0, 0, []) when there is none."""
+        import os
+
+        from ..io import load_train_state
+
+        if self.path is None or not os.path.exists(self.path):
+            return 0, 0, []
+        st = load_train_state(self.path, self.kind)
+        missing = sorted(set(self.tensors) ^ set(st["tensors"]))
+        if missing:
+            raise ValueError(f"training state {self.path!r} does not fit this run: tensors differ at {missing[:4]}")
+        for k, t in self.tensors.items():
+            if t.shape != st["tensors"][k].shape:
+                raise ValueError(f"training state {self.path!r}: {k} has shape {tuple(st['tensors'][k].shape)}, "
+                                 f"this run needs {tuple(t.shape)}")
+            t.copy_(st["tensors"][k])
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.generator.set_state(st["generator"])
+        torch.set_rng_state(st["torch_rng"])
+        return st["epoch"] + 1, st["step"], st["history"]

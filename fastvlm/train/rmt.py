@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..ops.masked import grad_dropout
 from ..tuners.mask import MaskedAttention, ScoreMask, _MaskedBase, bypass_masks, masked_layers, score_parameters
-from .common import set_lr, warmup_cosine
+from .common import Checkpointer, set_lr, warmup_cosine
 
 
 @dataclass
@@ -94,14 +94,21 @@ def rmt_step(model, images, labels, classifier, optimizer, recipe: RMTRecipe, st
     return {"ce": ce.item(), "kl": l_kl.item(), "reg": float(reg_value), "loss_a": ce.item() + float(reg_value)}
 
 
-def train_rmt(model, classifier, loader, recipe: RMTRecipe, device="cpu", progress=False) -> list[dict]:
-    """Adam over the scores, cosine per epoch; returns each epoch's mean losses."""
+def train_rmt(model, classifier, loader, recipe: RMTRecipe, device="cpu", progress=False,
+              checkpoint: str | None = None, on_epoch_end=None) -> list[dict]:
+    """Adam over the scores, cosine per epoch; returns each epoch's mean losses. With ``checkpoint`` the
+    state is saved after every epoch and a run resumes from it (same result as uninterrupted: the loader's
+    shuffle generator, the augmentation RNG and the gradient-dropout step counter are restored)."""
     from tqdm.auto import trange
+
+    from ..tuners.mask import mask_entries
 
     scores = score_parameters(model)
     opt = torch.optim.Adam(scores, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    history, step = [], 0
-    for epoch in trange(recipe.epochs, desc="rmt", disable=not progress, leave=False):
+    gen = loader.generator if getattr(loader, "generator", None) is not None else torch.Generator()
+    ckpt = Checkpointer(checkpoint, "rmt", {n: s for n, _, s in mask_entries(model)}, opt, gen)
+    start, step, history = ckpt.restore()
+    for epoch in trange(start, recipe.epochs, desc="rmt", disable=not progress, leave=False):
         set_lr(opt, warmup_cosine(epoch, recipe.epochs, recipe.lr))
         sums, n = {}, 0
         for images, labels in loader:
@@ -111,4 +118,7 @@ def train_rmt(model, classifier, loader, recipe: RMTRecipe, device="cpu", progre
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + v
         history.append({k: v / max(1, n) for k, v in sums.items()})
+        ckpt.save(epoch, step, history)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch)
     return history

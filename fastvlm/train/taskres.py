@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..tuners.taskres import TaskResHead
-from .common import accuracy, set_lr, warmup_cosine
+from .common import Checkpointer, accuracy, set_lr, warmup_cosine
 
 
 @dataclass
@@ -25,8 +25,12 @@ class TaskResRecipe:
 
 
 def train_taskres(head: TaskResHead, features: torch.Tensor, labels: torch.Tensor, recipe: TaskResRecipe,
-                  shots: int, seed: int = 0, progress: bool = False) -> list[float]:
-    """Train only ``head.residual`` on cached features; returns the mean loss of each epoch."""
+                  shots: int, seed: int = 0, progress: bool = False, checkpoint: str | None = None,
+                  on_epoch_end=None) -> list[float]:
+    """Train only ``head.residual`` on cached features; returns the mean loss of each epoch.
+
+    checkpoint: a path; the state is saved there after every epoch and, when it exists, training resumes
+    from it (to the same result as an uninterrupted run). on_epoch_end(epoch) is called after each save."""
     from tqdm.auto import trange
 
     if features.shape[0] != labels.shape[0]:
@@ -35,8 +39,9 @@ def train_taskres(head: TaskResHead, features: torch.Tensor, labels: torch.Tenso
     opt = torch.optim.Adam([head.residual], lr=recipe.lr, weight_decay=recipe.weight_decay)
     g = torch.Generator().manual_seed(seed)
     n = features.shape[0]
-    history = []
-    for epoch in trange(epochs, desc="taskres", disable=not progress, leave=False):
+    ckpt = Checkpointer(checkpoint, "taskres", {"residual": head.residual}, opt, g)
+    start, _, history = ckpt.restore()
+    for epoch in trange(start, epochs, desc="taskres", disable=not progress, leave=False):
         set_lr(opt, warmup_cosine(epoch, epochs, recipe.lr, recipe.warmup_epochs, recipe.warmup_lr))
         perm = torch.randperm(n, generator=g)
         total = 0.0
@@ -48,6 +53,9 @@ def train_taskres(head: TaskResHead, features: torch.Tensor, labels: torch.Tenso
             opt.step()
             total += loss.item() * idx.numel()
         history.append(total / n)
+        ckpt.save(epoch, 0, history)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch)
     return history
 
 
