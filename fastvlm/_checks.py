@@ -30,7 +30,15 @@ def check_float(name: str, t: torch.Tensor, triton_path: bool = False) -> None:
         raise TypeError(f"{name}: the Triton path takes fp32/fp16/bf16, got float64 (use FASTVLM_BACKEND=torch)")
 
 
+def compiling() -> bool:
+    """Under torch.compile, value-dependent checks (NaN scans, label ranges) would break the graph: they are
+    skipped there; shape, dtype and device checks still run."""
+    return torch.compiler.is_compiling()
+
+
 def check_finite(name: str, t: torch.Tensor) -> None:
+    if compiling():
+        return
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or inf")
 
@@ -63,6 +71,8 @@ def check_target(name: str, target, batch: int, classes: int, ignore_index: int,
         raise ValueError(f"{name} must have shape ({batch},) to match features, got {tuple(target.shape)}")
     if target.device != device:
         raise ValueError(f"{name} is on {target.device} but features is on {device}")
+    if compiling():
+        return
     bad = (target != ignore_index) & ((target < 0) | (target >= classes))
     if bool(bad.any()):
         v = int(target[bad][0])

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend
-from .._checks import check_finite, check_float, check_same_device, check_scalar, check_tensor
+from .._checks import check_finite, check_float, check_same_device, check_scalar, check_tensor, compiling
 
 THRESHOLD = 5e-3
 
@@ -250,7 +250,7 @@ def masked_linear(x, weight, scores, bias=None, threshold=THRESHOLD, ref_grad=No
     slot = ref_grad if isinstance(ref_grad, GradSlot) else None
     if slot is not None:
         ref_grad = None
-    on_triton = _backend.use_triton(x)
+    on_triton = not compiling() and _backend.use_triton(x)
     for n, t in (("x", x), ("weight", weight), ("scores", scores), ("bias", bias), ("ref_grad", ref_grad)):
         if t is not None:
             check_float(n, t, on_triton)
@@ -274,5 +274,11 @@ def masked_linear(x, weight, scores, bias=None, threshold=THRESHOLD, ref_grad=No
     _check_seed(seed)
     if torch.is_grad_enabled() and scores.requires_grad:
         check_finite("scores", scores)
+    if compiling():  # a GradSlot cannot cross the custom op: compiled layers give plain STE gradients, and
+        # rmt_step refuses to step when a slot was left unconsumed (so dropout is never skipped silently)
+        from . import library
+
+        return library.masked_linear_fwd(x, weight, scores, bias, float(threshold),
+                                         None if ref_grad is None else ref_grad.detach(), float(drop_ratio), int(seed))
     ref = slot if slot is not None else (None if ref_grad is None else ref_grad.detach())
     return MaskedLinear.apply(x, weight, scores, bias, float(threshold), ref, float(drop_ratio), int(seed))

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend
-from .._checks import check_finite, check_float, check_same_device, check_tensor
+from .._checks import check_finite, check_float, check_same_device, check_tensor, compiling
 
 
 def n_params(block_size: int) -> int:
@@ -156,7 +156,7 @@ def _check_params(params, block_size):
     if params.dim() != 2 or params.shape[1] != n_params(block_size) or params.shape[0] == 0:
         raise ValueError(f"params must have shape [r, {n_params(block_size)}] (b(b-1)/2 for block_size={block_size}), "
                          f"got {tuple(params.shape)}")
-    check_float("params", params, _backend.use_triton(params))
+    check_float("params", params, not compiling() and _backend.use_triton(params))
     if torch.is_grad_enabled() and params.requires_grad:
         check_finite("params", params)
 
@@ -171,6 +171,10 @@ def cayley(params, block_size, neumann_terms=None):
             raise ValueError(f"neumann_terms must be None (exact) or an int >= 1, got {neumann_terms!r}")
         return cayley_reference(params if params.dtype == torch.float64 else params.float(), block_size, neumann_terms)
     q = skew(params if params.dtype == torch.float64 else params.float(), block_size)
+    if compiling():
+        from . import library
+
+        return library.cayley_fwd(q)
     return Cayley.apply(q)
 
 
@@ -180,6 +184,10 @@ def block_rotate(x, rotation, transpose=False):
     if x.shape[-1] != nb * b:
         raise ValueError(f"x must end in K = r*b = {nb * b} features, got shape {tuple(x.shape)}")
     x2 = x.reshape(-1, x.shape[-1])
+    if compiling():
+        from . import library
+
+        return library.block_rotate_fwd(x2, rotation, transpose).view(x.shape)
     return BlockRotate.apply(x2, rotation, transpose).view(x.shape)
 
 
@@ -198,7 +206,7 @@ def orthogonal_linear(x, weight, params, bias=None, block_size=32, neumann_terms
     cheaper for the shape; the dense block-diagonal matrix is never built. weight [N, K], K = r*b."""
     for n, t in (("x", x), ("weight", weight)):
         check_tensor(n, t)
-    on_triton = _backend.use_triton(x)
+    on_triton = not compiling() and _backend.use_triton(x)
     check_float("x", x, on_triton)
     check_float("weight", weight, on_triton)
     if weight.dim() != 2 or weight.numel() == 0:

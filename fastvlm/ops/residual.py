@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend
-from .._checks import check_float, check_matrix, check_same_device, check_scalar, check_target
+from .._checks import check_float, check_matrix, check_same_device, check_scalar, check_target, compiling
 
 EPS = 1e-12
 #: elements (B x chunk and chunk x D) a class chunk may take in the torch path and in the Triton backward
@@ -237,7 +237,7 @@ def _check(features, base, residual, alpha, logit_scale):
     check_matrix("features", features)
     check_matrix("base", base)
     check_matrix("residual", residual)
-    on_triton = _backend.use_triton(features)
+    on_triton = not compiling() and _backend.use_triton(features)
     for n, v in (("features", features), ("base", base), ("residual", residual)):
         check_float(n, v, triton_path=on_triton)
     check_same_device(features=features, base=base, residual=residual)
@@ -258,6 +258,10 @@ def residual_logits(features, base, residual, alpha=0.5, logit_scale=100.0):
     requires grad. CUDA tensors run the fused Triton kernel, CPU tensors the chunked torch path.
     """
     _check(features, base, residual, alpha, logit_scale)
+    if compiling():
+        from . import library
+
+        return library.residual_logits(features, base, residual, float(alpha), float(logit_scale))
     return ResidualLogits.apply(features, base, residual, float(alpha), float(logit_scale))
 
 
@@ -272,5 +276,10 @@ def residual_cross_entropy(features, base, residual, target, alpha=0.5, logit_sc
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     check_target("target", target, features.shape[0], base.shape[0], ignore_index, device=features.device)
+    if compiling():
+        from . import library
+
+        return library.residual_cross_entropy(features, base, residual, target.long(), float(alpha),
+                                              float(logit_scale), reduction, int(ignore_index))
     return ResidualCrossEntropy.apply(features, base, residual, target.long(), float(alpha), float(logit_scale),
                                       reduction, int(ignore_index))

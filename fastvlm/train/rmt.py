@@ -82,8 +82,12 @@ def rmt_step(model, images, labels, classifier, optimizer, recipe: RMTRecipe, st
             g_b.append(m.scores.grad)
             m.scores.grad = None
         ce.backward()  # pass 2: fused layers return the dropped gradient of CE + reg
+        unused = sum(slot.ref is not None for slot, _ in pairs)
         for slot, _ in pairs:
             slot.ref, slot.reg = None, 0.0
+        if unused:
+            raise RuntimeError(f"gradient dropout was not applied in {unused} masked layers (they ran under "
+                               "torch.compile, which cannot hand pass 1's gradient over): run the RMT step eagerly")
         for j, (m, gb) in enumerate(zip(unfused, g_b)):
             s = m.scores
             g = s.grad if s.grad is not None else torch.zeros_like(s)
