@@ -68,3 +68,17 @@ def use_triton(t: torch.Tensor) -> bool:
             "fastvlm is imported; on CPU without it, use FASTVLM_BACKEND=torch or auto"
         )
     return True
+
+
+def amp_cast(*tensors):
+    """Autocast policy of the matmul-like ops, as F.linear's: while autocast is on for the tensors' device,
+    floating inputs are cast to the autocast dtype and the op runs with autocast off inside (so forward and
+    backward see the same dtypes). Returns (tensors, context manager)."""
+    first = next(t for t in tensors if t is not None)
+    dev = first.device.type
+    if not torch.is_autocast_enabled(dev):
+        return tensors, contextlib.nullcontext()
+    dt = torch.get_autocast_dtype(dev)
+    cast = tuple(t.to(dt) if (t is not None and t.is_floating_point() and t.dtype != torch.float64) else t
+                 for t in tensors)
+    return cast, torch.autocast(dev, enabled=False)

@@ -274,11 +274,14 @@ def masked_linear(x, weight, scores, bias=None, threshold=THRESHOLD, ref_grad=No
     _check_seed(seed)
     if torch.is_grad_enabled() and scores.requires_grad:
         check_finite("scores", scores)
-    if compiling():  # a GradSlot cannot cross the custom op: compiled layers give plain STE gradients, and
-        # rmt_step refuses to step when a slot was left unconsumed (so dropout is never skipped silently)
-        from . import library
+    (x, weight, bias), amp = _backend.amp_cast(x, weight, bias)  # scores stay fp32: the mask never rounds
+    with amp:
+        if compiling():  # a GradSlot cannot cross the custom op: compiled layers give plain STE gradients, and
+            # rmt_step refuses to step when a slot was left unconsumed (so dropout is never skipped silently)
+            from . import library
 
-        return library.masked_linear_fwd(x, weight, scores, bias, float(threshold),
-                                         None if ref_grad is None else ref_grad.detach(), float(drop_ratio), int(seed))
-    ref = slot if slot is not None else (None if ref_grad is None else ref_grad.detach())
-    return MaskedLinear.apply(x, weight, scores, bias, float(threshold), ref, float(drop_ratio), int(seed))
+            return library.masked_linear_fwd(x, weight, scores, bias, float(threshold),
+                                             None if ref_grad is None else ref_grad.detach(), float(drop_ratio),
+                                             int(seed))
+        ref = slot if slot is not None else (None if ref_grad is None else ref_grad.detach())
+        return MaskedLinear.apply(x, weight, scores, bias, float(threshold), ref, float(drop_ratio), int(seed))

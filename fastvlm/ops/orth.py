@@ -222,6 +222,13 @@ def orthogonal_linear(x, weight, params, bias=None, block_size=32, neumann_terms
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     check_same_device(x=x, weight=weight, params=params, bias=bias)
+    (x, weight, bias), amp = _backend.amp_cast(x, weight, bias)  # params and R stay fp32
+    with amp:
+        return _orthogonal_linear(x, weight, params, bias, block_size, neumann_terms)
+
+
+def _orthogonal_linear(x, weight, params, bias, block_size, neumann_terms):
+    K = weight.shape[1]
     r = cayley(params, block_size, neumann_terms)
     m_rows = x.numel() // K
     training = torch.is_grad_enabled() and params.requires_grad

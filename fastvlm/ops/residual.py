@@ -258,11 +258,13 @@ def residual_logits(features, base, residual, alpha=0.5, logit_scale=100.0):
     requires grad. CUDA tensors run the fused Triton kernel, CPU tensors the chunked torch path.
     """
     _check(features, base, residual, alpha, logit_scale)
-    if compiling():
-        from . import library
+    (features, base, residual), amp = _backend.amp_cast(features, base, residual)
+    with amp:
+        if compiling():
+            from . import library
 
-        return library.residual_logits(features, base, residual, float(alpha), float(logit_scale))
-    return ResidualLogits.apply(features, base, residual, float(alpha), float(logit_scale))
+            return library.residual_logits(features, base, residual, float(alpha), float(logit_scale))
+        return ResidualLogits.apply(features, base, residual, float(alpha), float(logit_scale))
 
 
 def residual_cross_entropy(features, base, residual, target, alpha=0.5, logit_scale=100.0, reduction="mean",
@@ -276,10 +278,12 @@ def residual_cross_entropy(features, base, residual, target, alpha=0.5, logit_sc
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     check_target("target", target, features.shape[0], base.shape[0], ignore_index, device=features.device)
-    if compiling():
-        from . import library
+    (features, base, residual), amp = _backend.amp_cast(features, base, residual)
+    with amp:
+        if compiling():
+            from . import library
 
-        return library.residual_cross_entropy(features, base, residual, target.long(), float(alpha),
-                                              float(logit_scale), reduction, int(ignore_index))
-    return ResidualCrossEntropy.apply(features, base, residual, target.long(), float(alpha), float(logit_scale),
-                                      reduction, int(ignore_index))
+            return library.residual_cross_entropy(features, base, residual, target.long(), float(alpha),
+                                                  float(logit_scale), reduction, int(ignore_index))
+        return ResidualCrossEntropy.apply(features, base, residual, target.long(), float(alpha), float(logit_scale),
+                                          reduction, int(ignore_index))
