@@ -1,0 +1,56 @@
+"""Training with several processes (torch.distributed, e.g. DistributedDataParallel over gloo or nccl).
+
+TaskRes, VPT, LoRA, adapters, OrthCR and RMT without gradient dropout train under plain
+``DistributedDataParallel``: their updates are linear in the gradients, so averaging per-rank gradients
+equals one process on the whole batch.
+
+RMT's gradient dropout is not linear in the gradients: it must act on the gradients averaged over ranks,
+with the same random stream on every rank. The fused single-process path (GradSlot, dropout inside the
+score-gradient kernel, pass 1's buffer consumed in place) cannot do that inside backward, so
+:func:`rmt_step_distributed` takes both gradients with ``autograd.grad``, all-reduces them, and applies
+``grad_dropout`` to the averages layer by layer. It holds two gradient buffers per masked layer (g_a and
+g_b) where the fused step holds one. DDP's own reducer expects one backward per forward, so this step does
+not wrap the model in DDP: it averages the score gradients itself.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..ops.masked import grad_dropout
+from ..tuners.mask import score_parameters
+from .rmt import RMTRecipe, clip_logits, layer_seed
+
+
+def average(tensors, group=None) -> None:
+    """All-reduce each tensor in place to its mean over the ranks."""
+    world = dist.get_world_size(group)
+    for t in tensors:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        t.div_(world)
+
+
+def rmt_step_distributed(model, images, labels, classifier, optimizer, recipe: RMTRecipe, step: int,
+                         group=None) -> dict:
+    """One two-pass RMT step on this rank's part of the batch, with gradient dropout on the rank-averaged
+    gradients (identical seeds on every rank, so every rank applies the same update)."""
+    from ..tuners.mask import bypass_masks
+
+    scores = score_parameters(model)
+    with torch.no_grad(), bypass_masks(model):
+        p_zs = clip_logits(model, images, classifier, recipe.logit_scale).softmax(dim=-1)
+    logp = clip_logits(model, images, classifier, recipe.logit_scale).log_softmax(dim=-1)
+    l_kl = -(p_zs * logp).sum(dim=-1).mean()
+    ce = F.nll_loss(logp, labels)
+    reg = recipe.reg * sum(torch.linalg.vector_norm(s) for s in scores)
+    g_b = list(torch.autograd.grad(l_kl, scores, retain_graph=True))
+    g_a = list(torch.autograd.grad(ce + reg / dist.get_world_size(group), scores))
+    average(g_b, group)
+    average(g_a, group)  # the reg term's gradient was split over the ranks, so it sums back whole
+    for i, (s, ga, gb) in enumerate(zip(scores, g_a, g_b)):
+        s.grad = grad_dropout(ga, gb, recipe.drop_ratio, layer_seed(recipe.seed, step, i)) if recipe.drop_ratio else ga
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"ce": ce.item(), "kl": l_kl.item()}
