@@ -92,7 +92,8 @@ def run(targets=("sm_80", "sm_90a"), jobs: int | None = None, only: str | None =
         return list(ex.map(compile_one, *zip(*work))) if work else []
 
 
-def print_report(rows: list[dict], file=sys.stdout) -> None:
+def print_report(rows: list[dict], file=None) -> None:
+    file = file or sys.stdout
     hdr = f"{'kernel':22} {'target':7} {'regs':>4} {'spill':>5} {'smem':>7} {'TC':>3}  {'status':14} config"
     print(hdr, file=file)
     print("-" * len(hdr), file=file)

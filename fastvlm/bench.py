@@ -204,6 +204,8 @@ def run_case(case: Case, device, reps: int) -> list[dict]:
         t = next(r["value"] for r in rows if r["provider"] == "fastvlm" and r["metric"] == "time_fwd+bwd")
         rows.append(dict(op=case.op, provider="fastvlm", metric="achieved_GFLOP/s", value=case.flops / t / 1e9,
                          spread=0.0, unit="GFLOP/s", **_shape_cols(case)))
+        rows.append(dict(op=case.op, provider="fastvlm", metric="achieved_GB/s", value=case.bytes / t / 1e9,
+                         spread=0.0, unit="GB/s (compulsory)", **_shape_cols(case)))
         rows.append(dict(op=case.op, provider="fastvlm", metric="H100_roofline_bound", value=_roofline(case.flops, case.bytes),
                          spread=0.0, unit="s (projection)", compulsory_bytes=case.bytes, flops=case.flops, **_shape_cols(case)))
         if case.naive_bytes:
@@ -276,7 +278,8 @@ def masked_cases(device, quick: bool, full: bool) -> list[Case]:
     from .ops.masked import masked_linear_reference
 
     batches = [8] if quick else [8, 32]
-    layers = [("qkv", 2304, 768)] + ([] if quick else [("out_proj", 768, 768)]) + ([("mlp_fc", 3072, 768)] if full else [])
+    layers = [("qkv", 2304, 768)] + ([] if quick else [("out_proj", 768, 768)]) + (
+        [("mlp_fc", 3072, 768), ("L14_qkv", 3072, 1024)] if full else [])
     cases = []
     for b in batches:
         M = b * 197
@@ -394,7 +397,7 @@ def orth_cases(device, quick: bool, full: bool) -> list[Case]:
     batch = 8
     M = batch * 197
     blocks = [32] if quick else [16, 32, 64]
-    shapes = [(768, 3072), (3072, 768)]
+    shapes = [(768, 3072), (3072, 768)] + ([(1024, 4096), (4096, 1024)] if full else [])  # ViT-B/16, ViT-L/14 MLPs
     cases = []
     for K, N in shapes:
         for b in blocks:
@@ -550,10 +553,13 @@ def _fmt(v: float, unit: str) -> str:
         return f"{v * 1e6:9.1f} us"
     if unit == "params":
         return f"{v:9.0f}"
+    if unit.startswith("GB/s"):
+        return f"{v:9.2f} GB/s"
     return f"{v:9.2f} {unit}"
 
 
-def print_table(rows: list[dict], env: dict, file=sys.stdout) -> None:
+def print_table(rows: list[dict], env: dict, file=None) -> None:
+    file = file or sys.stdout
     print(f"device: {env['device']} | backend: {env['backend']} | torch {env['torch']} | triton {env['triton']}",
           file=file)
     hdr = f"{'op':24} {'shape':22} {'provider':10} {'metric':20} {'median':>14} {'spread':>12}  ratios"
