@@ -24,6 +24,15 @@ def _add_model_data(p: argparse.ArgumentParser, data_required=True) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _add_training(p: argparse.ArgumentParser, lr: float, epochs: int | None, resume: bool = False) -> None:
+    p.add_argument("--out", required=True, help="folder for the result, metrics.json and cached features")
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--epochs", type=int, default=epochs,
+                   help="default: 100 for <= 4 shots, 200 above" if epochs is None else None)
+    if resume:
+        p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt (saved every epoch)")
+
+
 def _cuda() -> bool:
     import torch
 
@@ -283,28 +292,20 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = tune.add_subparsers(dest="method", required=True)
     t = tsub.add_parser("taskres", help="TaskRes: a residual on the text classifier, trained on cached features")
     _add_model_data(t)
-    t.add_argument("--out", required=True)
+    _add_training(t, lr=2e-3, epochs=None, resume=True)
     t.add_argument("--alpha", type=float, default=0.5)
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--epochs", type=int, default=None, help="default: 100 for <= 4 shots, 200 above")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt (saved every epoch)")
     t.set_defaults(func=cmd_tune_taskres)
 
     t = tsub.add_parser("mask", help="RMT: binary masks over the image encoder's weights, gradient dropout")
     _add_model_data(t)
-    t.add_argument("--out", required=True)
-    t.add_argument("--lr", type=float, default=8e-5)
-    t.add_argument("--epochs", type=int, default=30)
+    _add_training(t, lr=8e-5, epochs=30, resume=True)
     t.add_argument("--drop-ratio", type=float, default=1.0, help="lambda of gradient dropout (0 turns it off)")
     t.add_argument("--mlp", action="store_true", help="mask the MLP layers too")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt (saved every epoch)")
     t.set_defaults(func=cmd_tune_mask)
 
     t = tsub.add_parser("orth", help="OrthCR: Cayley rotations of the MLP weights of both encoders")
     _add_model_data(t)
-    t.add_argument("--out", required=True)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--epochs", type=int, default=10)
+    _add_training(t, lr=1e-3, epochs=10)
     t.add_argument("--block-size", type=int, default=32)
     t.add_argument("--attention", action="store_true", help="rotate the attention projections too")
     t.add_argument("--neumann-terms", type=int, default=None, help="use the truncated series instead of exact")
@@ -316,12 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
                          ("adapter", "bottleneck adapters after each block's attention and MLP")):
         t = tsub.add_parser(method, help=text + " (PVP: --init-from a pack trained upstream)")
         _add_model_data(t)
-        t.add_argument("--out", required=True)
+        _add_training(t, lr=1e-3, epochs=10)
         t.add_argument("--init-from", default=None, help="a pack folder from an upstream run (stage 2)")
         t.add_argument("--head", choices=["zeroshot", "linear"], default="zeroshot",
                        help="classification head: the zero-shot text classifier, or a linear head")
-        t.add_argument("--lr", type=float, default=1e-3)
-        t.add_argument("--epochs", type=int, default=10)
         t.add_argument("--tokens", type=int, default=10, help="vpt: prompt tokens")
         t.add_argument("--shallow", action="store_true", help="vpt: first block only")
         t.add_argument("--rank", type=int, default=8, help="lora: rank")

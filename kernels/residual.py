@@ -20,6 +20,15 @@ ROW_BLOCK = dict(BLOCK_R=16, BLOCK_C=128, num_warps=4)
 
 
 @triton.jit
+def _row_tile(a_ptr, sa_r, sa_c, b_ptr, sb_r, sb_c, beta, offs_r64, offs_c, m, HAS_B: tl.constexpr):
+    """Rows of a + beta * b (fp32) for one (rows, columns) tile."""
+    v = tl.load(a_ptr + offs_r64[:, None] * sa_r + offs_c[None, :] * sa_c, mask=m, other=0.0).to(tl.float32)
+    if HAS_B:
+        v += beta * tl.load(b_ptr + offs_r64[:, None] * sb_r + offs_c[None, :] * sb_c, mask=m, other=0.0).to(tl.float32)
+    return v
+
+
+@triton.jit
 def inv_norm_kernel(a_ptr, sa_r, sa_c, b_ptr, sb_r, sb_c, beta, out_ptr, R, C, eps,
                     HAS_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """out[r] = 1 / max(||a[r] + beta * b[r]||, eps)."""
@@ -30,9 +39,7 @@ def inv_norm_kernel(a_ptr, sa_r, sa_c, b_ptr, sb_r, sb_c, beta, out_ptr, R, C, e
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         m = r_ok[:, None] & (offs_c < C)[None, :]
-        v = tl.load(a_ptr + offs_r64[:, None] * sa_r + offs_c[None, :] * sa_c, mask=m, other=0.0).to(tl.float32)
-        if HAS_B:
-            v += beta * tl.load(b_ptr + offs_r64[:, None] * sb_r + offs_c[None, :] * sb_c, mask=m, other=0.0).to(tl.float32)
+        v = _row_tile(a_ptr, sa_r, sa_c, b_ptr, sb_r, sb_c, beta, offs_r64, offs_c, m, HAS_B)
         sq += tl.sum(v * v, axis=1)
     tl.store(out_ptr + offs_r, 1.0 / tl.maximum(tl.sqrt(sq), eps), mask=r_ok)
 
@@ -118,18 +125,14 @@ def norm_backward_kernel(dv_ptr, sdv_r, a_ptr, sa_r, sa_c, b_ptr, sb_r, sb_c, be
     for c0 in range(0, C, BLOCK_C):  # pass 1: <vhat, d vhat>
         offs_c = c0 + tl.arange(0, BLOCK_C)
         m = r_ok[:, None] & (offs_c < C)[None, :]
-        v = tl.load(a_ptr + offs_r64[:, None] * sa_r + offs_c[None, :] * sa_c, mask=m, other=0.0).to(tl.float32)
-        if HAS_B:
-            v += beta * tl.load(b_ptr + offs_r64[:, None] * sb_r + offs_c[None, :] * sb_c, mask=m, other=0.0).to(tl.float32)
+        v = _row_tile(a_ptr, sa_r, sa_c, b_ptr, sb_r, sb_c, beta, offs_r64, offs_c, m, HAS_B)
         dv = tl.load(dv_ptr + offs_r64[:, None] * sdv_r + offs_c[None, :], mask=m, other=0.0)
         dot += tl.sum(v * dv, axis=1)
     dot = dot * r
     for c0 in range(0, C, BLOCK_C):  # pass 2: write
         offs_c = c0 + tl.arange(0, BLOCK_C)
         m = r_ok[:, None] & (offs_c < C)[None, :]
-        v = tl.load(a_ptr + offs_r64[:, None] * sa_r + offs_c[None, :] * sa_c, mask=m, other=0.0).to(tl.float32)
-        if HAS_B:
-            v += beta * tl.load(b_ptr + offs_r64[:, None] * sb_r + offs_c[None, :] * sb_c, mask=m, other=0.0).to(tl.float32)
+        v = _row_tile(a_ptr, sa_r, sa_c, b_ptr, sb_r, sb_c, beta, offs_r64, offs_c, m, HAS_B)
         dv = tl.load(dv_ptr + offs_r64[:, None] * sdv_r + offs_c[None, :], mask=m, other=0.0)
         g = (dv - v * (r * dot)[:, None]) * r[:, None]
         if HAS_O1:

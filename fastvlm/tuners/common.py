@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from torch import nn
 
 
@@ -53,3 +55,30 @@ def attach(model: nn.Module, apply) -> list[nn.Parameter]:
 def names_of(model: nn.Module, params) -> list[str]:
     ids = {id(p) for p in params}
     return [n for n, p in model.named_parameters() if id(p) in ids]
+
+
+@contextlib.contextmanager
+def bypassed(model: nn.Module, layers):
+    """Set ``bypass`` on every layer inside the block (the zero-shot network, no second copy), restore after."""
+    layers = list(layers)
+    old = [m.bypass for m in layers]
+    for m in layers:
+        m.bypass = True
+    try:
+        yield model
+    finally:
+        for m, b in zip(layers, old):
+            m.bypass = b
+
+
+class WrapsLinear:
+    """Mixin for modules that wrap a frozen ``nn.Linear`` as ``self.base``: ``weight`` and ``bias`` stay
+    readable, as open_clip reads ``mlp.c_fc.weight.dtype``."""
+
+    @property
+    def weight(self):
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias

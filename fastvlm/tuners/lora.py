@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._attention import ProjectedMultiheadAttention
-from .common import blocks_of
+from .common import WrapsLinear, blocks_of
 
 TARGETS = ("attn_in", "attn_out", "mlp_fc", "mlp_proj")
 
@@ -53,14 +53,11 @@ class LoRAPair(nn.Module):
         return (self.B @ self.A) * self.scale
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(WrapsLinear, nn.Module):
     def __init__(self, base: nn.Linear, cfg: LoRAConfig, generator):
         super().__init__()
         self.base = base
         self.lora = LoRAPair(base.out_features, base.in_features, cfg, generator, base.weight.device)
-
-    weight = property(lambda self: self.base.weight)  # open_clip reads mlp.c_fc.weight.dtype
-    bias = property(lambda self: self.base.bias)
 
     def forward(self, x):
         y = self.base(x)

@@ -13,7 +13,6 @@ original. ``bypass_masks(model)`` runs the unmasked network (the zero-shot teach
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import asdict, dataclass
 
@@ -26,7 +25,7 @@ from torch.nn.utils import parametrize
 from ..io import load_checkpoint, save_checkpoint
 from ..ops.masked import GradSlot, _StraightThrough, binary_mask, masked_linear
 from ._attention import ProjectedMultiheadAttention, replace_module
-from .common import attach
+from .common import WrapsLinear, attach, bypassed
 
 
 @dataclass
@@ -57,17 +56,7 @@ class _MaskedBase(nn.Module):
         return [("", self.base.weight, self.scores)]
 
 
-class MaskedLinear(_MaskedBase):
-    """Wraps a frozen nn.Linear; ``weight``/``bias`` stay readable (open_clip reads ``mlp.c_fc.weight.dtype``)."""
-
-    @property
-    def weight(self):
-        return self.base.weight
-
-    @property
-    def bias(self):
-        return self.base.bias
-
+class MaskedLinear(WrapsLinear, _MaskedBase):
     def __init__(self, base: nn.Linear, cfg: MaskConfig):
         super().__init__()
         self.base = base
@@ -205,18 +194,9 @@ def score_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [s for _, _, s in mask_entries(model)]
 
 
-@contextlib.contextmanager
 def bypass_masks(model: nn.Module):
     """Run the original (unmasked) network inside the block: the zero-shot teacher, no second copy."""
-    layers = [m for _, m in masked_layers(model)]
-    old = [m.bypass for m in layers]
-    for m in layers:
-        m.bypass = True
-    try:
-        yield model
-    finally:
-        for m, b in zip(layers, old):
-            m.bypass = b
+    return bypassed(model, (m for _, m in masked_layers(model)))
 
 
 @torch.no_grad()

@@ -10,7 +10,6 @@ second copy); ``merge_rotations`` folds R into W (``W <- W blockdiag(R)^T``) for
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import asdict, dataclass
 
 import torch
@@ -19,7 +18,7 @@ from torch import nn
 from ..io import load_checkpoint, save_checkpoint
 from ..ops.orth import block_rotate, cayley, n_params, orthogonal_linear
 from ._attention import ProjectedMultiheadAttention
-from .common import attach, blocks_of
+from .common import WrapsLinear, attach, blocks_of, bypassed
 
 
 @dataclass
@@ -44,17 +43,7 @@ class _Rotated(nn.Module):
         return cayley(params, self.block_size, self.neumann_terms)
 
 
-class OrthLinear(_Rotated):
-    """Wraps a frozen nn.Linear; ``weight``/``bias`` stay readable (open_clip reads ``mlp.c_fc.weight.dtype``)."""
-
-    @property
-    def weight(self):
-        return self.base.weight
-
-    @property
-    def bias(self):
-        return self.base.bias
-
+class OrthLinear(WrapsLinear, _Rotated):
     def __init__(self, base: nn.Linear, cfg: OrthConfig, where: str = "layer"):
         super().__init__()
         self.base = base
@@ -122,18 +111,9 @@ def rotation_parameters(model) -> list[nn.Parameter]:
     return [p for _, m in rotated_layers(model) for _, p in m.rotated()]
 
 
-@contextlib.contextmanager
 def bypass_rotations(model):
     """Run the zero-shot (unrotated) network inside the block."""
-    layers = [m for _, m in rotated_layers(model)]
-    old = [m.bypass for m in layers]
-    for m in layers:
-        m.bypass = True
-    try:
-        yield model
-    finally:
-        for m, b in zip(layers, old):
-            m.bypass = b
+    return bypassed(model, (m for _, m in rotated_layers(model)))
 
 
 @torch.no_grad()
