@@ -528,6 +528,17 @@ CATALOGUE: dict[str, Callable] = {"residual": residual_cases, "masked": masked_c
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device) -> dict:
     import triton
 
@@ -536,7 +547,7 @@ def environment(device) -> dict:
     from . import _backend
 
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()} threads={torch.get_num_threads()}")
+        f"CPU {_cpu_name()} x{os.cpu_count()} threads={torch.get_num_threads()}")
     with _backend.backend("auto"):
         probe = torch.empty(1, device=device)
         backend_name = "triton" if _backend.use_triton(probe) else "torch"
