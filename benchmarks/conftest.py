@@ -16,7 +16,10 @@ def case_params(family, quick=True):
                                                           for c in cases for p in c.providers]
 
 
-def fwd_bwd_step(provider):
+def run_provider(case, provider):
+    """The callable one benchmark round runs: a whole step for step cases, else forward + backward."""
+    if case.kind == "step":
+        return provider.setup()
     fwd, params, grad = provider.setup()
 
     def step():

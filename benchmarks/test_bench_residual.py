@@ -2,7 +2,7 @@
 
 import pytest
 
-from .conftest import case_params, fwd_bwd_step
+from .conftest import case_params, run_provider
 
 PARAMS, IDS = case_params("residual")
 
@@ -10,4 +10,4 @@ PARAMS, IDS = case_params("residual")
 @pytest.mark.parametrize("case,provider", PARAMS, ids=IDS)
 def test_residual(benchmark, case, provider):
     benchmark.group = f"{case.op} {case.shape}"
-    benchmark.pedantic(fwd_bwd_step(provider), rounds=3, warmup_rounds=1)
+    benchmark.pedantic(run_provider(case, provider), rounds=3, warmup_rounds=1)

@@ -446,8 +446,13 @@ def orth_cases(device, quick: bool, full: bool) -> list[Case]:
             rot_rows = M if side == "input" else N
             flops = 3 * 2 * M * N * K + 3 * 2 * rot_rows * K * b  # linear fwd+bwd, rotation fwd + 2 bwd
             cbytes = e * (2 * M * K + N * K + 2 * M * N + 2 * rot_rows * K)
+            # naive: dense blockdiag(R) (K x K) built, x @ it (read MK + KK, write MK), linear, and the
+            # backward of both matmuls (dxr, dx, d blockdiag: K x K written) and the block gather
+            nbytes = e * (2 * K * K + (M * K + K * K + M * K) + (M * K + N * K + M * N)
+                          + (M * N + N * K + M * K) + (M * K + K * K + M * K) + (2 * M * K + K * K) + K * K)
+            nflops = 3 * 2 * M * N * K + 3 * 2 * M * K * K
             cases.append(Case("orthogonal_linear", dict(tokens=M, K=K, N=N, b=b), provs, baseline=tuple(base),
-                              flops=flops, bytes=cbytes, size=K * b))
+                              flops=flops, bytes=cbytes, naive_bytes=nbytes, naive_flops=nflops, size=K * b))
     for b in ([32] if quick else [16, 32, 64]):
         r = 3072 // b
 
@@ -463,8 +468,10 @@ def orth_cases(device, quick: bool, full: bool) -> list[Case]:
             go = torch.randn(r, b, b, generator=g).to(device)
             return (lambda: cayley_reference(p, b)), [p], go
 
+        # naive: Q, I - Q, I + Q, the LU factors and the solve each read and written once, twice in backward
         cases.append(Case("cayley", dict(blocks=r, b=b), [Provider("fastvlm", ours_c), Provider("naive-solve", ref_c)],
-                          baseline="naive-solve", flops=r * (2 * b**3 + 4 * b**3), bytes=4 * r * b * b * 4, size=b))
+                          baseline="naive-solve", flops=r * (2 * b**3 + 4 * b**3), bytes=4 * r * b * b * 4,
+                          naive_bytes=4 * r * b * b * 14, naive_flops=r * (2 * b**3 + 8 * b**3), size=b))
     del F
     return cases
 

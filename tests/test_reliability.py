@@ -147,3 +147,19 @@ def test_cli_resume_continues_an_interrupted_run(tmp_path, monkeypatch):
     a, _ = load_checkpoint(str(tmp_path / "whole" / "taskres.safetensors"))
     b, _ = load_checkpoint(str(tmp_path / "cut" / "taskres.safetensors"))
     assert torch.equal(a["residual"], b["residual"])
+
+
+def test_mismatched_devices_are_refused():
+    """Tensors on two devices (meta stands in for a second device here) fail with the argument named."""
+    import fastvlm.functional as FV
+
+    cpu, meta = torch.randn(3, 8), torch.empty(4, 8, device="meta")
+    with fastvlm.backend("torch"):
+        with pytest.raises(ValueError, match="base is on meta but features is on cpu"):
+            FV.residual_logits(cpu, meta, torch.zeros(4, 8))
+        with pytest.raises(ValueError, match="scores is on meta but x is on cpu"):
+            FV.masked_linear(cpu, torch.randn(4, 8), torch.empty(4, 8, device="meta"))
+        with pytest.raises(ValueError, match="weight is on meta but x is on cpu"):
+            FV.orthogonal_linear(cpu, torch.empty(4, 8, device="meta"), torch.zeros(2, 6), None, 4)
+        with pytest.raises(ValueError, match="g_ref is on meta but g_task is on cpu"):
+            FV.grad_dropout(cpu, torch.empty(3, 8, device="meta"), 0.5, 0)

@@ -1,0 +1,13 @@
+"""`fastvlm bench` family 'tuners' as pytest-benchmark suites (same cases, same setup code)."""
+
+import pytest
+
+from .conftest import case_params, run_provider
+
+PARAMS, IDS = case_params("tuners")
+
+
+@pytest.mark.parametrize("case,provider", PARAMS, ids=IDS)
+def test_tuners(benchmark, case, provider):
+    benchmark.group = f"{case.op} {case.shape}"
+    benchmark.pedantic(run_provider(case, provider), rounds=3, warmup_rounds=1)
