@@ -5,6 +5,8 @@
     backward: dQ = 2 A^-T G A^-T with A^-1 = (R + I) / 2 (autograd through Q = U - U^T does the rest).
     rotate:   out[m, r*b + c] = sum_j X[m, r*b + j] R[r, j, c]   (x @ blockdiag(R), never built dense)
     rotate_grad_r: dR[r] = X[:, r]^T @ dY[:, r]
+    rotated_linear (fused): y = (x @ blockdiag(R)) @ W^T + b with each block of x rotated in registers on its
+              way into the matmul; backward dx = (dy @ W) @ blockdiag(R)^T and dR from the same registers.
 """
 
 from __future__ import annotations
@@ -127,9 +129,127 @@ def rotate_grad_r_kernel(x_ptr, sx_m, sx_k, dy_ptr, sd_m, sd_k, dr_ptr, M, b,
     tl.store(dr_ptr + offs, acc, mask=j_ok[:, None] & j_ok[None, :])
 
 
+@triton.jit
+def rotated_linear_fwd_kernel(x_ptr, sx_m, sx_k, r_ptr, w_ptr, sw_n, sw_k, bias_ptr, out_ptr, so_m, so_n,
+                              M, N, nb, b, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """out = (x @ blockdiag(R)) @ W^T + bias, rotating each block of x in registers on its way into the
+    linear's accumulator: the rotated x (M x K) is never written or read back. R: [nb, b, b] contiguous."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, n_ok = offs_m < M, offs_n < N
+    m64, n64 = offs_m.to(tl.int64), offs_n.to(tl.int64)
+    j = tl.arange(0, BLOCK)
+    j_ok = j < b
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for blk in range(0, nb):
+        col = blk * b + j
+        x = tl.load(x_ptr + m64[:, None] * sx_m + col[None, :] * sx_k, mask=m_ok[:, None] & j_ok[None, :], other=0.0)
+        r = tl.load(r_ptr + blk * b * b + j[:, None] * b + j[None, :],  # nb*b*b is small: int32 is safe
+                    mask=j_ok[:, None] & j_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + col[:, None] * sw_k + n64[None, :] * sw_n, mask=j_ok[:, None] & n_ok[None, :], other=0.0)
+        if DOT_DTYPE == tl.float32:
+            xr = tl.dot(x.to(tl.float32), r.to(tl.float32), input_precision="ieee")
+            acc = tl.dot(xr, w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            xr = tl.dot(x.to(DOT_DTYPE), r.to(DOT_DTYPE))
+            acc = tl.dot(xr.to(DOT_DTYPE), w.to(DOT_DTYPE), acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + m64[:, None] * so_m + n64[None, :] * so_n, acc.to(out_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def rotated_linear_bwd_kernel(dy_ptr, sd_m, sd_n, x_ptr, sx_m, sx_k, r_ptr, w_ptr, sw_n, sw_k, dx_ptr, sdx_m,
+                              sdx_k, drp_ptr, M, N, nb, b, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """For one (row tile, block): dxr = dy @ W[:, blk] in registers, then dx = dxr @ R_blk^T and this row
+    tile's share of dR_blk = x_blk^T @ dxr (summed over row tiles afterwards: deterministic, no atomics)."""
+    pid_m = tl.program_id(0)
+    blk = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    m64 = offs_m.to(tl.int64)
+    j = tl.arange(0, BLOCK)
+    j_ok = j < b
+    col = blk * b + j
+    dxr = tl.zeros((BLOCK_M, BLOCK), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        n64 = offs_n.to(tl.int64)
+        dy = tl.load(dy_ptr + m64[:, None] * sd_m + n64[None, :] * sd_n, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + n64[:, None] * sw_n + col[None, :] * sw_k, mask=n_ok[:, None] & j_ok[None, :], other=0.0)
+        if DOT_DTYPE == tl.float32:
+            dxr = tl.dot(dy.to(tl.float32), w.to(tl.float32), dxr, input_precision="ieee")
+        else:
+            dxr = tl.dot(dy.to(DOT_DTYPE), w.to(DOT_DTYPE), dxr)
+    jj = j_ok[:, None] & j_ok[None, :]
+    r_t = tl.load(r_ptr + blk.to(tl.int64) * b * b + j[None, :] * b + j[:, None], mask=jj, other=0.0)  # R^T
+    x = tl.load(x_ptr + m64[:, None] * sx_m + col[None, :] * sx_k, mask=m_ok[:, None] & j_ok[None, :], other=0.0)
+    if DOT_DTYPE == tl.float32:
+        dx = tl.dot(dxr, r_t.to(tl.float32), input_precision="ieee")
+        dr = tl.dot(tl.trans(x.to(tl.float32)), dxr, input_precision="ieee")
+    else:
+        dx = tl.dot(dxr.to(DOT_DTYPE), r_t.to(DOT_DTYPE))
+        dr = tl.dot(tl.trans(x.to(DOT_DTYPE)), dxr.to(DOT_DTYPE))
+    tl.store(dx_ptr + m64[:, None] * sdx_m + col[None, :] * sdx_k, dx.to(dx_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & j_ok[None, :])
+    base = (pid_m.to(tl.int64) * nb + blk) * b * b
+    tl.store(drp_ptr + base + j[:, None] * b + j[None, :], dr, mask=jj)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # launchers
 # ---------------------------------------------------------------------------------------------------------
+
+def fused_tile(BLOCK: int, dot) -> dict:
+    """Tile of the fused rotate+linear kernels (chosen with `fastvlm kernels`): IEEE fp32 dots spill at
+    64-row tiles, so fp32 takes 32 rows (16 for 64-wide blocks)."""
+    if dot != tl.float32:
+        return dict(BLOCK_M=64, BLOCK_N=32)
+    return dict(BLOCK_M=32 if BLOCK <= 32 else 16, BLOCK_N=32)
+
+
+def fused_warps(BLOCK: int, dot) -> int:
+    return 8 if (BLOCK >= 64 or dot == tl.float32) else 4
+
+
+def rotated_linear(x2, rmat, weight, bias):
+    """(x2 @ blockdiag(R)) @ W^T + bias with the rotation fused into the matmul (R cast to x2's dtype)."""
+    M, K = x2.shape
+    N = weight.shape[0]
+    nb, b, _ = rmat.shape
+    BLOCK = block_pad(b)
+    dot = dot_dtype(x2, weight)
+    out = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
+    rr = rmat.to(x2.dtype).contiguous()
+    tile = fused_tile(BLOCK, dot)
+    grid = (triton.cdiv(M, tile["BLOCK_M"]), triton.cdiv(N, tile["BLOCK_N"]))
+    rotated_linear_fwd_kernel[grid](x2, x2.stride(0), x2.stride(1), rr, weight, weight.stride(0), weight.stride(1),
+                                    bias if bias is not None else weight, out, out.stride(0), out.stride(1),
+                                    M, N, nb, b, HAS_BIAS=bias is not None, BLOCK=BLOCK, DOT_DTYPE=dot,
+                                    num_warps=fused_warps(BLOCK, dot), **tile)
+    return out
+
+
+def rotated_linear_backward(dy2, x2, rmat, weight):
+    """(dx, dR): dx = (dy @ W) @ blockdiag(R)^T and dR = x^T (dy @ W) per block, fp32 dR."""
+    M, K = x2.shape
+    N = weight.shape[0]
+    nb, b, _ = rmat.shape
+    BLOCK = block_pad(b)
+    dot = dot_dtype(dy2, weight)
+    dx = torch.empty(M, K, device=x2.device, dtype=x2.dtype)
+    tile = fused_tile(BLOCK, dot)
+    n_mt = triton.cdiv(M, tile["BLOCK_M"])
+    partial = torch.empty(n_mt, nb, b, b, device=x2.device, dtype=torch.float32)
+    rotated_linear_bwd_kernel[(n_mt, nb)](dy2, dy2.stride(0), dy2.stride(1), x2, x2.stride(0), x2.stride(1),
+                                          rmat.to(x2.dtype).contiguous(), weight, weight.stride(0), weight.stride(1),
+                                          dx, dx.stride(0), dx.stride(1), partial, M, N, nb, b, BLOCK=BLOCK,
+                                          DOT_DTYPE=dot, num_warps=fused_warps(BLOCK, dot), **tile)
+    return dx, partial.sum(dim=0)
 
 def cayley(q):
     """q: [r, b, b] skew-symmetric (contiguous) -> R [r, b, b] fp32."""
@@ -194,4 +314,11 @@ def variants():
             c = {"BLOCK_M": rotate_block_m(BLOCK, dot), "BLOCK": BLOCK, "DOT_DTYPE": dot}
             out.append(Variant(rotate_kernel, c, {"num_warps": w}, {"x_ptr": d, "r_ptr": d, "out_ptr": d}))
             out.append(Variant(rotate_grad_r_kernel, c, {"num_warps": w}, {"x_ptr": d, "dy_ptr": d, "dr_ptr": f32}))
+            fw, ft = {"num_warps": fused_warps(BLOCK, dot)}, fused_tile(BLOCK, dot)
+            for has_bias in (False, True):
+                out.append(Variant(rotated_linear_fwd_kernel, {"HAS_BIAS": has_bias, "BLOCK": BLOCK, "DOT_DTYPE": dot,
+                                                               **ft}, fw,
+                                   {"x_ptr": d, "r_ptr": d, "w_ptr": d, "bias_ptr": d, "out_ptr": d}))
+            out.append(Variant(rotated_linear_bwd_kernel, {"BLOCK": BLOCK, "DOT_DTYPE": dot, **ft}, fw,
+                               {"dy_ptr": d, "x_ptr": d, "r_ptr": d, "w_ptr": d, "dx_ptr": d, "drp_ptr": f32}))
     return out

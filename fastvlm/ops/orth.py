@@ -149,6 +149,33 @@ class BlockRotate(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------------------
 
 
+class RotatedLinear(torch.autograd.Function):
+    """Triton path of the input side: (x @ blockdiag(R)) @ W^T + bias with the rotation fused into the
+    matmul both ways (the rotated x is never stored). The weight's own gradient, when asked for, needs the
+    rotated x: it is rebuilt then."""
+
+    @staticmethod
+    def forward(ctx, x2, r, weight, bias):
+        from ..kernels import orth as ko
+
+        ctx.save_for_backward(x2, r, weight)
+        ctx.has_bias = bias is not None
+        return ko.rotated_linear(x2, r, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        from ..kernels import orth as ko
+
+        x2, r, weight = ctx.saved_tensors
+        dx, dr = ko.rotated_linear_backward(dy, x2, r, weight)
+        dw = db = None
+        if ctx.needs_input_grad[2]:
+            dw = (dy.T @ ko.rotate(x2, r).to(dy.dtype)).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            db = dy.sum(dim=0)
+        return dx, dr.to(r.dtype), dw, db
+
+
 def _check_params(params, block_size):
     check_tensor("params", params)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
@@ -233,6 +260,9 @@ def _orthogonal_linear(x, weight, params, bias, block_size, neumann_terms):
     m_rows = x.numel() // K
     training = torch.is_grad_enabled() and params.requires_grad
     if rotation_side(m_rows, weight.shape[0], block_size, training) == "input":
+        if not compiling() and _kernels(x, block_size) is not None:  # Triton: rotation fused into the matmul
+            y = RotatedLinear.apply(x.reshape(-1, K), r, weight, bias)
+            return y.view(*x.shape[:-1], weight.shape[0])
         return F.linear(block_rotate(x, r), weight, bias)
     w_rot = block_rotate(weight, r, transpose=True)  # W @ blockdiag(R)^T
     return F.linear(x, w_rot.to(x.dtype), bias)
