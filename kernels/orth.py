@@ -216,16 +216,18 @@ def fused_warps(BLOCK: int, dot) -> int:
     return 8 if (BLOCK >= 64 or dot == tl.float32) else 4
 
 
-def rotated_linear(x2, rmat, weight, bias):
-    """(x2 @ blockdiag(R)) @ W^T + bias with the rotation fused into the matmul (R cast to x2's dtype)."""
-    M, K = x2.shape
-    N = weight.shape[0]
+def _fused_setup(x2, rmat, a, weight):
+    """Shapes, padded block, dot dtype, tile and R in the activations' dtype, shared by both directions."""
     nb, b, _ = rmat.shape
     BLOCK = block_pad(b)
-    dot = dot_dtype(x2, weight)
+    dot = dot_dtype(a, weight)
+    return x2.shape[0], weight.shape[0], nb, b, BLOCK, dot, fused_tile(BLOCK, dot), rmat.to(x2.dtype).contiguous()
+
+
+def rotated_linear(x2, rmat, weight, bias):
+    """(x2 @ blockdiag(R)) @ W^T + bias with the rotation fused into the matmul (R cast to x2's dtype)."""
+    M, N, nb, b, BLOCK, dot, tile, rr = _fused_setup(x2, rmat, x2, weight)
     out = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
-    rr = rmat.to(x2.dtype).contiguous()
-    tile = fused_tile(BLOCK, dot)
     grid = (triton.cdiv(M, tile["BLOCK_M"]), triton.cdiv(N, tile["BLOCK_N"]))
     rotated_linear_fwd_kernel[grid](x2, x2.stride(0), x2.stride(1), rr, weight, weight.stride(0), weight.stride(1),
                                     bias if bias is not None else weight, out, out.stride(0), out.stride(1),
@@ -236,17 +238,12 @@ def rotated_linear(x2, rmat, weight, bias):
 
 def rotated_linear_backward(dy2, x2, rmat, weight):
     """(dx, dR): dx = (dy @ W) @ blockdiag(R)^T and dR = x^T (dy @ W) per block, fp32 dR."""
-    M, K = x2.shape
-    N = weight.shape[0]
-    nb, b, _ = rmat.shape
-    BLOCK = block_pad(b)
-    dot = dot_dtype(dy2, weight)
-    dx = torch.empty(M, K, device=x2.device, dtype=x2.dtype)
-    tile = fused_tile(BLOCK, dot)
+    M, N, nb, b, BLOCK, dot, tile, rr = _fused_setup(x2, rmat, dy2, weight)
+    dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
     n_mt = triton.cdiv(M, tile["BLOCK_M"])
     partial = torch.empty(n_mt, nb, b, b, device=x2.device, dtype=torch.float32)
     rotated_linear_bwd_kernel[(n_mt, nb)](dy2, dy2.stride(0), dy2.stride(1), x2, x2.stride(0), x2.stride(1),
-                                          rmat.to(x2.dtype).contiguous(), weight, weight.stride(0), weight.stride(1),
+                                          rr, weight, weight.stride(0), weight.stride(1),
                                           dx, dx.stride(0), dx.stride(1), partial, M, N, nb, b, BLOCK=BLOCK,
                                           DOT_DTYPE=dot, num_warps=fused_warps(BLOCK, dot), **tile)
     return dx, partial.sum(dim=0)
