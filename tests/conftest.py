@@ -1,6 +1,6 @@
 """Test setup. The Triton kernels run in the interpreter on CPU tensors: TRITON_INTERPRET must be set before
-triton defines the kernels, so it is set here, before anything imports fastvlm. On a GPU machine run with
-TRITON_INTERPRET=0 to test the compiled kernels on CUDA tensors instead (tests use `DEVICE`)."""
+triton defines the kernels, so it is set here, before anything imports fastvlm. The op tests build CPU
+tensors; running them on a GPU needs their inputs moved to `DEVICE` (not done yet: no GPU has been lent)."""
 
 import os
 
