@@ -26,18 +26,18 @@ def _ctx(**kw):
 
 @torch.library.custom_op("fastvlm::residual_logits_fwd", mutates_args=())
 def residual_logits_fwd(f: Tensor, t: Tensor, x: Tensor, alpha: float, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    from .residual import _prims
+    from .residual import _prims, out_dtype_of
 
-    out_dtype = torch.promote_types(torch.promote_types(f.dtype, t.dtype), x.dtype)
-    rf, ru, out = _prims(f).forward(f, t, x, alpha, scale, out_dtype=out_dtype)
+    rf, ru, out = _prims(f).forward(f, t, x, alpha, scale, out_dtype=out_dtype_of(f, t, x))
     return out, rf, ru
 
 
 @residual_logits_fwd.register_fake
 def _(f, t, x, alpha, scale):
-    acc = torch.float64 if f.dtype == torch.float64 else torch.float32
-    out_dtype = torch.promote_types(torch.promote_types(f.dtype, t.dtype), x.dtype)
-    return (f.new_empty(f.shape[0], t.shape[0], dtype=out_dtype), f.new_empty(f.shape[0], dtype=acc),
+    from .residual import acc_dtype, out_dtype_of
+
+    acc = acc_dtype(f)
+    return (f.new_empty(f.shape[0], t.shape[0], dtype=out_dtype_of(f, t, x)), f.new_empty(f.shape[0], dtype=acc),
             t.new_empty(t.shape[0], dtype=acc))
 
 
@@ -53,7 +53,9 @@ def residual_ce_fwd(f: Tensor, t: Tensor, x: Tensor, target: Tensor, alpha: floa
 
 @residual_ce_fwd.register_fake
 def _(f, t, x, target, alpha, scale):
-    acc = torch.float64 if f.dtype == torch.float64 else torch.float32
+    from .residual import acc_dtype
+
+    acc = acc_dtype(f)
     B = f.shape[0]
     return f.new_empty(B, dtype=acc), f.new_empty(B, dtype=acc), t.new_empty(t.shape[0], dtype=acc), f.new_empty(B, dtype=acc)
 
@@ -119,15 +121,11 @@ def residual_logits(f, t, x, alpha, scale):
 
 
 def residual_cross_entropy(f, t, x, target, alpha, scale, reduction, ignore_index):
+    from .residual import out_dtype_of, reduce_loss
+
     valid = target != ignore_index
-    tgt = torch.where(valid, target, -1)
-    loss = residual_ce_fwd(f, t, x, tgt, alpha, scale)[0]
-    out_dtype = torch.promote_types(torch.promote_types(f.dtype, t.dtype), x.dtype)
-    if reduction == "mean":
-        return (loss.sum() / valid.sum()).to(out_dtype)
-    if reduction == "sum":
-        return loss.sum().to(out_dtype)
-    return loss.to(out_dtype)
+    loss = residual_ce_fwd(f, t, x, torch.where(valid, target, -1), alpha, scale)[0]
+    return reduce_loss(loss, valid, reduction).to(out_dtype_of(f, t, x))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -142,7 +140,7 @@ def masked_linear_fwd(x: Tensor, weight: Tensor, scores: Tensor, bias: Tensor | 
 
     with torch.no_grad():
         return MaskedLinear.forward(_ctx(save_for_backward=lambda *a: None), x, weight, scores, bias, threshold,
-                                    ref_grad, ratio, seed).clone()
+                                    ref_grad, ratio, seed)
 
 
 @masked_linear_fwd.register_fake

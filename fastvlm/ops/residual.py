@@ -59,9 +59,27 @@ def residual_cross_entropy_reference(features, base, residual, target, alpha=0.5
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _up(t):
+def acc_dtype(t: torch.Tensor) -> torch.dtype:
     """fp32 accumulation, fp64 kept (so gradcheck runs on the torch path in float64)."""
-    return t.double() if t.dtype == torch.float64 else t.float()
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _up(t):
+    return t.to(acc_dtype(t))
+
+
+def out_dtype_of(f, t, x) -> torch.dtype:
+    """The logits' / loss's dtype: the promotion of the three inputs' dtypes."""
+    return torch.promote_types(torch.promote_types(f.dtype, t.dtype), x.dtype)
+
+
+def reduce_loss(loss: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    """F.cross_entropy's reductions of per-row losses (0 on ignored rows); mean is nan when none is valid."""
+    if reduction == "mean":
+        return loss.sum() / valid.sum()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
 
 
 class _TorchPrims:
@@ -183,8 +201,7 @@ class ResidualLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, f, t, x, alpha, scale):
         P = _prims(f)
-        out_dtype = torch.promote_types(torch.promote_types(f.dtype, t.dtype), x.dtype)
-        rf, ru, out = P.forward(f, t, x, alpha, scale, out_dtype=out_dtype)
+        rf, ru, out = P.forward(f, t, x, alpha, scale, out_dtype=out_dtype_of(f, t, x))
         ctx.save_for_backward(f, t, x, rf, ru)
         ctx.alpha, ctx.scale, ctx.prims = alpha, scale, P
         return out
@@ -204,17 +221,9 @@ class ResidualCrossEntropy(torch.autograd.Function):
         tgt = torch.where(valid, target, -1)  # -1 never matches a class
         rf, ru, (lse, tlogit) = P.forward(f, t, x, alpha, scale, target=tgt)
         loss = torch.where(valid, lse - tlogit, 0.0)
-        n_valid = valid.sum()
-        out_dtype = torch.promote_types(torch.promote_types(f.dtype, t.dtype), x.dtype)
-        if reduction == "mean":
-            out = loss.sum() / n_valid  # nan when nothing is valid, as F.cross_entropy
-        elif reduction == "sum":
-            out = loss.sum()
-        else:
-            out = loss
         ctx.save_for_backward(f, t, x, rf, ru, tgt, lse, valid)
-        ctx.alpha, ctx.scale, ctx.reduction, ctx.prims, ctx.n_valid = alpha, scale, reduction, P, n_valid
-        return out.to(out_dtype)
+        ctx.alpha, ctx.scale, ctx.reduction, ctx.prims, ctx.n_valid = alpha, scale, reduction, P, valid.sum()
+        return reduce_loss(loss, valid, reduction).to(out_dtype_of(f, t, x))
 
     @staticmethod
     def backward(ctx, grad):
@@ -245,8 +254,6 @@ def _check(features, base, residual, alpha, logit_scale):
         raise ValueError(f"residual must have the shape of base {tuple(base.shape)}, got {tuple(residual.shape)}")
     if features.shape[1] != base.shape[1]:
         raise ValueError(f"features must have D={base.shape[1]} columns like base (K x D), got {features.shape[1]}")
-    if base.shape[0] == 0:
-        raise ValueError("base must have at least one class (K >= 1), got K=0")
     check_scalar("alpha", alpha)
     check_scalar("logit_scale", logit_scale)
 
