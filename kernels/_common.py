@@ -8,18 +8,15 @@ TF32), so results match torch's default ``allow_tf32=False`` matmul.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .._backend import interpreting
+
 # ---------------------------------------------------------------------------------------------------------
 # configuration policy (the `fastvlm kernels` report enumerates exactly these choices)
 # ---------------------------------------------------------------------------------------------------------
-
-#: dtypes every launcher accepts
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 #: matmul tiles by dot dtype: one config each, no autotuning, so the first step is as fast as the last and
 #: compile time is predictable (autotuning is a known source of slow first steps and out-of-memory reports in
@@ -35,9 +32,6 @@ def mm_config(dot, heavy_epilogue: bool = False) -> dict:
         cfg["num_warps"] = 8
     return cfg
 
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def gpu_dot_dtype(*dtypes: torch.dtype):

@@ -13,7 +13,6 @@ original. ``bypass_masks(model)`` runs the unmasked network (the zero-shot teach
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -112,9 +111,6 @@ class MaskedAttention(ProjectedMultiheadAttention, _MaskedBase):
 
     def mask_items(self):
         return [("in_proj", self.mha.in_proj_weight, self.scores), ("out_proj", self.mha.out_proj.weight, self.scores_out)]
-
-    def slots(self):
-        return [self.slot, self.slot_out]
 
 
 class ScoreMask(nn.Module):
@@ -263,7 +259,3 @@ def merge_masks(model: nn.Module) -> nn.Module:
     del model._fastvlm_mask_config
     return model
 
-
-def describe(model: nn.Module) -> str:
-    ents = mask_entries(model)
-    return json.dumps({"masks": len(ents), "weights": sum(s.numel() for _, _, s in ents), "sparsity": sparsity(model)})
