@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from ..ops.masked import grad_dropout
-from ..tuners.mask import score_parameters
-from .rmt import RMTRecipe, clip_logits, layer_seed
+from .rmt import RMTRecipe, layer_seed, rmt_losses
 
 
 def average(tensors, group=None) -> None:
@@ -36,15 +34,7 @@ def rmt_step_distributed(model, images, labels, classifier, optimizer, recipe: R
                          group=None) -> dict:
     """One two-pass RMT step on this rank's part of the batch, with gradient dropout on the rank-averaged
     gradients (identical seeds on every rank, so every rank applies the same update)."""
-    from ..tuners.mask import bypass_masks
-
-    scores = score_parameters(model)
-    with torch.no_grad(), bypass_masks(model):
-        p_zs = clip_logits(model, images, classifier, recipe.logit_scale).softmax(dim=-1)
-    logp = clip_logits(model, images, classifier, recipe.logit_scale).log_softmax(dim=-1)
-    l_kl = -(p_zs * logp).sum(dim=-1).mean()
-    ce = F.nll_loss(logp, labels)
-    reg = recipe.reg * sum(torch.linalg.vector_norm(s) for s in scores)
+    ce, l_kl, reg, scores = rmt_losses(model, images, labels, classifier, recipe)
     g_b = list(torch.autograd.grad(l_kl, scores, retain_graph=True))
     g_a = list(torch.autograd.grad(ce + reg / dist.get_world_size(group), scores))
     average(g_b, group)

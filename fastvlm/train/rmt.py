@@ -54,22 +54,27 @@ def layer_seed(seed: int, step: int, index: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + index * 104_729) % (2**62)
 
 
+def rmt_losses(model, images, labels, classifier, recipe: RMTRecipe):
+    """(CE, L_kl, reg, scores) of one batch: the zero-shot teacher is the same network with masks bypassed."""
+    scores = score_parameters(model)
+    with torch.no_grad(), bypass_masks(model):
+        p_zs = clip_logits(model, images, classifier, recipe.logit_scale).softmax(dim=-1)
+    logp = clip_logits(model, images, classifier, recipe.logit_scale).log_softmax(dim=-1)
+    l_kl = -(p_zs * logp).sum(dim=-1).mean()
+    ce = F.nll_loss(logp, labels)
+    reg = recipe.reg * sum(torch.linalg.vector_norm(s) for s in scores)  # backpropagated directly only when
+    # lambda = 0 (or in the distributed step): with the fused dropout its gradient enters through the slots
+    return ce, l_kl, reg, scores
+
+
 def rmt_step(model, images, labels, classifier, optimizer, recipe: RMTRecipe, step: int) -> dict:
     """One training step; returns the loss values. Fused layers drop inside their score-gradient kernel,
     consuming pass 1's gradient in place (see GradSlot); parametrized (ResNet) layers drop afterwards."""
     pairs, unfused = _fused_pairs(model)
-    scores = score_parameters(model)
-    with torch.no_grad(), bypass_masks(model):
-        p_zs = clip_logits(model, images, classifier, recipe.logit_scale).softmax(dim=-1)
-    logits = clip_logits(model, images, classifier, recipe.logit_scale)
-    logp = logits.log_softmax(dim=-1)
-    l_kl = -(p_zs * logp).sum(dim=-1).mean()
-    ce = F.nll_loss(logp, labels)
-    with torch.no_grad():
-        reg_value = recipe.reg * sum(torch.linalg.vector_norm(s) for s in scores)
+    ce, l_kl, reg, _ = rmt_losses(model, images, labels, classifier, recipe)
     optimizer.zero_grad(set_to_none=True)
     if recipe.drop_ratio == 0.0:  # plain L_a
-        (ce + recipe.reg * sum(torch.linalg.vector_norm(s) for s in scores)).backward()
+        (ce + reg).backward()
     else:
         for slot, _ in pairs:
             slot.ref, slot.reg = None, 0.0
@@ -95,7 +100,7 @@ def rmt_step(model, images, labels, classifier, optimizer, recipe: RMTRecipe, st
             s.grad = grad_dropout(g, gb if gb is not None else torch.zeros_like(s), recipe.drop_ratio,
                                   layer_seed(recipe.seed, step, len(pairs) + j))
     optimizer.step()
-    return {"ce": ce.item(), "kl": l_kl.item(), "reg": float(reg_value), "loss_a": ce.item() + float(reg_value)}
+    return {"ce": ce.item(), "kl": l_kl.item(), "reg": reg.item(), "loss_a": ce.item() + reg.item()}
 
 
 def train_rmt(model, classifier, loader, recipe: RMTRecipe, device="cpu", progress=False,
