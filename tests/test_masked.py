@@ -5,7 +5,8 @@ import torch
 
 import fastvlm
 from fastvlm.functional import grad_dropout, masked_linear
-from fastvlm.ops.masked import grad_dropout_reference, masked_linear_reference, philox_uniform
+from fastvlm.ops.masked import (THRESHOLD, grad_dropout_reference, masked_linear_reference, masked_weight,
+                                 philox_uniform)
 
 from .helpers import check_op_against_reference, noncontig
 
@@ -157,3 +158,33 @@ def test_bad_input_names_the_argument(kwargs, match):
         grad_dropout(torch.zeros(3), torch.zeros(4), 0.5, 0)
     with pytest.raises(ValueError, match="ratio must be >= 0.0"):
         grad_dropout(torch.zeros(3), torch.zeros(3), -0.1, 0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_one_non_finite_score_among_finite_ones_is_refused(bad):
+    s = torch.rand(64, 33)
+    s[17, 5] = bad
+    with pytest.raises(ValueError, match="scores contains NaN or inf"):
+        masked_linear(torch.randn(2, 33), torch.randn(64, 33), s.requires_grad_())
+
+
+def test_finite_scores_whose_sum_overflows_are_accepted():
+    # the check reduces with a sum first; a sum that overflows must not be mistaken for an inf score
+    s = torch.full((4, 5), 3e38)
+    assert not torch.isfinite(s.sum())
+    x, w = torch.randn(2, 5), torch.randn(4, 5)
+    torch.testing.assert_close(masked_linear(x, w, s.requires_grad_()), x @ w.T)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_masked_weight_is_the_formula(dtype):
+    # fp16 scores just above tau: compared in fp32, not after rounding tau to fp16 (0.0050011)
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(37, 19, generator=g)
+    s = torch.rand(37, 19, generator=g) * 1e-2
+    s[0, :3] = torch.tensor([0.005, 0.0050003, 0.0049997])
+    s = s.to(dtype)
+    want = (w * (s.float() > THRESHOLD)).to(dtype)
+    got = masked_weight(w, s, THRESHOLD, dtype)
+    assert got.dtype == dtype and torch.equal(got, want)
+    assert torch.equal(masked_weight(w, s, THRESHOLD), w * (s.float() > THRESHOLD))

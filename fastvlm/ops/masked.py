@@ -70,10 +70,16 @@ def binary_mask(scores: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def masked_weight(weight: torch.Tensor, scores: torch.Tensor, threshold: float, dtype=None) -> torch.Tensor:
-    """``weight * [scores > threshold]`` in one vectorised pass (its N x K bool temporary is a quarter of the
-    result; multiplying by the mask in row chunks was 8% slower end to end: one bool->float cast a chunk)."""
-    w = weight if dtype is None or weight.dtype == dtype else weight.to(dtype)
-    return torch.where(binary_mask(scores, threshold), w, 0.0)
+    """``weight * [scores > threshold]`` in ``dtype`` (default: weight's), the formula's own product.
+
+    Two passes over one N x K buffer and no other allocation: the comparison is written as 0/1 straight into
+    the result, which is then multiplied by the weight in place. ``torch.where(mask, w, 0)`` was 5x slower
+    on CPU (its kernel is not vectorised) and ``w * mask`` with a bool mask allocates a float copy of the mask
+    (twice the memory)."""
+    s = scores if scores.dtype in (torch.float32, torch.float64) else scores.float()  # see binary_mask
+    out = torch.empty(weight.shape, dtype=weight.dtype if dtype is None else dtype, device=weight.device)
+    torch.gt(s, threshold, out=out)
+    return out.mul_(weight)
 
 
 def _keep_scale(ga: torch.Tensor, gb: torch.Tensor, u: torch.Tensor, ratio: float) -> torch.Tensor:
