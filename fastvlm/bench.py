@@ -2,10 +2,9 @@
 
 Each case builds its inputs once per provider and times forward, backward and forward+backward (median of
 several runs, with the spread), then measures the peak memory of one forward+backward. Ratios compare
-providers measured in the same run. On CPU, peak memory is the resident-set high-water mark above what the
-process held before the step (``/proc/self/clear_refs`` + ``VmHWM``), measured with glibc's mmap threshold
-at 64 KiB so freed blocks go back to the system (timing runs with glibc's usual reuse); on CUDA it is
-``torch.cuda.max_memory_allocated`` above the memory allocated before the step.
+providers measured in the same run. Peak memory is the most tensor memory torch's allocator holds during
+the step above what it held before: ``torch.cuda.max_memory_allocated`` on CUDA, the same figure from the
+profiler's allocation events on CPU (allocator caches and BLAS workspaces are not counted on either).
 
 For every op the report also gives its compulsory memory traffic and FLOPs and the H100 roofline lower
 bound they imply, beside the same bound for the naive composition's sequence of kernels: a labelled
@@ -14,6 +13,7 @@ projection, not a measurement.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gc
 import json
@@ -54,36 +54,83 @@ def time_it(fn: Callable[[], object], device, reps: int, warmup: int = 1) -> lis
     return out
 
 
-def _read_status(key: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
 
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-TIMING_MMAP_THRESHOLD = 32 << 20  # glibc's own dynamic ceiling: blocks are reused, as in a normal run
-
-
-def _mallopt(threshold: int) -> bool:
-    """Set glibc's mmap threshold at run time. Peak memory is measured with 64 KiB (freed blocks go back to
-    the system, so a step cannot hide its peak in memory an earlier step freed); timing runs with glibc's
-    usual reuse, since 64 KiB turns every large allocation into fresh page faults and would penalise
-    allocation-heavy code (it made the two-pass RMT step look 5x slower than it is)."""
+def _settle_malloc() -> bool:
+    """Time as glibc settles in a long training process: once large blocks have been freed, its dynamic
+    thresholds rise (mmap up to 32 MiB, trim to twice that) and freed blocks are reused without new page
+    faults. Fixed here so that neither an environment-wide ``MALLOC_MMAP_THRESHOLD_=65536`` (every large
+    allocation fresh page faults: the allocation-heavy two-pass RMT step looked 5x slower than it is) nor
+    the order in which cases warm the heap changes a timing. Both thresholds are set: setting only the mmap
+    threshold switches the dynamic adjustment off and leaves the trim threshold at 128 KiB, and every freed
+    block at the heap's top then went back to the system (a fresh 7 MiB buffer cost 2 ms to fill, not 0.2)."""
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        ok = bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
-        libc.malloc_trim(0)  # give the heap's free blocks back, so the next step's allocations are new pages
-        return ok
-    except (OSError, AttributeError):  # not glibc: peaks may be under-reported
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 64 << 20))
+    except (OSError, AttributeError):  # not glibc
         return False
 
 
-def peak_memory(fn: Callable[[], object], device) -> int:
-    """Bytes above the pre-step level that one call of ``fn`` reaches at its peak."""
+@contextlib.contextmanager
+def _quiet_stderr():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _cpu_allocation_peak(fn: Callable[[], object]) -> int:
+    """Peak of the bytes held by torch's CPU allocator during ``fn``, above the level at its first allocation,
+    read from the profiler's allocation events (each carries the running total): the quantity that
+    ``torch.cuda.max_memory_allocated`` gives on a GPU.
+
+    It replaced the process's resident high-water mark (VmHWM), which read high whenever a call reused a
+    free heap block left by earlier runs (such a block stays resident after it is freed): masked_linear
+    measured 1.27x nn.Linear that way, though strace showed both mapping exactly 25.23 MiB at their peak."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():  # the profiler's C++ side logs each start and stop to fd 2
+        prof.__enter__()
+    try:
+        fn()
+    finally:
+        with _quiet_stderr():
+            prof.__exit__(None, None, None)
+    try:
+        roots = prof.profiler.kineto_results.experimental_event_tree()
+    except AttributeError as e:  # the pinned torch has it (constraints.txt)
+        raise RuntimeError(f"CPU peak memory needs the profiler's allocation events, absent in torch "
+                           f"{torch.__version__}") from e
+    events, stack = [], list(roots)
+    while stack:
+        e = stack.pop()
+        f = e.extra_fields
+        if hasattr(f, "total_allocated") and hasattr(f, "alloc_size"):
+            events.append((e.start_time_ns, f.total_allocated, f.alloc_size))
+        stack.extend(e.children)
+    if not events:
+        return 0
+    events.sort()
+    start = events[0][1] - events[0][2]
+    return max(0, max(t for _, t, _ in events) - start)
+
+
+def peak_memory(fn: Callable[[], object], device, reset: Callable[[], object] | None = None) -> int:
+    """Bytes above the pre-step level that one call of ``fn`` reaches at its peak: tensor memory held by
+    torch's allocator (CUDA's ``max_memory_allocated``; on CPU the same figure from the profiler's
+    allocation events). ``reset`` runs first, outside the measurement, to drop what an earlier call left
+    behind (its gradients)."""
+    if reset is not None:
+        reset()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -92,15 +139,7 @@ def peak_memory(fn: Callable[[], object], device) -> int:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    _mallopt(65536)
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        before = _read_status("VmRSS")
-        fn()
-        return max(0, _read_status("VmHWM") - before)
-    finally:
-        _mallopt(TIMING_MMAP_THRESHOLD)
+    return _cpu_allocation_peak(fn)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -181,7 +220,7 @@ def run_case(case: Case, device, reps: int) -> list[dict]:
     for p, c in calls.items():
         c.get("_release", lambda: None)()
     for p, c in calls.items():
-        mem = peak_memory(c["_mem"], device)
+        mem = peak_memory(c["_mem"], device, reset=c.get("_release"))
         for m in metrics:
             ts = times[(p, m)]
             rows.append(dict(op=case.op, provider=p, metric=f"time_{m}", value=statistics.median(ts),
@@ -651,7 +690,7 @@ def run(ops: list[str] | None = None, quick: bool = True, full: bool = False, ou
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     reps = reps or (3 if quick else 7)
-    _mallopt(TIMING_MMAP_THRESHOLD)
+    _settle_malloc()
     families = ops or list(CATALOGUE)
     unknown = [f for f in families if f not in CATALOGUE]
     if unknown:

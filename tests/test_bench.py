@@ -54,3 +54,20 @@ def test_bench_writes_table_csv_json_and_plots(tmp_path, monkeypatch, capsys):
 def test_unknown_family_is_refused(capsys):
     assert cli.main(["bench", "--ops", "nope", "--no-progress"]) == 2
     assert "ops must be among" in capsys.readouterr().err
+
+
+def test_cpu_peak_is_the_allocator_peak_above_the_start():
+    keep = torch.ones(1 << 18)  # held before the call: not counted
+    held = []
+
+    def step():
+        a = torch.empty(1 << 20)  # 4 MiB, held to the end
+        b = torch.ones(2 << 20)  # 8 MiB transient: the peak is 12 MiB
+        del b
+        c = torch.ones(1 << 20)  # 4 MiB after b is gone: 8 MiB, below the peak
+        held.append((a, c))
+
+    assert bench.peak_memory(step, torch.device("cpu"), reset=held.clear) == 12 << 20
+    assert keep.numel() and len(held) == 1
+    # reset runs before the measured call: what the previous call left is freed outside the measurement
+    assert bench.peak_memory(step, torch.device("cpu"), reset=held.clear) == 12 << 20
