@@ -67,10 +67,11 @@ def test_zero_params_give_identity(backend):
 
 @pytest.mark.parametrize("b", [3, 16, 32])
 @pytest.mark.parametrize("transpose", [False, True])
-def test_block_rotate_matches_dense(backend, b, transpose):
+@pytest.mark.parametrize("rows", [70, 300])  # 300: several of the torch path's 128-row (b <= 16) chunks
+def test_block_rotate_matches_dense(backend, b, transpose, rows):
     nb = 3
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(70, nb * b, generator=g).requires_grad_()
+    x = torch.randn(rows, nb * b, generator=g).requires_grad_()
     rot = torch.randn(nb, b, b, generator=g).requires_grad_()
 
     def ref(x, rot):
@@ -79,6 +80,27 @@ def test_block_rotate_matches_dense(backend, b, transpose):
 
     check_op_against_reference(lambda x, rot: block_rotate(x, rot, transpose), ref, [x, rot], torch.float32)
     check_op_against_reference(lambda x, rot: block_rotate(x, rot, transpose), ref, [x, rot], torch.float16)
+
+
+@pytest.mark.parametrize("b", [16, 32])
+def test_weight_rotation_with_4kib_rows_torch_path(b):
+    # weight rows of 1024 fp32 are 4 KiB: the torch path then rotates the weight 128 rows at a time
+    # (cache-set aliasing); 300 rows make three chunks, the last one partial
+    from fastvlm.ops.orth import _rotate_torch
+
+    g = torch.Generator().manual_seed(15)
+    w = torch.randn(300, 1024, generator=g)
+    rot = torch.linalg.qr(torch.randn(1024 // b, b, b, generator=g))[0]
+    for transpose in (False, True):
+        dense = torch.block_diag(*rot)
+        torch.testing.assert_close(_rotate_torch(w, rot, transpose, dealias=True), w @ (dense.T if transpose else dense),
+                                   rtol=1e-5, atol=1e-5)
+    x = torch.randn(400, 1024, generator=g).requires_grad_()  # more rows than outputs: the weight side
+    p = _params(1024 // b, b, scale=0.05, seed=16)
+    with fastvlm.backend("torch"):
+        assert "WeightRotatedLinearBackward" in _grad_fn_names(orthogonal_linear(x, w, p, None, b))
+        check_op_against_reference(lambda x, p: orthogonal_linear(x, w, p, None, b),
+                                   lambda x, p: orthogonal_linear_reference(x, w, p, None, b), [x, p], torch.float32)
 
 
 @pytest.mark.parametrize("lead,N,b,r", [((5,), 40, 16, 2), ((2, 70), 40, 32, 3), ((3,), 1, 3, 5), ((130,), 17, 64, 1)])
@@ -97,9 +119,14 @@ def test_orthogonal_linear_matches_reference(backend, lead, N, b, r, dtype):
 
 def test_both_sides_agree_and_side_follows_cost(backend):
     assert rotation_side(10, 3072) == "input" and rotation_side(1576, 768) == "weight"
-    # training: the weight side's backward needs dW' = dy^T x (an extra M*N*K), so the input side wins
-    assert rotation_side(1576, 768, 32, training=True) == "input"
-    assert rotation_side(100_000, 16, 64, training=True) == "weight"
+    # training an exact R: both sides cost the same matmuls; the weight side moves less memory when N < M
+    assert rotation_side(1576, 768, 32, training=True) == "weight"
+    assert rotation_side(1576, 3072, 32, training=True) == "input"
+    # Triton rotates x inside the matmul: the input side costs nothing extra
+    assert rotation_side(1576, 768, 32, training=True, fused=True) == "input"
+    # a series R is not orthogonal: the weight side's backward needs dW' = dy^T x (an extra M*N*K)
+    assert rotation_side(1576, 768, 32, training=True, orthogonal=False) == "input"
+    assert rotation_side(100_000, 16, 64, training=True, orthogonal=False) == "weight"
     g = torch.Generator().manual_seed(6)
     w = torch.randn(8, 64, generator=g)
     p = _params(2, 32, seed=7)
@@ -109,6 +136,49 @@ def test_both_sides_agree_and_side_follows_cost(backend):
         with torch.no_grad():  # inference: the side follows the forward cost
             torch.testing.assert_close(orthogonal_linear(x, w, p, None, 32),
                                        orthogonal_linear_reference(x, w, p, None, 32), rtol=1e-4, atol=1e-5)
+
+
+def _grad_fn_names(t):
+    seen, stack = set(), [t.grad_fn]
+    while stack:
+        f = stack.pop()
+        if f is not None and type(f).__name__ not in seen:
+            seen.add(type(f).__name__)
+            stack.extend(g for g, _ in f.next_functions)
+    return seen
+
+
+@pytest.mark.parametrize("x_grad", [True, False])
+@pytest.mark.parametrize("b,r,N", [(3, 5, 7), (16, 3, 1), (32, 2, 20)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_weight_side_training_takes_dR_from_dx(b, r, N, x_grad, dtype):
+    # more rows than outputs, weight frozen, exact R: the weight side, with dR = (x_j^T dx_j) R_j
+    K = r * b
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(5, 9, K, generator=g).requires_grad_(x_grad)
+    w = torch.randn(N, K, generator=g) / K**0.5
+    bias = torch.randn(N, generator=g).requires_grad_()
+    p = _params(r, b, seed=12)
+    with fastvlm.backend("torch"):
+        y = orthogonal_linear(x, w, p, bias, b)
+        assert "WeightRotatedLinearBackward" in _grad_fn_names(y)
+        check_op_against_reference(lambda x, w, p, bias: orthogonal_linear(x, w, p, bias, b),
+                                   lambda x, w, p, bias: orthogonal_linear_reference(x, w, p, bias, b),
+                                   [x, w, p, bias], dtype, names=["x", "weight", "params", "bias"])
+
+
+def test_weight_side_with_a_series_or_a_trained_weight_uses_plain_autograd():
+    # dR from dx needs an orthogonal R and a frozen W; otherwise autograd through W @ blockdiag(R)^T
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(40, 32, generator=g).requires_grad_()
+    p = _params(2, 16, scale=0.05, seed=14)
+    for w, terms in ((torch.randn(4, 32, generator=g), 6), (torch.randn(4, 32, generator=g).requires_grad_(), None)):
+        with fastvlm.backend("torch"):
+            y = orthogonal_linear(x, w, p, None, 16, neumann_terms=terms)
+        assert "WeightRotatedLinearBackward" not in _grad_fn_names(y)
+        check_op_against_reference(lambda x, w, p: orthogonal_linear(x, w, p, None, 16, terms),
+                                   lambda x, w, p: orthogonal_linear_reference(x, w, p, None, 16, terms),
+                                   [x, w, p], torch.float32)
 
 
 def test_non_contiguous(backend):
