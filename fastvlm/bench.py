@@ -333,15 +333,15 @@ def masked_cases(device, quick: bool, full: bool) -> list[Case]:
                 ref = torch.randn(N, K, generator=g).to(device)
                 return x, w, s, bias, go, ref
 
-            def fused():
+            def fused(inputs=inputs):
                 x, w, s, bias, go, _ = inputs()
                 return (lambda: masked_linear(x, w, s, bias)), [x, s], go
 
-            def naive():
+            def naive(inputs=inputs):
                 x, w, s, bias, go, _ = inputs()
                 return (lambda: masked_linear_reference(x, w, s, bias)), [x, s], go
 
-            def linear():
+            def linear(inputs=inputs):
                 x, w, s, bias, go, _ = inputs()
                 w = w.clone().requires_grad_()
                 return (lambda: F.linear(x, w, bias)), [x, w], go
@@ -356,7 +356,7 @@ def masked_cases(device, quick: bool, full: bool) -> list[Case]:
                               baseline=("naive", "nn.Linear"), flops=6 * M * N * K, bytes=cbytes, naive_bytes=nbytes,
                               size=M * N * K))
 
-            def gdr_fused():
+            def gdr_fused(inputs=inputs):
                 x, w, s, bias, go, ref = inputs()
 
                 def step():
@@ -364,7 +364,7 @@ def masked_cases(device, quick: bool, full: bool) -> list[Case]:
                     x.grad = s.grad = None  # each measured step starts with no gradients held
                 return step
 
-            def gdr_naive():
+            def gdr_naive(inputs=inputs):
                 x, w, s, bias, go, ref = inputs()
 
                 def step():
@@ -425,7 +425,7 @@ def orth_cases(device, quick: bool, full: bool) -> list[Case]:
     import torch.nn.functional as F
 
     from .functional import cayley, orthogonal_linear
-    from .ops.orth import cayley_reference, n_params
+    from .ops.orth import cayley_reference, n_params, rotation_side
 
     try:
         import peft  # noqa: F401
@@ -481,15 +481,18 @@ def orth_cases(device, quick: bool, full: bool) -> list[Case]:
                 provs += [Provider("peft-exact", peft_oft(False)), Provider("peft-neumann", peft_oft(True))]
                 base = ["peft-exact", "peft-neumann", "naive-dense"]
             e = 4
-            side = "input" if M <= N else "weight"
+            side = rotation_side(M, N, b, training=True, fused=device.type == "cuda")
             rot_rows = M if side == "input" else N
-            flops = 3 * 2 * M * N * K + 3 * 2 * rot_rows * K * b  # linear fwd+bwd, rotation fwd + 2 bwd
+            # the frozen linear forward and dx (2 matmuls); input side: rotate x, rotate dxr back, dR from x
+            # and dxr (3 MKb); weight side: rotate W forward and again in backward, dR from x and dx
+            rot_flops = 3 * M * K * b if side == "input" else 2 * N * K * b + M * K * b
+            flops = 2 * 2 * M * N * K + 2 * rot_flops
             cbytes = e * (2 * M * K + N * K + 2 * M * N + 2 * rot_rows * K)
             # naive: dense blockdiag(R) (K x K) built, x @ it (read MK + KK, write MK), linear, and the
             # backward of both matmuls (dxr, dx, d blockdiag: K x K written) and the block gather
             nbytes = e * (2 * K * K + (M * K + K * K + M * K) + (M * K + N * K + M * N)
                           + (M * N + N * K + M * K) + (M * K + K * K + M * K) + (2 * M * K + K * K) + K * K)
-            nflops = 3 * 2 * M * N * K + 3 * 2 * M * K * K
+            nflops = 2 * 2 * M * N * K + 3 * 2 * M * K * K  # x @ dense, dxr @ dense^T, x^T dxr: 3 MKK
             cases.append(Case("orthogonal_linear", dict(tokens=M, K=K, N=N, b=b), provs, baseline=tuple(base),
                               flops=flops, bytes=cbytes, naive_bytes=nbytes, naive_flops=nflops, size=K * b))
     for b in ([32] if quick else [16, 32, 64]):

@@ -71,3 +71,15 @@ def test_cpu_peak_is_the_allocator_peak_above_the_start():
     assert keep.numel() and len(held) == 1
     # reset runs before the measured call: what the previous call left is freed outside the measurement
     assert bench.peak_memory(step, torch.device("cpu"), reset=held.clear) == 12 << 20
+
+
+def test_each_case_builds_its_own_shape():
+    # providers are closures made in a loop: each must bind its own case's inputs, not the last loop's
+    for cases_of in (bench.masked_cases, bench.orth_cases):
+        cases = [c for c in cases_of(torch.device("cpu"), False, False) if c.kind == "op" and "tokens" in c.shape]
+        assert len({(c.shape["N"], c.shape["K"], c.shape["tokens"]) for c in cases}) > 1
+        for c in cases:
+            for p in c.providers:
+                _, params, grad = p.setup()
+                assert params[0].shape == (c.shape["tokens"], c.shape["K"]), (c.op, c.shape, p.name)
+                assert grad.shape == (c.shape["tokens"], c.shape["N"]), (c.op, c.shape, p.name)

@@ -13,7 +13,7 @@ Formula::
              dL/dR_j = (x_j^T dx_j) R_j, and the side is picked by memory traffic (see rotation_side).
 
 Implementations: ``*_reference`` (naive: dense solve / dense block-diagonal matrix, the oracle); the torch
-path (batched LU inverse, einsum rotations, explicit backward); the Triton kernels in ``kernels/orth.py``
+path (batched LU inverse, strided-bmm rotations, explicit backward); the Triton kernels in ``kernels/orth.py``
 (Gauss-Jordan inverse per block: I - Q has every singular value >= 1, so no pivoting is needed).
 """
 
