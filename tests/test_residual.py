@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from fastvlm.functional import residual_cross_entropy, residual_logits
 from fastvlm.ops.residual import residual_cross_entropy_reference, residual_logits_reference
 
-from .helpers import check_op_against_reference, noncontig
+from .helpers import assert_close, check_op_against_reference, noncontig
 
 SHAPES = [  # (B, K, D): B=1, K=1, K=1001, D in {100, 512, 768, 1024}, sizes off the 64/32 blocks
     (1, 1, 100),
@@ -152,3 +152,26 @@ def test_fp64_on_triton_path_is_refused():
 
     with fastvlm.backend("triton"), pytest.raises(TypeError, match="Triton path takes fp32/fp16/bf16"):
         residual_logits(torch.randn(2, 4).double(), torch.randn(3, 4).double(), torch.zeros(3, 4).double())
+
+
+def test_torch_path_one_chunk_keeps_softmax_and_backward_can_repeat():
+    """All classes in one chunk: the forward keeps softmax - onehot for backward (no recompute). It must not
+    be consumed: a second backward (retain_graph) gives the same gradients, and both equal the chunked path."""
+    import fastvlm
+    import fastvlm.ops.residual as R
+
+    f, t, x, y = _inputs(8, 37, 32, seed=12)
+    x.requires_grad_()
+    with fastvlm.backend("torch"):
+        loss = residual_cross_entropy(f, t, x, y, reduction="sum")
+        assert loss.grad_fn.__class__.__name__ == "ResidualCrossEntropyBackward"
+        g1 = torch.autograd.grad(loss, [x], retain_graph=True)[0]
+        g2 = torch.autograd.grad(loss, [x])[0]
+        R_chunk = R.CHUNK_ELEMENTS
+        try:
+            R.CHUNK_ELEMENTS = 64  # two classes a chunk: the recompute path
+            g3 = torch.autograd.grad(residual_cross_entropy(f, t, x, y, reduction="sum"), [x])[0]
+        finally:
+            R.CHUNK_ELEMENTS = R_chunk
+    assert torch.equal(g1, g2)
+    assert_close("chunked vs one chunk", g1, g3, torch.float32)  # fp32 summation order only
