@@ -63,10 +63,15 @@ def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
 
 
+def _comparable(scores: torch.Tensor) -> torch.Tensor:
+    """Scores as the mask compares them: in fp32 (fp16 would round tau = 5e-3 to 0.0050011), as the kernels
+    do; fp64 kept."""
+    return scores if scores.dtype in (torch.float32, torch.float64) else scores.float()
+
+
 def binary_mask(scores: torch.Tensor, threshold: float) -> torch.Tensor:
-    """[S > tau], compared in fp32 (fp16 would round tau = 5e-3 to 0.0050011), as the kernels do."""
-    s = scores if scores.dtype in (torch.float32, torch.float64) else scores.float()
-    return s > threshold
+    """[S > tau], compared as ``_comparable`` says."""
+    return _comparable(scores) > threshold
 
 
 def masked_weight(weight: torch.Tensor, scores: torch.Tensor, threshold: float, dtype=None) -> torch.Tensor:
@@ -76,9 +81,8 @@ def masked_weight(weight: torch.Tensor, scores: torch.Tensor, threshold: float, 
     the result, which is then multiplied by the weight in place. ``torch.where(mask, w, 0)`` was 5x slower
     on CPU (its kernel is not vectorised) and ``w * mask`` with a bool mask allocates a float copy of the mask
     (twice the memory)."""
-    s = scores if scores.dtype in (torch.float32, torch.float64) else scores.float()  # see binary_mask
     out = torch.empty(weight.shape, dtype=weight.dtype if dtype is None else dtype, device=weight.device)
-    torch.gt(s, threshold, out=out)
+    torch.gt(_comparable(scores), threshold, out=out)
     return out.mul_(weight)
 
 
