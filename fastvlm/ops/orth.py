@@ -123,8 +123,8 @@ def _rotate_torch(x2, r, transpose, dealias=False):
     return out
 
 
-def _rotate(t2, r, transpose, ko, dealias=False):
-    return ko.rotate(t2, r, transpose) if ko is not None else _rotate_torch(t2, r, transpose, dealias)
+def _rotate(t2, r, transpose, ko):
+    return ko.rotate(t2, r, transpose) if ko is not None else _rotate_torch(t2, r, transpose)
 
 
 def _block_gram(x2, g2, r, ko):
@@ -170,28 +170,27 @@ class WeightRotatedLinear(torch.autograd.Function):
     W' = W @ blockdiag(R)^T. Autograd through that would need dL/dW' = dy^T x, a whole M*N*K matmul. Since
     blockdiag(R) is orthogonal, the rotated input's gradient is dxr = dx @ blockdiag(R), so the rotation's
     gradient comes from dx alone: dL/dR_j = x_j^T dxr_j = (x_j^T dx_j) R_j, b x b per block. W' is rebuilt
-    in backward rather than saved (N*K; the layer keeps no copy of its weight between the passes)."""
+    in backward rather than saved (N*K; the layer keeps no copy of its weight between the passes).
+    Torch ops only: where the Triton kernels apply, training takes their fused input side instead."""
 
     @staticmethod
     def forward(ctx, x2, r, weight, bias):
-        ko = _kernels(x2, r.shape[-1])
-        y = F.linear(x2, _rotate(weight, r, True, ko, dealias=True).to(x2.dtype), bias)
+        y = F.linear(x2, _rotate_torch(weight, r, True, dealias=True).to(x2.dtype), bias)
         ctx.save_for_backward(x2, r, weight)
-        ctx.ko, ctx.has_bias = ko, bias is not None
+        ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x2, r, weight = ctx.saved_tensors
-        ko = ctx.ko
         dx = dr = db = None
         if ctx.needs_input_grad[0]:
-            dx = dy @ _rotate(weight, r, True, ko, dealias=True).to(dy.dtype)
+            dx = dy @ _rotate_torch(weight, r, True, dealias=True).to(dy.dtype)
         if ctx.needs_input_grad[1]:
             if dx is not None:
-                dr = _block_gram(x2, dx, r, ko) @ r
+                dr = _block_gram(x2, dx, r, None) @ r
             else:  # no dx to reuse: the rotated input's gradient straight from the frozen weight
-                dr = _block_gram(x2, dy @ weight.to(dy.dtype), r, ko)
+                dr = _block_gram(x2, dy @ weight.to(dy.dtype), r, None)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             db = dy.sum(dim=0)
         return dx, dr, None, db
