@@ -425,7 +425,7 @@ def orth_cases(device, quick: bool, full: bool) -> list[Case]:
     import torch.nn.functional as F
 
     from .functional import cayley, orthogonal_linear
-    from .ops.orth import cayley_reference, n_params, rotation_side
+    from .ops.orth import _kernels, cayley_reference, n_params, rotation_side
 
     try:
         import peft  # noqa: F401
@@ -481,7 +481,8 @@ def orth_cases(device, quick: bool, full: bool) -> list[Case]:
                 provs += [Provider("peft-exact", peft_oft(False)), Provider("peft-neumann", peft_oft(True))]
                 base = ["peft-exact", "peft-neumann", "naive-dense"]
             e = 4
-            side = rotation_side(M, N, b, training=True, fused=device.type == "cuda")
+            fused = _kernels(torch.empty(0, device=device), b) is not None  # the op's own dispatch rule
+            side = rotation_side(M, N, b, training=True, fused=fused)
             rot_rows = M if side == "input" else N
             # the frozen linear forward and dx (2 matmuls); input side: rotate x, rotate dxr back, dR from x
             # and dxr (3 MKb); weight side: rotate W forward and again in backward, dR from x and dx
