@@ -17,6 +17,9 @@ Formula::
 paths drop the same elements. With ``ref_grad``, ``masked_linear``'s backward returns
 ``grad_dropout(dL/dS, ref_grad, drop_ratio, seed, offset=0)`` and the Triton kernel fuses it into the score
 gradient's epilogue: the un-dropped N x K gradient never exists.
+
+The torch path's y and dL/dx matmuls go through ``_backend.linear`` (oneDNN on CPUs where it is faster than
+torch's BLAS); dL/dS stays on torch's matmul, since oneDNN would first copy the transposed dy (M x N).
 """
 
 from __future__ import annotations
@@ -167,7 +170,7 @@ class MaskedLinear(torch.autograd.Function):
             ctx.kernels = km
         else:
             w_eff = masked_weight(weight, scores, threshold, x.dtype)  # a temporary: only x, W, S are saved
-            y = F.linear(x2, w_eff, bias)
+            y = _backend.linear(x2, w_eff, bias)  # oneDNN on CPUs where it is faster
             del w_eff
             ctx.kernels = None
         slot = ref_grad if isinstance(ref_grad, GradSlot) else None
@@ -186,7 +189,7 @@ class MaskedLinear(torch.autograd.Function):
             if km is not None:
                 dx = km.grad_input(dy2, weight, scores, ctx.threshold, x.dtype).view(x.shape)
             else:
-                dx = (dy2 @ masked_weight(weight, scores, ctx.threshold, dy2.dtype)).view(x.shape)
+                dx = _backend.linear(dy2, masked_weight(weight, scores, ctx.threshold, dy2.dtype).t()).view(x.shape)
         if ctx.needs_input_grad[2]:
             ratio, seed, reg, slot = ctx.ratio, ctx.seed, 0.0, ctx.slot
             if slot is not None:
@@ -199,7 +202,7 @@ class MaskedLinear(torch.autograd.Function):
                 ds = km.grad_scores(dy2, x2, weight, ref_grad, ratio, seed, scores.dtype,
                                     scores=scores if reg else None, add_scale=add, out=ref_grad if inplace else None)
             else:
-                ds = (dy2.T @ x2).mul_(weight).to(scores.dtype)
+                ds = (dy2.T @ x2).mul_(weight).to(scores.dtype)  # torch's BLAS: oneDNN would copy dy2.T
                 if reg:
                     ds.add_(scores, alpha=add)
                 if ref_grad is not None:  # two-pass step: the result goes into pass 1's buffer

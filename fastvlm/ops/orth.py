@@ -13,8 +13,9 @@ Formula::
              dL/dR_j = (x_j^T dx_j) R_j, and the side is picked by memory traffic (see rotation_side).
 
 Implementations: ``*_reference`` (naive: dense solve / dense block-diagonal matrix, the oracle); the torch
-path (batched LU inverse, strided-bmm rotations, explicit backward); the Triton kernels in ``kernels/orth.py``
-(Gauss-Jordan inverse per block: I - Q has every singular value >= 1, so no pivoting is needed).
+path (batched LU inverse, strided-bmm rotations, explicit backward, matmuls through ``_backend.linear``: oneDNN
+on CPUs where it is faster); the Triton kernels in ``kernels/orth.py`` (Gauss-Jordan inverse per block:
+I - Q has every singular value >= 1, so no pivoting is needed).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from .. import _backend
 from .._checks import check_finite, check_float, check_same_device, check_tensor, compiling
+from .linear import frozen_linear
 
 
 def n_params(block_size: int) -> int:
@@ -175,7 +177,7 @@ class WeightRotatedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, r, weight, bias):
-        y = F.linear(x2, _rotate_torch(weight, r, True, dealias=True).to(x2.dtype), bias)
+        y = _backend.linear(x2, _rotate_torch(weight, r, True, dealias=True).to(x2.dtype), bias)
         ctx.save_for_backward(x2, r, weight)
         ctx.has_bias = bias is not None
         return y
@@ -185,12 +187,12 @@ class WeightRotatedLinear(torch.autograd.Function):
         x2, r, weight = ctx.saved_tensors
         dx = dr = db = None
         if ctx.needs_input_grad[0]:
-            dx = dy @ _rotate_torch(weight, r, True, dealias=True).to(dy.dtype)
+            dx = _backend.linear(dy, _rotate_torch(weight, r, True, dealias=True).to(dy.dtype).t())
         if ctx.needs_input_grad[1]:
             if dx is not None:
                 dr = _block_gram(x2, dx, r, None) @ r
             else:  # no dx to reuse: the rotated input's gradient straight from the frozen weight
-                dr = _block_gram(x2, dy @ weight.to(dy.dtype), r, None)
+                dr = _block_gram(x2, _backend.linear(dy, weight.to(dy.dtype).t()), r, None)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             db = dy.sum(dim=0)
         return dx, dr, None, db
@@ -327,8 +329,8 @@ def _orthogonal_linear(x, weight, params, bias, block_size, neumann_terms):
     if rotation_side(m_rows, N, block_size, training, orthogonal=exact, fused=fused) == "input":
         if fused:
             return RotatedLinear.apply(x.reshape(-1, K), r, weight, bias).view(*x.shape[:-1], N)
-        return F.linear(block_rotate(x, r), weight, bias)
+        return frozen_linear(block_rotate(x, r), weight, bias)
     if training and exact and not weight.requires_grad and not compiling():
         return WeightRotatedLinear.apply(x.reshape(-1, K), r, weight, bias).view(*x.shape[:-1], N)
     w_rot = block_rotate(weight, r, transpose=True)  # W @ blockdiag(R)^T
-    return F.linear(x, w_rot.to(x.dtype), bias)
+    return frozen_linear(x, w_rot.to(x.dtype), bias)

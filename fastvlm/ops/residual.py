@@ -18,7 +18,8 @@ Three implementations of the same math live here and in kernels/residual.py:
 - ``_TorchPrims``: the torch path that CPU tensors run. Chunked over classes: no more than one class chunk
   of logits (at most 2^21 elements) and no K x D normalised copy is ever held, and backward recomputes each
   chunk (online log-sum-exp for the loss); when all classes fit in one chunk, the loss keeps that chunk's
-  softmax for backward instead (see ResidualCrossEntropy).
+  softmax for backward instead (see ResidualCrossEntropy). Its fp32 class matmuls go through
+  ``_backend.linear`` (oneDNN on CPUs where it is faster than torch's BLAS).
 - ``fastvlm.kernels.residual``: the Triton kernels behind the same three primitives (``forward``,
   ``backward_prologue``/``backward_chunk``, ``norm_backward``), fused tile by tile.
 The autograd Functions below drive the primitives, so both backends share one algorithm.
@@ -114,7 +115,7 @@ class _TorchPrims:
         for k0 in range(0, K, step):
             k1 = min(k0 + step, K)
             uh, ru[k0:k1] = _TorchPrims._uhat(t[k0:k1], x[k0:k1], alpha)
-            lg = fh @ uh.T
+            lg = _backend.linear(fh, uh)  # fh @ uh.T, on oneDNN where it is faster
             if target is None:
                 out[:, k0:k1] = lg
                 continue
@@ -139,13 +140,16 @@ class _TorchPrims:
         uh = torch.add(_up(tc), _up(xc), alpha=alpha).mul_(ruc[:, None])
         if g is None:
             tgt, lse, w = ce
-            g = torch.exp_(torch.mm(fh, uh.T).sub_(lse[:, None]))
+            g = torch.exp_(_backend.linear(fh, uh).sub_(lse[:, None]))
             inside = (tgt >= 0) & (tgt < g.shape[1])
             rows = inside.nonzero()[:, 0]
             g[rows, tgt[rows]] -= 1.0
             g.mul_(w[:, None])
         if dfhat is not None:
-            dfhat.addmm_(g, uh, alpha=scale)
+            if _backend.use_onednn(g, uh.t()):
+                dfhat.add_(_backend.linear(g, uh.t()), alpha=scale)
+            else:
+                dfhat.addmm_(g, uh, alpha=scale)
         if dt_c is not None or dx_c is not None:
             duh = torch.mm(g.T, fh)  # = s * g.T @ fhat
             dot = (uh * duh).sum(dim=1, keepdim=True)
