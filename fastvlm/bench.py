@@ -601,8 +601,11 @@ def environment(device) -> dict:
     with _backend.backend("auto"):
         probe = torch.empty(1, device=device)
         backend_name = "triton" if _backend.use_triton(probe) else "torch"
+    # which matmul the torch path's fp32 CPU linears use (FASTVLM_CPU_GEMM; auto times both once)
+    gemm = "onednn" if _backend.use_onednn(torch.empty(1, 1), torch.empty(1, 1)) else "torch"
     return {"device": dev, "torch": torch.__version__, "triton": triton.__version__, "fastvlm": fastvlm.__version__,
-            "python": platform.python_version(), "backend": backend_name}
+            "python": platform.python_version(), "backend": backend_name,
+            "cpu_gemm": gemm if backend_name == "torch" else ""}
 
 
 def _fmt(v: float, unit: str) -> str:
@@ -621,7 +624,8 @@ def _fmt(v: float, unit: str) -> str:
 
 def print_table(rows: list[dict], env: dict, file=None) -> None:
     file = file or sys.stdout
-    print(f"device: {env['device']} | backend: {env['backend']} | torch {env['torch']} | triton {env['triton']}",
+    gemm = f" ({env['cpu_gemm']} matmuls)" if env.get("cpu_gemm") else ""
+    print(f"device: {env['device']} | backend: {env['backend']}{gemm} | torch {env['torch']} | triton {env['triton']}",
           file=file)
     hdr = f"{'op':24} {'shape':22} {'provider':10} {'metric':20} {'median':>14} {'spread':>12}  ratios"
     print(hdr, file=file)

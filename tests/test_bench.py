@@ -48,6 +48,11 @@ def test_bench_writes_table_csv_json_and_plots(tmp_path, monkeypatch, capsys):
     assert abs(float(fv["H100_roofline_bound"]["value"]) - max(1e5 / 3.35e12, 1e6 / 989e12)) < 1e-15
     data = json.load(open(tmp_path / "bench.json"))
     assert data["environment"]["backend"] == "torch" and len(data["rows"]) == len(rows)
+    # the run says which matmul the torch path used, as the dispatch decides it
+    from fastvlm import _backend
+
+    want = "onednn" if _backend.use_onednn(torch.empty(1, 1), torch.empty(1, 1)) else "torch"
+    assert data["environment"]["cpu_gemm"] == want and f"backend: torch ({want} matmuls)" in out
     assert (tmp_path / "residual_cross_entropy.png").stat().st_size > 1000
 
 
