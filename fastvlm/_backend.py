@@ -25,8 +25,32 @@ import time
 import torch
 import torch.nn.functional as F
 
-_VALID = ("auto", "torch", "triton")
-_override: str | None = None
+
+class _Setting:
+    """A mode read from an environment variable at every call, which a ``with`` block can force."""
+
+    def __init__(self, env: str, api: str, valid: tuple):
+        self.env, self.api, self.valid, self.override = env, api, valid, None
+
+    def get(self) -> str:
+        mode = self.override or os.environ.get(self.env, "auto").lower()
+        if mode not in self.valid:
+            raise ValueError(f"{self.env} must be one of {self.valid}, got {mode!r}")
+        return mode
+
+    @contextlib.contextmanager
+    def force(self, mode: str):
+        if mode not in self.valid:
+            raise ValueError(f"{self.api} must be one of {self.valid}, got {mode!r}")
+        old, self.override = self.override, mode
+        try:
+            yield
+        finally:
+            self.override = old
+
+
+_BACKEND = _Setting("FASTVLM_BACKEND", "backend", ("auto", "torch", "triton"))
+_GEMM = _Setting("FASTVLM_CPU_GEMM", "cpu_gemm", ("auto", "onednn", "torch"))
 
 
 def triton_available() -> bool:
@@ -42,23 +66,12 @@ def interpreting() -> bool:
 
 
 def current() -> str:
-    mode = _override or os.environ.get("FASTVLM_BACKEND", "auto").lower()
-    if mode not in _VALID:
-        raise ValueError(f"FASTVLM_BACKEND must be one of {_VALID}, got {mode!r}")
-    return mode
+    return _BACKEND.get()
 
 
-@contextlib.contextmanager
 def backend(mode: str):
     """Force a backend inside a ``with`` block: ``with fastvlm.backend("torch"): ...``."""
-    global _override
-    if mode not in _VALID:
-        raise ValueError(f"backend must be one of {_VALID}, got {mode!r}")
-    old, _override = _override, mode
-    try:
-        yield
-    finally:
-        _override = old
+    return _BACKEND.force(mode)
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -97,30 +110,18 @@ def amp_cast(*tensors):
 # CPU matmuls: torch's BLAS or oneDNN
 # ---------------------------------------------------------------------------------------------------------
 
-_GEMM_VALID = ("auto", "onednn", "torch")
-_gemm_override: str | None = None
+AUTO_MIN_MACS = 1 << 21  # smaller matmuls stay on torch's in auto mode (call overhead, see use_onednn)
 
 
 def cpu_gemm_mode() -> str:
-    """``FASTVLM_CPU_GEMM``: ``auto`` (default: oneDNN where a one-time timing finds it faster), ``onednn``
-    or ``torch`` (always torch's own matmul)."""
-    mode = _gemm_override or os.environ.get("FASTVLM_CPU_GEMM", "auto").lower()
-    if mode not in _GEMM_VALID:
-        raise ValueError(f"FASTVLM_CPU_GEMM must be one of {_GEMM_VALID}, got {mode!r}")
-    return mode
+    """``FASTVLM_CPU_GEMM``: ``auto`` (default: oneDNN where a one-time timing finds it faster, for matmuls
+    of at least ``AUTO_MIN_MACS`` multiply-adds), ``onednn`` (every eligible matmul) or ``torch``."""
+    return _GEMM.get()
 
 
-@contextlib.contextmanager
 def cpu_gemm(mode: str):
     """Choose the CPU matmul inside a ``with`` block: ``with fastvlm.cpu_gemm("torch"): ...``."""
-    global _gemm_override
-    if mode not in _GEMM_VALID:
-        raise ValueError(f"cpu_gemm must be one of {_GEMM_VALID}, got {mode!r}")
-    old, _gemm_override = _gemm_override, mode
-    try:
-        yield
-    finally:
-        _gemm_override = old
+    return _GEMM.force(mode)
 
 
 def _onednn_op():
@@ -170,7 +171,18 @@ def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
             raise RuntimeError("FASTVLM_CPU_GEMM=onednn but this torch build has no oneDNN linear "
                                "(torch.ops.mkldnn._linear_pointwise) or torch.backends.mkldnn is disabled")
         return False
-    return mode == "onednn" or _onednn_faster(torch.get_num_threads())
+    if mode == "onednn":
+        return True
+    # auto: oneDNN's call costs ~10 us more than MKL's (8x64x10: 13 vs 3.5 us); even at 32x512x100
+    if x.shape[0] * x.shape[1] * weight.shape[0] < AUTO_MIN_MACS:
+        return False
+    return _onednn_faster(torch.get_num_threads())
+
+
+def cpu_gemm_choice() -> str:
+    """What the torch path's large fp32 CPU matmuls run on now: ``"onednn"`` or ``"torch"``."""
+    big = torch.empty(128, 128)
+    return "onednn" if use_onednn(big, big) else "torch"
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -602,7 +602,7 @@ def environment(device) -> dict:
         probe = torch.empty(1, device=device)
         backend_name = "triton" if _backend.use_triton(probe) else "torch"
     # which matmul the torch path's fp32 CPU linears use (FASTVLM_CPU_GEMM; auto times both once)
-    gemm = "onednn" if _backend.use_onednn(torch.empty(1, 1), torch.empty(1, 1)) else "torch"
+    gemm = _backend.cpu_gemm_choice()
     return {"device": dev, "torch": torch.__version__, "triton": triton.__version__, "fastvlm": fastvlm.__version__,
             "python": platform.python_version(), "backend": backend_name,
             "cpu_gemm": gemm if backend_name == "torch" else ""}

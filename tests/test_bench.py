@@ -6,6 +6,7 @@ import json
 
 import torch
 
+import fastvlm
 from fastvlm import bench, cli
 
 
@@ -48,11 +49,15 @@ def test_bench_writes_table_csv_json_and_plots(tmp_path, monkeypatch, capsys):
     assert abs(float(fv["H100_roofline_bound"]["value"]) - max(1e5 / 3.35e12, 1e6 / 989e12)) < 1e-15
     data = json.load(open(tmp_path / "bench.json"))
     assert data["environment"]["backend"] == "torch" and len(data["rows"]) == len(rows)
-    # the run says which matmul the torch path used, as the dispatch decides it
+    # the run says which matmul the torch path used
     from fastvlm import _backend
 
-    want = "onednn" if _backend.use_onednn(torch.empty(1, 1), torch.empty(1, 1)) else "torch"
+    want = _backend.cpu_gemm_choice()
     assert data["environment"]["cpu_gemm"] == want and f"backend: torch ({want} matmuls)" in out
+    modes = ["torch"] + (["onednn"] if _backend._onednn_op() is not None else [])
+    for mode in modes:
+        with fastvlm.cpu_gemm(mode):
+            assert bench.environment(torch.device("cpu"))["cpu_gemm"] == mode
     assert (tmp_path / "residual_cross_entropy.png").stat().st_size > 1000
 
 

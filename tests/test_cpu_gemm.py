@@ -103,11 +103,14 @@ def test_auto_mode_times_once_per_thread_count(monkeypatch):
         return real(threads)
 
     monkeypatch.setattr(_backend, "_onednn_faster", fake)
-    x, w = torch.randn(5, 3), torch.randn(2, 3)
+    small = torch.randn(5, 3), torch.randn(2, 3)
+    big = torch.randn(128, 128), torch.randn(128, 128)  # 2^21 multiply-adds: the smallest auto considers
     with fastvlm.cpu_gemm("auto"):
+        assert_close("auto", _backend.linear(*small), _ref(*small).float(), torch.float32)
+        assert timed == []  # a small matmul goes to torch's without timing anything
         for _ in range(3):
-            assert_close("auto", _backend.linear(x, w), _ref(x, w).float(), torch.float32)
-    assert timed == [torch.get_num_threads()]  # the timing ran once, on the first call
+            assert_close("auto", _backend.linear(*big), _ref(*big).float(), torch.float32)
+    assert timed == [torch.get_num_threads()]  # the timing ran once, on the first large call
 
 
 @needs_onednn
