@@ -189,6 +189,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``x @ weight.T + bias`` for 2-D x [M, K] and weight [N, K], on oneDNN where :func:`use_onednn` says so,
     else ``F.linear``. Records no autograd on the oneDNN path: call it inside an autograd Function."""
     recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    if not recording and (bias is None or (bias.dtype == torch.float32 and bias.dim() == 1)) and use_onednn(x, weight):
+    plain_bias = bias is None or (bias.dtype == torch.float32 and bias.shape == weight.shape[:1] and bias.is_contiguous())
+    if not recording and plain_bias and use_onednn(x, weight):
         return _onednn_op()(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)

@@ -53,7 +53,7 @@ def test_onednn_linear_matches_fp64(M, K, N, w_layout, with_bias, count_onednn):
 
 
 @pytest.mark.parametrize("case", ["fp16", "fp64", "bf16", "x non-contiguous", "w non-contiguous", "3-D x",
-                                  "torch mode", "records autograd"])
+                                  "torch mode", "records autograd", "strided bias"])
 def test_falls_back_to_f_linear(case, count_onednn):
     g = torch.Generator().manual_seed(1)
     x, w = torch.randn(9, 6, generator=g), torch.randn(4, 6, generator=g)
@@ -69,12 +69,19 @@ def test_falls_back_to_f_linear(case, count_onednn):
         x = x.view(3, 3, 6)
     elif case == "torch mode":
         mode = "torch"
-    else:
+    elif case == "records autograd":
         x.requires_grad_()
+    bias = torch.randn(8, generator=g)[::2] if case == "strided bias" else None
     with fastvlm.cpu_gemm(mode):
-        y = _backend.linear(x, w)
+        y = _backend.linear(x, w, bias)
     assert count_onednn == []
-    assert torch.equal(y, F.linear(x, w))
+    assert torch.equal(y, F.linear(x, w, bias))
+
+
+def test_a_wrong_bias_gets_torch_s_error_not_onednn_s():
+    with fastvlm.cpu_gemm("onednn" if _backend._onednn_op() is not None else "torch"):
+        with pytest.raises(RuntimeError, match="size"):
+            _backend.linear(torch.randn(5, 3), torch.randn(4, 3), torch.randn(7))
 
 
 def test_modes_are_checked(monkeypatch):
