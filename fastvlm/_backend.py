@@ -10,8 +10,9 @@ The variable is read at every call, so tests and users can switch with :func:`ba
 
 On the torch path, fp32 CPU matmuls of the ops go to torch's BLAS or to oneDNN, whichever is faster on the
 machine (:func:`linear`, ``FASTVLM_CPU_GEMM`` / :func:`cpu_gemm`): torch's fp32 ``F.linear`` calls MKL, which
-runs its AVX2 code on AMD processors, while oneDNN (in every x86 torch build) runs AVX-512 where the processor
-has it. On the 2-core AMD EPYC (Zen 5) machines this project is measured on, that is 2x (400 vs 190 GFLOP/s).
+reaches only the rate of 256-bit code on the 2-core AMD EPYC (Zen 5) machines this project is measured on
+(180-190 GFLOP/s), while oneDNN (in every x86 torch build), which picks its code by CPU features, runs
+AVX-512 there: 400 GFLOP/s.
 """
 
 from __future__ import annotations
