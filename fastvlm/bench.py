@@ -601,11 +601,11 @@ def environment(device) -> dict:
     with _backend.backend("auto"):
         probe = torch.empty(1, device=device)
         backend_name = "triton" if _backend.use_triton(probe) else "torch"
-    # which matmul the torch path's fp32 CPU linears use (FASTVLM_CPU_GEMM; auto times both once)
-    gemm = _backend.cpu_gemm_choice()
+    # which matmul the CPU torch path's fp32 linears use (FASTVLM_CPU_GEMM; auto times both once): asked only
+    # there, so a GPU run does not time CPU matmuls for a column it leaves empty
+    gemm = _backend.cpu_gemm_choice() if device.type == "cpu" and backend_name == "torch" else ""
     return {"device": dev, "torch": torch.__version__, "triton": triton.__version__, "fastvlm": fastvlm.__version__,
-            "python": platform.python_version(), "backend": backend_name,
-            "cpu_gemm": gemm if backend_name == "torch" else ""}
+            "python": platform.python_version(), "backend": backend_name, "cpu_gemm": gemm}
 
 
 def _fmt(v: float, unit: str) -> str:

@@ -33,7 +33,6 @@ def mm_config(dot, heavy_epilogue: bool = False) -> dict:
     return cfg
 
 
-
 def gpu_dot_dtype(*dtypes: torch.dtype):
     """The dtype a GPU launch feeds tl.dot: fp16/bf16 (tensor cores) when every operand has that dtype,
     else IEEE fp32."""

@@ -248,6 +248,7 @@ def rotated_linear_backward(dy2, x2, rmat, weight):
                                           DOT_DTYPE=dot, num_warps=fused_warps(BLOCK, dot), **tile)
     return dx, partial.sum(dim=0)
 
+
 def cayley(q):
     """q: [r, b, b] skew-symmetric (contiguous) -> R [r, b, b] fp32."""
     r, b, _ = q.shape

@@ -176,8 +176,13 @@ class WeightRotatedLinear(torch.autograd.Function):
     Torch ops only: where the Triton kernels apply, training takes their fused input side instead."""
 
     @staticmethod
+    def rotated_weight(weight, r, dtype):
+        """W' = W @ blockdiag(R)^T in ``dtype``; built in forward, built again in backward."""
+        return _rotate_torch(weight, r, True, dealias=True).to(dtype)
+
+    @staticmethod
     def forward(ctx, x2, r, weight, bias):
-        y = _backend.linear(x2, _rotate_torch(weight, r, True, dealias=True).to(x2.dtype), bias)
+        y = _backend.linear(x2, WeightRotatedLinear.rotated_weight(weight, r, x2.dtype), bias)
         ctx.save_for_backward(x2, r, weight)
         ctx.has_bias = bias is not None
         return y
@@ -187,7 +192,7 @@ class WeightRotatedLinear(torch.autograd.Function):
         x2, r, weight = ctx.saved_tensors
         dx = dr = db = None
         if ctx.needs_input_grad[0]:
-            dx = _backend.linear(dy, _rotate_torch(weight, r, True, dealias=True).to(dy.dtype).t())
+            dx = _backend.linear(dy, WeightRotatedLinear.rotated_weight(weight, r, dy.dtype).t())
         if ctx.needs_input_grad[1]:
             if dx is not None:
                 dr = _block_gram(x2, dx, r, None) @ r
@@ -196,11 +201,6 @@ class WeightRotatedLinear(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[3]:
             db = dy.sum(dim=0)
         return dx, dr, None, db
-
-
-# ---------------------------------------------------------------------------------------------------------
-# public functions
-# ---------------------------------------------------------------------------------------------------------
 
 
 class RotatedLinear(torch.autograd.Function):
@@ -228,6 +228,11 @@ class RotatedLinear(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[3]:
             db = dy.sum(dim=0)
         return dx, dr.to(r.dtype), dw, db
+
+
+# ---------------------------------------------------------------------------------------------------------
+# public functions
+# ---------------------------------------------------------------------------------------------------------
 
 
 def _check_params(params, block_size):
