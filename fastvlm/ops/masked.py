@@ -28,43 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend
+from .philox import grad_dropout_torch, keep_scale, philox_uniform
 from .._checks import check_finite, check_float, check_same_device, check_scalar, check_tensor, compiling
 
 THRESHOLD = 5e-3
-
-# ---------------------------------------------------------------------------------------------------------
-# Philox 4x32-10 in torch, matching triton.language.random
-# ---------------------------------------------------------------------------------------------------------
-
-_M32 = 0xFFFFFFFF
-_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
-_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
-
-
-def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """``tl.rand(seed, offsets)`` for int64 ``offsets``: float32 uniforms in [0, 1).
-
-    32-bit words held in int64: a product of two of them wraps mod 2^64 in int64 arithmetic, which keeps
-    both of its 32-bit halves exact (the arithmetic shift's sign bits are masked off). Call it on chunks
-    of ~64K offsets: the ~120 elementwise passes then stay in cache (8x faster than 1M-element chunks).
-    """
-    offsets = offsets.to(torch.int64)
-    c0 = offsets & _M32
-    c1 = (offsets >> 32) & _M32
-    k0, k1 = seed & _M32, (seed >> 32) & _M32
-    c2 = c3 = None  # zero counters in round one
-    for _ in range(10):
-        pa = c0 * _ROUND_A
-        if c2 is None:
-            c0, c1, c2, c3 = c1 ^ k0, torch.zeros_like(c0), ((pa >> 32) & _M32) ^ k1, pa & _M32
-        else:
-            pb = c2 * _ROUND_B
-            c0, c1, c2, c3 = ((pb >> 32) & _M32) ^ c1 ^ k0, pb & _M32, ((pa >> 32) & _M32) ^ c3 ^ k1, pa & _M32
-        k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
-    x = torch.where(c0 >= 2**31, c0 - 2**32, c0)  # bitcast to int32
-    x = torch.where(x < 0, -x - 1, x).to(torch.int32)
-    return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
-
 
 def _comparable(scores: torch.Tensor) -> torch.Tensor:
     """Scores as the mask compares them: in fp32 (fp16 would round tau = 5e-3 to 0.0050011), as the kernels
@@ -87,12 +54,6 @@ def masked_weight(weight: torch.Tensor, scores: torch.Tensor, threshold: float, 
     out = torch.empty(weight.shape, dtype=weight.dtype if dtype is None else dtype, device=weight.device)
     torch.gt(_comparable(scores), threshold, out=out)
     return out.mul_(weight)
-
-
-def _keep_scale(ga: torch.Tensor, gb: torch.Tensor, u: torch.Tensor, ratio: float) -> torch.Tensor:
-    ga, gb = ga.float(), gb.float()
-    p = 0.5 * (1.0 + torch.sign(ga) * ((ga + gb) / (ga.abs() + gb.abs() + 1e-8)))
-    return (1.0 - ratio) + ratio * (p > u).float()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -119,7 +80,7 @@ def masked_linear_reference(x, weight, scores, bias=None, threshold=THRESHOLD):
 
 def grad_dropout_reference(g_task, g_ref, ratio, seed, offset=0):
     u = philox_uniform(seed, torch.arange(g_task.numel(), device=g_task.device) + offset).view(g_task.shape)
-    return (_keep_scale(g_task, g_ref, u, ratio) * g_task.float()).to(g_task.dtype)
+    return (keep_scale(g_task, g_ref, u, ratio) * g_task.float()).to(g_task.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -146,17 +107,6 @@ class GradSlot:
     def take(self):
         ref, self.ref = self.ref, None
         return ref
-
-
-def _grad_dropout_torch(g_task, g_ref, ratio, seed, offset, out=None):
-    out = torch.empty_like(g_task) if out is None else out
-    flat_a, flat_b, flat_o = g_task.reshape(-1), g_ref.reshape(-1), out.view(-1)
-    step = 1 << 16  # cache-sized chunks of the random stream (see philox_uniform)
-    for i in range(0, flat_a.numel(), step):
-        a, b = flat_a[i:i + step], flat_b[i:i + step]
-        u = philox_uniform(seed, torch.arange(i, i + a.numel(), device=a.device) + offset)
-        flat_o[i:i + step] = (_keep_scale(a, b, u, ratio) * a.float()).to(out.dtype)
-    return out
 
 
 class MaskedLinear(torch.autograd.Function):
@@ -206,7 +156,7 @@ class MaskedLinear(torch.autograd.Function):
                 if reg:
                     ds.add_(scores, alpha=add)
                 if ref_grad is not None:  # two-pass step: the result goes into pass 1's buffer
-                    ds = _grad_dropout_torch(ds, ref_grad, ratio, seed, 0, out=ref_grad if inplace else ds)
+                    ds = grad_dropout_torch(ds, ref_grad, ratio, seed, 0, out=ref_grad if inplace else ds)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             db = dy2.sum(dim=0)
         return dx, None, ds, db, None, None, None, None
@@ -244,26 +194,16 @@ def grad_dropout(g_task, g_ref, ratio, seed, offset=0):
         from ..kernels import masked as km
 
         return km.grad_dropout(g_task, g_ref, ratio, seed, offset)
-    return _grad_dropout_torch(g_task.contiguous(), g_ref.contiguous(), float(ratio), seed, offset)
+    return grad_dropout_torch(g_task.contiguous(), g_ref.contiguous(), float(ratio), seed, offset)
 
 
-def masked_linear(x, weight, scores, bias=None, threshold=THRESHOLD, ref_grad=None, drop_ratio=0.0, seed=0):
-    """``x @ (weight * (scores > threshold)).T + bias`` for x of any leading shape [..., K].
-
-    weight [N, K] is frozen (must not require grad); scores [N, K] get the straight-through gradient
-    ``(dy.T @ x) * weight``. With ``ref_grad`` [N, K], that gradient is returned after
-    ``grad_dropout(., ref_grad, drop_ratio, seed, offset=0)``, fused into the kernel on the Triton path.
-    ``ref_grad`` may instead be a :class:`GradSlot` (the two-pass RMT step; drop_ratio and seed then come
-    from the slot).
-    """
+def _check_masked_linear(x, weight, scores, bias, threshold, ref_grad=None):
     for n, t in (("x", x), ("weight", weight), ("scores", scores)):
         check_tensor(n, t)
-    slot = ref_grad if isinstance(ref_grad, GradSlot) else None
-    if slot is not None:
-        ref_grad = None
     on_triton = not compiling() and _backend.use_triton(x)
     for n, t in (("x", x), ("weight", weight), ("scores", scores), ("bias", bias), ("ref_grad", ref_grad)):
         if t is not None:
+            check_tensor(n, t)
             check_float(n, t, on_triton)
     if weight.dim() != 2 or weight.numel() == 0:
         raise ValueError(f"weight must be a non-empty 2-D [N, K] tensor, got shape {tuple(weight.shape)}")
@@ -281,18 +221,44 @@ def masked_linear(x, weight, scores, bias=None, threshold=THRESHOLD, ref_grad=No
         raise ValueError(f"ref_grad must have the shape of scores {tuple(weight.shape)}, got {tuple(ref_grad.shape)}")
     check_same_device(x=x, weight=weight, scores=scores, bias=bias, ref_grad=ref_grad)
     check_scalar("threshold", threshold)
-    check_scalar("drop_ratio", drop_ratio, 0.0, 1.0)
-    _check_seed(seed)
     if torch.is_grad_enabled() and scores.requires_grad:
         check_finite("scores", scores)
+
+
+def masked_linear(x, weight, scores, bias=None, threshold=THRESHOLD, ref_grad=None, drop_ratio=0.0, seed=0):
+    """``x @ (weight * (scores > threshold)).T + bias`` for x of any leading shape [..., K].
+
+    weight [N, K] is frozen (must not require grad); scores [N, K] get the straight-through gradient
+    ``(dy.T @ x) * weight``. With ``ref_grad`` [N, K], that gradient is returned after
+    ``grad_dropout(., ref_grad, drop_ratio, seed, offset=0)``, fused into the kernel on the Triton path.
+    """
+    _check_masked_linear(x, weight, scores, bias, threshold, ref_grad)
+    check_scalar("drop_ratio", drop_ratio, 0.0, 1.0)
+    _check_seed(seed)
     (x, weight, bias), amp = _backend.amp_cast(x, weight, bias)  # scores stay fp32: the mask never rounds
     with amp:
-        if compiling():  # a GradSlot cannot cross the custom op: compiled layers give plain STE gradients, and
-            # rmt_step refuses to step when a slot was left unconsumed (so dropout is never skipped silently)
+        ref = None if ref_grad is None else ref_grad.detach()
+        if compiling():
             from . import library
 
-            return library.masked_linear_fwd(x, weight, scores, bias, float(threshold),
-                                             None if ref_grad is None else ref_grad.detach(), float(drop_ratio),
+            return library.masked_linear_fwd(x, weight, scores, bias, float(threshold), ref, float(drop_ratio),
                                              int(seed))
-        ref = slot if slot is not None else (None if ref_grad is None else ref_grad.detach())
         return MaskedLinear.apply(x, weight, scores, bias, float(threshold), ref, float(drop_ratio), int(seed))
+
+
+def masked_linear_slotted(x, weight, scores, bias, threshold, slot: GradSlot):
+    """The mask tuner's two-pass entry (not public API): ``masked_linear`` whose score gradient is dropped
+    against the gradient that the step put in ``slot`` between the passes (see :class:`GradSlot`).
+
+    Under ``torch.compile`` the slot cannot cross the custom op: compiled layers give plain straight-through
+    gradients and leave the slot unconsumed, which the RMT step detects and refuses."""
+    if not isinstance(slot, GradSlot):
+        raise TypeError(f"slot must be a GradSlot, got {type(slot).__name__}")
+    _check_masked_linear(x, weight, scores, bias, threshold)
+    (x, weight, bias), amp = _backend.amp_cast(x, weight, bias)
+    with amp:
+        if compiling():
+            from . import library
+
+            return library.masked_linear_fwd(x, weight, scores, bias, float(threshold), None, 0.0, 0)
+        return MaskedLinear.apply(x, weight, scores, bias, float(threshold), slot, 0.0, 0)

@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..io import load_checkpoint, save_checkpoint
-from ..ops.masked import GradSlot, _StraightThrough, binary_mask, masked_linear
+from ..ops.masked import GradSlot, _StraightThrough, binary_mask, masked_linear_slotted
 from ._attention import ProjectedMultiheadAttention, replace_module
 from .common import WrapsLinear, attach, bypassed
 
@@ -48,7 +48,7 @@ class _MaskedBase(nn.Module):
         self.slot = GradSlot()
 
     def _ml(self, x, weight, scores, bias):
-        return masked_linear(x, weight, scores, bias, self.threshold, ref_grad=self.slot)
+        return masked_linear_slotted(x, weight, scores, bias, self.threshold, self.slot)
 
     def mask_items(self):
         """(suffix, frozen weight, scores) of each mask this layer owns."""
@@ -107,7 +107,7 @@ class MaskedAttention(ProjectedMultiheadAttention, _MaskedBase):
         if self.bypass:
             return super().out_proj_fn(x)
         o = self.mha.out_proj
-        return masked_linear(x, o.weight, self.scores_out, o.bias, self.threshold, ref_grad=self.slot_out)
+        return masked_linear_slotted(x, o.weight, self.scores_out, o.bias, self.threshold, self.slot_out)
 
     def mask_items(self):
         return [("in_proj", self.mha.in_proj_weight, self.scores), ("out_proj", self.mha.out_proj.weight, self.scores_out)]
