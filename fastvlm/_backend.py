@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import os
 import statistics
 import time
@@ -91,6 +92,14 @@ def use_triton(t: torch.Tensor) -> bool:
             "fastvlm is imported; on CPU without it, use FASTVLM_BACKEND=torch or auto"
         )
     return True
+
+
+def triton_kernels(family: str, t: torch.Tensor):
+    """The op template's one dispatch: the Triton launchers of ``fastvlm.kernels.<family>`` when the op given
+    tensor ``t`` runs on Triton (:func:`use_triton`), else None (the torch path)."""
+    if not use_triton(t):
+        return None
+    return importlib.import_module(f"fastvlm.kernels.{family}")
 
 
 def amp_cast(*tensors):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 
 import torch
 
@@ -43,6 +44,31 @@ def check_finite(name: str, t: torch.Tensor) -> None:
     # common case; only a non-finite sum, which an overflow of finite values can also give, looks closer.
     if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or inf")
+
+
+def check_same_dtype(op: str, **tensors) -> None:
+    """The floating inputs that meet in one matmul share a dtype, as ``F.linear`` requires; mixed precision
+    is autocast's job (the ops follow its casts)."""
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    if len({t.dtype for _, t in items}) > 1:
+        got = ", ".join(f"{n} is {t.dtype}" for n, t in items)
+        raise TypeError(f"{op}: {got}; they must share one dtype, as in F.linear (cast them, or run under "
+                        "torch.autocast)")
+
+
+def check_seed(name: str, v) -> int:
+    """An integer of any kind (int, numpy integer, 0-d integer tensor) in [0, 2**62); returns it as int."""
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_floating_point() and v.dtype != torch.bool:
+        v = int(v.item())
+    if isinstance(v, bool):
+        raise ValueError(f"{name} must be an int in [0, 2**62), got {v!r}")
+    try:
+        i = operator.index(v)
+    except TypeError:
+        raise ValueError(f"{name} must be an int in [0, 2**62), got {v!r}") from None
+    if not 0 <= i < 2**62:
+        raise ValueError(f"{name} must be an int in [0, 2**62), got {v!r}")
+    return i
 
 
 def check_same_device(**tensors) -> None:

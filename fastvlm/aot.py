@@ -15,7 +15,9 @@ run time).
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
+import pkgutil
 import re
 import subprocess
 import sys
@@ -23,17 +25,21 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
 TARGETS = {"sm_80": (80, 166912), "sm_90a": (90, 232448)}  # (capability, max dynamic shared bytes per block)
-#: kernels whose fp16/bf16 variants must run on tensor cores
-MATMUL_KERNELS = {"matmul_kernel", "logits_kernel", "ce_partial_kernel", "ce_grad_kernel", "score_grad_kernel",
-                  "rotate_kernel", "rotate_grad_r_kernel"}
+
+
+def kernel_families() -> list[str]:
+    """Every op family with Triton kernels: each public module of ``fastvlm.kernels`` (found, not listed)."""
+    from . import kernels
+
+    return sorted(m.name for m in pkgutil.iter_modules(kernels.__path__) if not m.name.startswith("_"))
 
 
 def all_variants():
-    from .kernels import masked, orth, residual
-
+    """(family, Variant) for every launch configuration of every family's ``variants()``."""
     out = []
-    for mod in (residual, masked, orth):
-        out += [(mod.__name__.rsplit(".", 1)[1], v) for v in mod.variants()]
+    for family in kernel_families():
+        mod = importlib.import_module(f"{__package__}.kernels.{family}")
+        out += [(family, v) for v in mod.variants()]
     return out
 
 
@@ -73,8 +79,7 @@ def compile_one(index: int, target: str) -> dict:
         problems.append("spills")
     if smem > smem_max:
         problems.append(f"shared {smem} > {smem_max}")
-    half = any(s in row["config"].split()[0] for s in ("fp16", "bf16")) and "DOT_DTYPE=float32" not in row["config"]
-    if v.name in MATMUL_KERNELS and half and not tc:
+    if v.needs_tensor_cores and not tc:
         problems.append("no tensor cores at fp16/bf16")
     row["problems"] = problems
     return row

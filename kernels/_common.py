@@ -55,14 +55,22 @@ def dot_dtype(*tensors: torch.Tensor):
 # launch variants: every configuration a launcher can choose, for `fastvlm kernels` to compile ahead of time
 # ---------------------------------------------------------------------------------------------------------
 
-FLOAT_ARGS = {"beta", "alpha", "threshold", "scale", "eps", "ratio", "add_scale", "o1_scale", "o2_scale"}
-INT64_ARGS = {"seed", "offset"}
 _TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64"}
+
+
+def declare(kernel, scalars: dict | None = None, tensor_cores: bool = False) -> None:
+    """Declare, right after a kernel's definition, what ``fastvlm kernels`` compiles it with: the type of
+    each scalar argument that is not an i32 size or stride (``"fp32"``, ``"i64"``), and whether its
+    fp16/bf16 variants must run on tensor cores. (A call, not a decorator: Triton's interpreter re-executes
+    the kernel's source and must find ``@triton.jit`` alone on it.)"""
+    kernel.scalar_types = dict(scalars or {})
+    kernel.tensor_cores = tensor_cores
 
 
 class Variant:
     """One compilable configuration: the kernel, its constexprs, the dtype behind each pointer argument
-    (fp32 where not named) and the launch options (num_warps, num_stages)."""
+    (fp32 where not named) and the launch options (num_warps, num_stages). Scalar types and the tensor-core
+    requirement come from the kernel's :func:`declare`."""
 
     def __init__(self, kernel, constexprs: dict, options: dict | None = None, ptrs: dict | None = None):
         self.kernel, self.constexprs, self.ptrs, self.options = kernel, constexprs, ptrs or {}, options or {}
@@ -78,13 +86,15 @@ class Variant:
                 sig[a] = "constexpr"
             elif a.endswith("_ptr"):
                 sig[a] = "*" + _TYPE[self.ptrs.get(a, torch.float32)]
-            elif a in FLOAT_ARGS:
-                sig[a] = "fp32"
-            elif a in INT64_ARGS:
-                sig[a] = "i64"
             else:
-                sig[a] = "i32"
+                sig[a] = self.kernel.scalar_types.get(a, "i32")
         return sig
+
+    @property
+    def needs_tensor_cores(self) -> bool:
+        """A kernel declared to use tensor cores, in a variant whose dot runs in fp16/bf16."""
+        dot = self.constexprs.get("DOT_DTYPE")
+        return self.kernel.tensor_cores and dot is not None and dot != tl.float32
 
     def describe(self) -> str:
         flags = " ".join(f"{k}={_short(v)}" for k, v in self.constexprs.items())
@@ -98,20 +108,6 @@ def _short(v):
 
 
 HALF_AND_FULL = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def check_launch(name: str, *tensors: torch.Tensor) -> None:
-    """Launcher-level guard: kernels get floating tensors on one device, never a Triton compile error."""
-    dev = None
-    for t in tensors:
-        if t is None:
-            continue
-        if t.dtype not in FLOAT_DTYPES and t.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"{name}: the Triton path takes fp32/fp16/bf16 tensors, got {t.dtype}")
-        if dev is None:
-            dev = t.device
-        elif t.device != dev:
-            raise ValueError(f"{name}: all tensors must be on one device, got {dev} and {t.device}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -195,6 +191,9 @@ def matmul_kernel(
     if ACCUMULATE:
         acc += tl.load(cptr, mask=cmask, other=0.0).to(tl.float32)
     tl.store(cptr, acc.to(c_ptr.dtype.element_ty), mask=cmask)
+
+
+declare(matmul_kernel, {"beta": "fp32", "threshold": "fp32", "alpha": "fp32"}, tensor_cores=True)
 
 
 def matmul(a, b, out, *, alpha=1.0, b2=None, beta=0.0, kscale=None, scores=None, threshold=0.0, bias=None,

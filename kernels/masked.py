@@ -11,7 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import HALF_AND_FULL, Variant, dot_dtype, gpu_dot_dtype, matmul, matmul_variants, mm_config, mm_tile, tile_constexprs
+from ._common import (HALF_AND_FULL, Variant, declare, dot_dtype, gpu_dot_dtype, matmul,
+                      matmul_variants, mm_config, mm_tile, tile_constexprs)
 
 DROP_BLOCK = dict(BLOCK=1024, num_warps=4)
 
@@ -28,15 +29,17 @@ def dropout_keep_scale(ga, gb, u, ratio):
 @triton.jit
 def score_grad_kernel(dy_ptr, sdy_m, sdy_n, x_ptr, sx_m, sx_k, w_ptr, sw_n, sw_k, ref_ptr, sr_n, sr_k,
                       s_ptr, ss_n, ss_k, add_scale, out_ptr, so_n, so_k, ratio, seed, N, K, M,
-                      DROPOUT: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr):
+                      DROPOUT: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr,
+                      BLOCK_TOKENS: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """dS[n, k] = (sum_m dy[m, n] x[m, k]) * W[n, k] (+ add_scale * S[n, k]), dropped against ref[n, k]
-    with U(seed, n*K + k). out may be ref itself: each element is read before it is written."""
-    offs_n = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # rows of dS
-    offs_k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # cols of dS
+    with U(seed, n*K + k). out may be ref itself: each element is read before it is written. A tile is
+    BLOCK_OUT output features (rows of dS) x BLOCK_IN input features, reduced over the M tokens
+    BLOCK_TOKENS at a time."""
+    offs_n = tl.program_id(0) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)  # rows of dS
+    offs_k = tl.program_id(1) * BLOCK_IN + tl.arange(0, BLOCK_IN)  # cols of dS
     acc = mm_tile(dy_ptr, sdy_n, sdy_m, x_ptr, sx_m, sx_k, x_ptr, 0, 0, 0.0, x_ptr,
                   x_ptr, 0, 0, 0.0, offs_n, offs_k, N, K, M,
-                  False, False, False, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE)
+                  False, False, False, BLOCK_OUT, BLOCK_IN, BLOCK_TOKENS, DOT_DTYPE)
     n64 = offs_n.to(tl.int64)
     m = (offs_n < N)[:, None] & (offs_k < K)[None, :]
     w = tl.load(w_ptr + n64[:, None] * sw_n + offs_k[None, :] * sw_k, mask=m, other=0.0).to(tl.float32)
@@ -50,6 +53,9 @@ def score_grad_kernel(dy_ptr, sdy_m, sdy_n, x_ptr, sx_m, sx_k, w_ptr, sw_n, sw_k
     tl.store(out_ptr + n64[:, None] * so_n + offs_k[None, :] * so_k, g.to(out_ptr.dtype.element_ty), mask=m)
 
 
+declare(score_grad_kernel, {"add_scale": "fp32", "ratio": "fp32", "seed": "i64"}, tensor_cores=True)
+
+
 @triton.jit
 def grad_dropout_kernel(ga_ptr, gb_ptr, out_ptr, ratio, seed, offset, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -59,6 +65,9 @@ def grad_dropout_kernel(ga_ptr, gb_ptr, out_ptr, ratio, seed, offset, n, BLOCK: 
     u = tl.rand(seed, offs + offset)
     g = ga * dropout_keep_scale(ga, gb, u, ratio)
     tl.store(out_ptr + offs, g.to(out_ptr.dtype.element_ty), mask=m)
+
+
+declare(grad_dropout_kernel, {"ratio": "fp32", "seed": "i64", "offset": "i64"})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -93,8 +102,16 @@ def grad_scores(dy2, x2, weight, ref_grad, ratio, seed, dtype, scores=None, add_
                             weight, weight.stride(0), weight.stride(1), ref, ref.stride(0), ref.stride(1),
                             scores if scores is not None else weight, *(scores if scores is not None else weight).stride(),
                             float(add_scale), out, out.stride(0), out.stride(1), float(ratio), int(seed), N, K, M,
-                            DROPOUT=ref_grad is not None, HAS_ADD=scores is not None, DOT_DTYPE=dot, **cfg)
+                            DROPOUT=ref_grad is not None, HAS_ADD=scores is not None, DOT_DTYPE=dot,
+                            **score_grad_tile(cfg))
     return out
+
+
+def score_grad_tile(cfg: dict) -> dict:
+    """The tiled-matmul policy's (BLOCK_M, BLOCK_N, BLOCK_K) under score_grad_kernel's own names: dS's
+    rows are the N output features, its columns the K input features, the reduction runs over tokens."""
+    cfg = dict(cfg)
+    return {"BLOCK_OUT": cfg.pop("BLOCK_M"), "BLOCK_IN": cfg.pop("BLOCK_N"), "BLOCK_TOKENS": cfg.pop("BLOCK_K"), **cfg}
 
 
 def grad_dropout(g_task, g_ref, ratio, seed, offset):
@@ -123,7 +140,7 @@ def variants():
             for has_add in (False, True):
                 tile, opts = tile_constexprs(gpu_dot_dtype(d), {"DROPOUT": dropout, "HAS_ADD": has_add},
                                              heavy_epilogue=dropout)
-                out.append(Variant(score_grad_kernel, tile, opts,
+                out.append(Variant(score_grad_kernel, score_grad_tile(tile), opts,
                                    {"dy_ptr": d, "x_ptr": d, "w_ptr": d, "ref_ptr": f32, "s_ptr": f32, "out_ptr": f32}))
         out.append(Variant(grad_dropout_kernel, {"BLOCK": DROP_BLOCK["BLOCK"]}, {"num_warps": DROP_BLOCK["num_warps"]},
                            {"ga_ptr": d, "gb_ptr": d, "out_ptr": d}))

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import HALF_AND_FULL, Variant, dot_dtype, gpu_dot_dtype
+from ._common import HALF_AND_FULL, Variant, declare, dot_dtype, gpu_dot_dtype
 
 
 #: largest block size the kernels take (one block's tiles live in registers); larger blocks run in torch
@@ -69,6 +69,9 @@ def cayley_fwd_kernel(q_ptr, r_ptr, b, BLOCK: tl.constexpr):
     tl.store(r_ptr + offs, r.to(r_ptr.dtype.element_ty), mask=inside)
 
 
+declare(cayley_fwd_kernel)
+
+
 @triton.jit
 def cayley_bwd_kernel(r_ptr, g_ptr, dq_ptr, b, BLOCK: tl.constexpr):
     blk = tl.program_id(0).to(tl.int64)
@@ -82,6 +85,9 @@ def cayley_bwd_kernel(r_ptr, g_ptr, dq_ptr, b, BLOCK: tl.constexpr):
     g = tl.load(g_ptr + offs, mask=inside, other=0.0).to(tl.float32)
     dq = 2.0 * tl.dot(tl.dot(ainv_t, g, input_precision="ieee"), ainv_t, input_precision="ieee")
     tl.store(dq_ptr + offs, dq, mask=inside)
+
+
+declare(cayley_bwd_kernel)
 
 
 @triton.jit
@@ -106,6 +112,9 @@ def rotate_kernel(x_ptr, sx_m, sx_k, r_ptr, sr_r, sr_j, sr_c, out_ptr, so_m, so_
              mask=m_ok[:, None] & j_ok[None, :])
 
 
+declare(rotate_kernel, tensor_cores=True)
+
+
 @triton.jit
 def rotate_grad_r_kernel(x_ptr, sx_m, sx_k, dy_ptr, sd_m, sd_k, dr_ptr, M, b,
                          BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, DOT_DTYPE: tl.constexpr):
@@ -127,6 +136,9 @@ def rotate_grad_r_kernel(x_ptr, sx_m, sx_k, dy_ptr, sd_m, sd_k, dr_ptr, M, b,
             acc = tl.dot(tl.trans(x.to(DOT_DTYPE)), dy.to(DOT_DTYPE), acc)
     offs = blk.to(tl.int64) * b * b + j[:, None] * b + j[None, :]
     tl.store(dr_ptr + offs, acc, mask=j_ok[:, None] & j_ok[None, :])
+
+
+declare(rotate_grad_r_kernel, tensor_cores=True)
 
 
 @triton.jit
@@ -158,6 +170,9 @@ def rotated_linear_fwd_kernel(x_ptr, sx_m, sx_k, r_ptr, w_ptr, sw_n, sw_k, bias_
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + m64[:, None] * so_m + n64[None, :] * so_n, acc.to(out_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
+
+
+declare(rotated_linear_fwd_kernel)
 
 
 @triton.jit
@@ -198,6 +213,9 @@ def rotated_linear_bwd_kernel(dy_ptr, sd_m, sd_n, x_ptr, sx_m, sx_k, r_ptr, w_pt
              mask=m_ok[:, None] & j_ok[None, :])
     base = (pid_m.to(tl.int64) * nb + blk) * b * b
     tl.store(drp_ptr + base + j[:, None] * b + j[None, :], dr, mask=jj)
+
+
+declare(rotated_linear_bwd_kernel)
 
 
 # ---------------------------------------------------------------------------------------------------------

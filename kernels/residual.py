@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import HALF_AND_FULL, Variant, dot_dtype, gpu_dot_dtype, matmul, matmul_variants, mm_config, mm_tile, tile_constexprs
+from ._common import (HALF_AND_FULL, Variant, declare, dot_dtype, gpu_dot_dtype, matmul,
+                      matmul_variants, mm_config, mm_tile, tile_constexprs)
 
 EPS = 1e-12
 ROW_BLOCK = dict(BLOCK_R=16, BLOCK_C=128, num_warps=4)
@@ -44,6 +45,9 @@ def inv_norm_kernel(a_ptr, sa_r, sa_c, b_ptr, sb_r, sb_c, beta, out_ptr, R, C, e
     tl.store(out_ptr + offs_r, 1.0 / tl.maximum(tl.sqrt(sq), eps), mask=r_ok)
 
 
+declare(inv_norm_kernel, {"beta": "fp32", "eps": "fp32"})
+
+
 @triton.jit
 def _logits_tile(f_ptr, sf_b, sf_d, t_ptr, st_k, st_d, x_ptr, sx_k, sx_d, alpha, rf_ptr, ru_ptr, scale,
                  offs_b, offs_k, B, K, D,
@@ -70,6 +74,9 @@ def logits_kernel(f_ptr, sf_b, sf_d, t_ptr, st_k, st_d, x_ptr, sx_k, sx_d, alpha
              lg.to(out_ptr.dtype.element_ty), mask=m)
 
 
+declare(logits_kernel, {"alpha": "fp32", "scale": "fp32"}, tensor_cores=True)
+
+
 @triton.jit
 def ce_partial_kernel(f_ptr, sf_b, sf_d, t_ptr, st_k, st_d, x_ptr, sx_k, sx_d, alpha, rf_ptr, ru_ptr, scale,
                       y_ptr, pmax_ptr, psum_ptr, ptgt_ptr, NKB, B, K, D,
@@ -92,6 +99,9 @@ def ce_partial_kernel(f_ptr, sf_b, sf_d, t_ptr, st_k, st_d, x_ptr, sx_k, sx_d, a
     tl.store(ptgt_ptr + o, tg, mask=b_ok)
 
 
+declare(ce_partial_kernel, {"alpha": "fp32", "scale": "fp32"}, tensor_cores=True)
+
+
 @triton.jit
 def ce_grad_kernel(f_ptr, sf_b, sf_d, t_ptr, st_k, st_d, x_ptr, sx_k, sx_d, alpha, rf_ptr, ru_ptr, scale,
                    y_ptr, lse_ptr, w_ptr, g_ptr, sg_b, sg_k, B, K, D,
@@ -109,6 +119,9 @@ def ce_grad_kernel(f_ptr, sf_b, sf_d, t_ptr, st_k, st_d, x_ptr, sx_k, sx_d, alph
     g = g * w[:, None]
     m = b_ok[:, None] & (offs_k < K)[None, :]
     tl.store(g_ptr + offs_b.to(tl.int64)[:, None] * sg_b + offs_k[None, :] * sg_k, g, mask=m)
+
+
+declare(ce_grad_kernel, {"alpha": "fp32", "scale": "fp32"}, tensor_cores=True)
 
 
 @triton.jit
@@ -139,6 +152,9 @@ def norm_backward_kernel(dv_ptr, sdv_r, a_ptr, sa_r, sa_c, b_ptr, sb_r, sb_c, be
             tl.store(o1_ptr + offs_r64[:, None] * so1_r + offs_c[None, :], (g * o1_scale).to(o1_ptr.dtype.element_ty), mask=m)
         if HAS_O2:
             tl.store(o2_ptr + offs_r64[:, None] * so2_r + offs_c[None, :], (g * o2_scale).to(o2_ptr.dtype.element_ty), mask=m)
+
+
+declare(norm_backward_kernel, {"beta": "fp32", "o1_scale": "fp32", "o2_scale": "fp32"})
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -79,3 +79,45 @@ def test_compiled_layers_never_skip_gradient_dropout_silently():
     cls = F.normalize(torch.randn(3, 32), dim=-1)
     with pytest.raises(RuntimeError, match="gradient dropout was not applied in"):
         rmt_step(model, torch.randn(2, 3, 32, 32), torch.tensor([0, 1]), cls, opt, RMTRecipe(drop_ratio=0.5), 0)
+
+
+def test_compiled_ops_take_the_eager_paths_and_only_the_gradients_asked_for(monkeypatch):
+    """Under torch.compile the custom ops run the same forward/backward functions as eager: the TaskRes base
+    (frozen) gets no gradient, the one-chunk cross-entropy keeps its softmax, and the weight side of a
+    training rotation takes dR from dx."""
+    import fastvlm.ops.orth as O
+    import fastvlm.ops.residual as R
+
+    seen = []
+
+    def spy(module, name):
+        real = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            seen.append((name, args, kwargs))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    spy(R, "residual_backward")
+    spy(R, "residual_ce_forward")
+    spy(O, "orthogonal_linear_backward")
+    g = torch.Generator().manual_seed(2)
+    f, t = torch.randn(6, 16, generator=g), torch.randn(5, 16, generator=g)
+    x = torch.zeros(5, 16).requires_grad_()
+    y = torch.tensor([0, 1, 2, 3, 4, 1])
+    loss = torch.compile(lambda x: FV.residual_cross_entropy(f, t, x, y), fullgraph=True, backend="aot_eager")(x)
+    loss.backward()
+    forward = [a for n, a, _ in seen if n == "residual_ce_forward"]
+    backward = [a for n, a, _ in seen if n == "residual_backward"]
+    assert forward and forward[-1][-1] is True  # keep_softmax
+    assert backward and tuple(backward[-1][7]) == (False, False, True, False)  # only the residual's gradient
+    seen.clear()
+    xs = torch.randn(40, 32, generator=g)
+    w = torch.randn(4, 32, generator=g)
+    p = (0.1 * torch.randn(2, n_params(16), generator=g)).requires_grad_()
+    torch.compile(lambda p: FV.orthogonal_linear(xs, w, p, None, 16), fullgraph=True,
+                  backend="aot_eager")(p).sum().backward()
+    (args,) = [a for n, a, _ in seen if n == "orthogonal_linear_backward"]
+    dy2, x2, r, weight, side, orthogonal, needs = args
+    assert side == "weight" and orthogonal and tuple(needs) == (False, True, False, False)

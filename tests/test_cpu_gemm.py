@@ -1,4 +1,4 @@
-"""The CPU matmul dispatch (``_backend.linear``: torch's BLAS or oneDNN) and FrozenLinear."""
+"""The CPU matmul dispatch (``_backend.linear``: torch's BLAS or oneDNN) and which matmuls each op sends there."""
 
 import pytest
 import torch
@@ -7,7 +7,6 @@ import torch.nn.functional as F
 import fastvlm
 from fastvlm import _backend
 from fastvlm.functional import masked_linear, orthogonal_linear, residual_cross_entropy
-from fastvlm.ops.linear import frozen_linear
 from fastvlm.ops.orth import n_params
 
 from .helpers import assert_close
@@ -121,40 +120,6 @@ def test_auto_mode_times_once_per_thread_count(monkeypatch):
 
 
 @needs_onednn
-@pytest.mark.parametrize("lead,with_bias,x_grad", [((7,), False, True), ((2, 5), True, True), ((7,), True, False)])
-def test_frozen_linear_gradients(lead, with_bias, x_grad, count_onednn):
-    g = torch.Generator().manual_seed(2)
-    K, N = 13, 6
-    x = torch.randn(*lead, K, generator=g, dtype=torch.float64)
-    w = torch.randn(N, K, generator=g, dtype=torch.float64)
-    b = torch.randn(N, generator=g, dtype=torch.float64)
-    go = torch.randn(*lead, N, generator=g, dtype=torch.float64)
-    x32, b32 = x.float().requires_grad_(x_grad), b.float().requires_grad_()
-    with fastvlm.cpu_gemm("onednn"):
-        y = frozen_linear(x32, w.float(), b32 if with_bias else None)
-        y.backward(go.float())
-    assert len(count_onednn) == (2 if x_grad else 1)  # forward, and dx when x wants it
-    xr, br = x.clone().requires_grad_(x_grad), b.clone().requires_grad_()
-    yr = F.linear(xr, w, br if with_bias else None)
-    yr.backward(go)
-    assert_close("y", y, yr, torch.float32)
-    if x_grad:
-        assert_close("dx", x32.grad, xr.grad, torch.float32)
-    else:
-        assert x32.grad is None
-    if with_bias:
-        assert_close("dbias", b32.grad, br.grad, torch.float32)
-
-
-def test_frozen_linear_with_a_trained_weight_is_plain_autograd(count_onednn):
-    x, w = torch.randn(4, 3, requires_grad=True), torch.randn(2, 3, requires_grad=True)
-    with fastvlm.cpu_gemm("onednn" if _backend._onednn_op() is not None else "torch"):
-        frozen_linear(x, w).sum().backward()
-    assert count_onednn == []
-    assert torch.allclose(w.grad, x.detach().sum(0).expand(2, 3))
-
-
-@needs_onednn
 def test_ops_route_their_matmuls(count_onednn):
     """Which matmuls each op's torch path sends to oneDNN, and that the results stay the reference's."""
     g = torch.Generator().manual_seed(3)
@@ -168,6 +133,10 @@ def test_ops_route_their_matmuls(count_onednn):
         count_onednn.clear()
         orthogonal_linear(x, torch.randn(96, 64, generator=g), p, block_size=32).backward(torch.randn(40, 96))
         assert len(count_onednn) == 2  # the input side: y and dx
+        count_onednn.clear()
+        x_frozen = x.detach()
+        orthogonal_linear(x_frozen, torch.randn(96, 64, generator=g), p, block_size=32).backward(torch.randn(40, 96))
+        assert len(count_onednn) == 2  # the input side: y, and dx's matmul, whose product dR needs
         count_onednn.clear()
         s = (0.01 * torch.rand(16, 64, generator=g)).requires_grad_()
         masked_linear(x, w, s).backward(torch.randn(40, 16))

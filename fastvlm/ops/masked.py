@@ -1,5 +1,5 @@
 r"""RMT mask tuning: masked-weight linear with a straight-through score gradient, and gradient dropout
-(METHODS.md section 2).
+(docs/methods.md §2).
 
 Formula::
 
@@ -24,12 +24,17 @@ torch's BLAS); dL/dS stays on torch's matmul, since oneDNN would first copy the 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from .. import _backend
+from .._checks import (check_finite, check_float, check_same_device, check_same_dtype, check_scalar, check_seed,
+                       check_tensor, compiling)
+from ._template import empty_for_none, fake_grads, none_for_unneeded
 from .philox import grad_dropout_torch, keep_scale, philox_uniform
-from .._checks import check_finite, check_float, check_same_device, check_scalar, check_tensor, compiling
 
 THRESHOLD = 5e-3
 
@@ -84,12 +89,12 @@ def grad_dropout_reference(g_task, g_ref, ratio, seed, offset=0):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# torch path and autograd Function
+# the op: forward and backward (torch path or Triton launchers), a Function and a custom op calling them
 # ---------------------------------------------------------------------------------------------------------
 
 
 class GradSlot:
-    """Hand-off for the two-pass gradient dropout step (fastvlm/train/rmt.py).
+    """The mask tuner's two-pass hand-off (not public API: see ``fastvlm/tuners/mask.py``).
 
     Pass 1 (the KL loss) runs with an empty slot: plain straight-through gradients. Before pass 2 the step
     puts pass 1's gradient in ``ref`` and the regulariser coefficient ``reg`` (of ``reg * ||S||_2``) here;
@@ -109,57 +114,112 @@ class GradSlot:
         return ref
 
 
-class MaskedLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, scores, bias, threshold, ref_grad, ratio, seed):
-        x2 = x.reshape(-1, x.shape[-1])
-        if _backend.use_triton(x):
-            from ..kernels import masked as km
+def masked_linear_forward(x2, weight, scores, bias, threshold):
+    """``x2 @ (W * [S > tau]).T + bias`` for 2-D x2 [M, K]. The torch path builds W * [S > tau] as a
+    temporary (only x, W and S are kept for backward); the kernel masks W's tiles as they load."""
+    kernels = _backend.triton_kernels("masked", x2)
+    if kernels is not None:
+        return kernels.forward(x2, weight, scores, bias, threshold)
+    return _backend.linear(x2, masked_weight(weight, scores, threshold, x2.dtype), bias)
 
-            y = km.forward(x2, weight, scores, bias, threshold)
-            ctx.kernels = km
+
+def masked_linear_backward(dy2, x2, weight, scores, threshold, needs, ref_grad=None, ratio=0.0, seed=0, reg=0.0,
+                           out=None):
+    """(dx2, d scores, d bias) for ``needs`` = (x, scores, bias), None where not needed.
+
+    ``ref_grad``: the score gradient is dropped against it (``grad_dropout(., ref_grad, ratio, seed)``; fused
+    into the kernel's epilogue on Triton). ``reg``: ``reg * S / ||S||`` is added to the score gradient before
+    dropout. ``out``: where the score gradient is written (may be ``ref_grad`` itself)."""
+    need_x, need_s, need_b = needs
+    kernels = _backend.triton_kernels("masked", x2)
+    dx = ds = db = None
+    if need_x:
+        if kernels is not None:
+            dx = kernels.grad_input(dy2, weight, scores, threshold, x2.dtype)
         else:
-            w_eff = masked_weight(weight, scores, threshold, x.dtype)  # a temporary: only x, W, S are saved
-            y = _backend.linear(x2, w_eff, bias)  # oneDNN on CPUs where it is faster
-            del w_eff
-            ctx.kernels = None
-        slot = ref_grad if isinstance(ref_grad, GradSlot) else None
-        ctx.save_for_backward(x, weight, scores, None if slot is not None else ref_grad)
-        ctx.threshold, ctx.ratio, ctx.seed, ctx.has_bias, ctx.slot = threshold, ratio, seed, bias is not None, slot
-        return y.view(*x.shape[:-1], weight.shape[0])
+            dx = _backend.linear(dy2, masked_weight(weight, scores, threshold, dy2.dtype).t())
+    if need_s:
+        add = reg / max(torch.linalg.vector_norm(scores.float()).item(), 1e-12) if reg else 0.0
+        if kernels is not None:
+            ds = kernels.grad_scores(dy2, x2, weight, ref_grad, ratio, seed, scores.dtype,
+                                     scores=scores if reg else None, add_scale=add, out=out)
+        else:
+            ds = (dy2.T @ x2).mul_(weight).to(scores.dtype)  # torch's BLAS: oneDNN would copy dy2.T
+            if reg:
+                ds.add_(scores, alpha=add)
+            if ref_grad is not None:
+                ds = grad_dropout_torch(ds, ref_grad, ratio, seed, 0, out=ds if out is None else out)
+    if need_b:
+        db = dy2.sum(dim=0)
+    return dx, ds, db
+
+
+class MaskedLinearFunction(torch.autograd.Function):
+    """Eager autograd of :func:`masked_linear` (2-D x). ``slot``: a :class:`GradSlot` (the tuner's two-pass
+    step) or None."""
 
     @staticmethod
-    def backward(ctx, dy):
-        x, weight, scores, ref_grad = ctx.saved_tensors
-        km = ctx.kernels
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1])
-        dx = ds = db = None
-        if ctx.needs_input_grad[0]:
-            if km is not None:
-                dx = km.grad_input(dy2, weight, scores, ctx.threshold, x.dtype).view(x.shape)
-            else:
-                dx = _backend.linear(dy2, masked_weight(weight, scores, ctx.threshold, dy2.dtype).t()).view(x.shape)
-        if ctx.needs_input_grad[2]:
-            ratio, seed, reg, slot = ctx.ratio, ctx.seed, 0.0, ctx.slot
-            if slot is not None:
-                ref_grad, ratio, seed, reg = slot.take(), slot.ratio, slot.seed, slot.reg
-                if ref_grad is not None:  # the scores may be a view (patch embedding): match its shape
-                    ref_grad = ref_grad.view(scores.shape)
-            add = reg / max(torch.linalg.vector_norm(scores.float()).item(), 1e-12) if reg else 0.0
-            inplace = slot is not None and ref_grad is not None
-            if km is not None:
-                ds = km.grad_scores(dy2, x2, weight, ref_grad, ratio, seed, scores.dtype,
-                                    scores=scores if reg else None, add_scale=add, out=ref_grad if inplace else None)
-            else:
-                ds = (dy2.T @ x2).mul_(weight).to(scores.dtype)  # torch's BLAS: oneDNN would copy dy2.T
-                if reg:
-                    ds.add_(scores, alpha=add)
-                if ref_grad is not None:  # two-pass step: the result goes into pass 1's buffer
-                    ds = grad_dropout_torch(ds, ref_grad, ratio, seed, 0, out=ref_grad if inplace else ds)
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            db = dy2.sum(dim=0)
-        return dx, None, ds, db, None, None, None, None
+    def forward(ctx, x2, weight, scores, bias, threshold, ref_grad, ratio, seed, slot):
+        y = masked_linear_forward(x2, weight, scores, bias, threshold)
+        ctx.save_for_backward(x2, weight, scores, ref_grad)
+        ctx.threshold, ctx.ratio, ctx.seed, ctx.slot = threshold, ratio, seed, slot
+        return y
+
+    @staticmethod
+    def backward(ctx, dy2):
+        x2, weight, scores, ref_grad = ctx.saved_tensors
+        ratio, seed, reg, out, slot = ctx.ratio, ctx.seed, 0.0, None, ctx.slot
+        need = ctx.needs_input_grad
+        if slot is not None and need[2]:
+            ref_grad, ratio, seed, reg = slot.take(), slot.ratio, slot.seed, slot.reg
+            if ref_grad is not None:  # the scores may be a view (patch embedding): match its shape
+                ref_grad = out = ref_grad.view(scores.shape)
+        dx, ds, db = masked_linear_backward(dy2, x2, weight, scores, ctx.threshold, (need[0], need[2], need[3]),
+                                            ref_grad, ratio, seed, reg, out)
+        return dx, None, ds, db, None, None, None, None, None
+
+
+@torch.library.custom_op("fastvlm::masked_linear", mutates_args=())
+def _masked_linear_op(x2: Tensor, weight: Tensor, scores: Tensor, bias: Optional[Tensor], threshold: float,
+                      ref_grad: Optional[Tensor], ratio: float, seed: int) -> Tensor:
+    return masked_linear_forward(x2, weight, scores, bias, threshold)
+
+
+@_masked_linear_op.register_fake
+def _(x2, weight, scores, bias, threshold, ref_grad, ratio, seed):
+    return x2.new_empty(x2.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("fastvlm::masked_linear_backward", mutates_args=())
+def _masked_linear_backward_op(dy2: Tensor, x2: Tensor, weight: Tensor, scores: Tensor, ref_grad: Optional[Tensor],
+                               threshold: float, ratio: float, seed: int, need_x: bool, need_scores: bool,
+                               need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    grads = masked_linear_backward(dy2, x2, weight, scores, threshold, (need_x, need_scores, need_bias), ref_grad,
+                                   ratio, seed)
+    return empty_for_none(grads, x2)
+
+
+@_masked_linear_backward_op.register_fake
+def _(dy2, x2, weight, scores, ref_grad, threshold, ratio, seed, need_x, need_scores, need_bias):
+    return fake_grads([(x2, need_x), (scores, need_scores), (dy2[0], need_bias)])
+
+
+def _masked_linear_setup(ctx, inputs, output):
+    x2, weight, scores, bias, threshold, ref_grad, ratio, seed = inputs
+    ctx.save_for_backward(x2, weight, scores, ref_grad)
+    ctx.threshold, ctx.ratio, ctx.seed = threshold, ratio, seed
+
+
+def _masked_linear_op_backward(ctx, dy2):
+    x2, weight, scores, ref_grad = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    needs = (need[0], need[2], need[3])
+    dx, ds, db = none_for_unneeded(_masked_linear_backward_op(dy2, x2, weight, scores, ref_grad, ctx.threshold,
+                                                              ctx.ratio, ctx.seed, *needs), needs)
+    return dx, None, ds, db, None, None, None, None
+
+
+_masked_linear_op.register_autograd(_masked_linear_op_backward, setup_context=_masked_linear_setup)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -167,10 +227,8 @@ class MaskedLinear(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _check_seed(seed, offset=0):
-    for name, v in (("seed", seed), ("offset", offset)):
-        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**62:
-            raise ValueError(f"{name} must be an int in [0, 2**62), got {v!r}")
+def _check_seed(seed, offset=0) -> tuple[int, int]:
+    return check_seed("seed", seed), check_seed("offset", offset)
 
 
 def grad_dropout(g_task, g_ref, ratio, seed, offset=0):
@@ -187,7 +245,7 @@ def grad_dropout(g_task, g_ref, ratio, seed, offset=0):
         raise ValueError(f"g_ref must have the shape of g_task {tuple(g_task.shape)}, got {tuple(g_ref.shape)}")
     check_same_device(g_task=g_task, g_ref=g_ref)
     check_scalar("ratio", ratio, 0.0, 1.0)
-    _check_seed(seed, offset)
+    seed, offset = _check_seed(seed, offset)
     if g_task.numel() == 0:
         return g_task.clone()
     if on_triton:
@@ -225,25 +283,33 @@ def _check_masked_linear(x, weight, scores, bias, threshold, ref_grad=None):
         check_finite("scores", scores)
 
 
+def _masked_linear(x, weight, scores, bias, threshold, ref_grad, ratio, seed, slot):
+    """Autocast, the dtype rule, then the Function (eager) or the custom op (compiling) on 2-D x."""
+    (x, weight, bias), amp = _backend.amp_cast(x, weight, bias)  # scores stay fp32: the mask never rounds
+    check_same_dtype("masked_linear", x=x, weight=weight, bias=bias)
+    x2 = x.reshape(-1, x.shape[-1])
+    with amp:
+        if compiling():
+            y = _masked_linear_op(x2, weight, scores, bias, float(threshold), ref_grad, float(ratio), seed)
+        else:
+            y = MaskedLinearFunction.apply(x2, weight, scores, bias, float(threshold), ref_grad, float(ratio), seed,
+                                           slot)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
 def masked_linear(x, weight, scores, bias=None, threshold=THRESHOLD, ref_grad=None, drop_ratio=0.0, seed=0):
     """``x @ (weight * (scores > threshold)).T + bias`` for x of any leading shape [..., K].
 
     weight [N, K] is frozen (must not require grad); scores [N, K] get the straight-through gradient
     ``(dy.T @ x) * weight``. With ``ref_grad`` [N, K], that gradient is returned after
     ``grad_dropout(., ref_grad, drop_ratio, seed, offset=0)``, fused into the kernel on the Triton path.
+    x, weight and bias share one dtype (as in ``F.linear``; autocast casts them); scores may be any float.
     """
     _check_masked_linear(x, weight, scores, bias, threshold, ref_grad)
     check_scalar("drop_ratio", drop_ratio, 0.0, 1.0)
-    _check_seed(seed)
-    (x, weight, bias), amp = _backend.amp_cast(x, weight, bias)  # scores stay fp32: the mask never rounds
-    with amp:
-        ref = None if ref_grad is None else ref_grad.detach()
-        if compiling():
-            from . import library
-
-            return library.masked_linear_fwd(x, weight, scores, bias, float(threshold), ref, float(drop_ratio),
-                                             int(seed))
-        return MaskedLinear.apply(x, weight, scores, bias, float(threshold), ref, float(drop_ratio), int(seed))
+    seed = check_seed("seed", seed)
+    ref = None if ref_grad is None else ref_grad.detach()
+    return _masked_linear(x, weight, scores, bias, threshold, ref, drop_ratio, seed, None)
 
 
 def masked_linear_slotted(x, weight, scores, bias, threshold, slot: GradSlot):
@@ -255,10 +321,4 @@ def masked_linear_slotted(x, weight, scores, bias, threshold, slot: GradSlot):
     if not isinstance(slot, GradSlot):
         raise TypeError(f"slot must be a GradSlot, got {type(slot).__name__}")
     _check_masked_linear(x, weight, scores, bias, threshold)
-    (x, weight, bias), amp = _backend.amp_cast(x, weight, bias)
-    with amp:
-        if compiling():
-            from . import library
-
-            return library.masked_linear_fwd(x, weight, scores, bias, float(threshold), None, 0.0, 0)
-        return MaskedLinear.apply(x, weight, scores, bias, float(threshold), slot, 0.0, 0)
+    return _masked_linear(x, weight, scores, bias, threshold, None, 0.0, 0, None if compiling() else slot)

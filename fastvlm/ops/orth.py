@@ -1,4 +1,4 @@
-r"""OrthCR: exact Cayley orthogonal transforms and block rotations (METHODS.md section 3).
+r"""OrthCR: exact Cayley orthogonal transforms and block rotations (docs/methods.md §3).
 
 Formula::
 
@@ -20,12 +20,15 @@ I - Q has every singular value >= 1, so no pivoting is needed).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from .. import _backend
-from .._checks import check_finite, check_float, check_same_device, check_tensor, compiling
-from .linear import frozen_linear
+from .._checks import check_finite, check_float, check_same_device, check_same_dtype, check_tensor, compiling
+from ._template import empty_for_none, fake_grads, none_for_unneeded
 
 
 def n_params(block_size: int) -> int:
@@ -63,42 +66,14 @@ def orthogonal_linear_reference(x, weight, params, bias=None, block_size=32, neu
 
 
 # ---------------------------------------------------------------------------------------------------------
-# autograd Functions
+# the ops: forward and backward (torch path or Triton launchers), Functions and custom ops calling them
 # ---------------------------------------------------------------------------------------------------------
 
 
 def _kernels(t, block_size):
     """The Triton launchers when this call runs on Triton and the block fits them (b <= 64), else None."""
-    if _backend.use_triton(t):
-        from ..kernels import orth as ko
-
-        return ko if block_size <= ko.MAX_BLOCK else None
-    return None
-
-
-class Cayley(torch.autograd.Function):
-    """Exact R = 2 (I - Q)^-1 - I from Q; saves only R (A^-1 = (R + I) / 2)."""
-
-    @staticmethod
-    def forward(ctx, q):
-        ko = _kernels(q, q.shape[-1])
-        if ko is not None:
-            r = ko.cayley(q)
-        else:
-            eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
-            r = torch.linalg.inv(eye - q).mul_(2.0).sub_(eye)
-        ctx.save_for_backward(r)
-        ctx.ko = ko
-        return r
-
-    @staticmethod
-    def backward(ctx, g):
-        (r,) = ctx.saved_tensors
-        if ctx.ko is not None:
-            return ctx.ko.cayley_backward(r, g)
-        eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
-        ainv_t = ((r + eye) * 0.5).transpose(1, 2)
-        return 2.0 * ainv_t @ g @ ainv_t  # dL/dQ; autograd through Q = U - U^T gives dU = dQ - dQ^T
+    kernels = _backend.triton_kernels("orth", t)
+    return kernels if kernels is not None and block_size <= kernels.MAX_BLOCK else None
 
 
 def _blocks(t2, nb, b):
@@ -125,15 +100,15 @@ def _rotate_torch(x2, r, transpose, dealias=False):
     return out
 
 
-def _rotate(t2, r, transpose, ko):
-    return ko.rotate(t2, r, transpose) if ko is not None else _rotate_torch(t2, r, transpose)
+def _rotate(t2, r, transpose, kernels):
+    return kernels.rotate(t2, r, transpose) if kernels is not None else _rotate_torch(t2, r, transpose)
 
 
-def _block_gram(x2, g2, r, ko):
+def _block_gram(x2, g2, r, kernels):
     """[x_j^T g_j for each block j] in R's dtype: the rotation's gradient when g is the rotated side's."""
     nb, b, _ = r.shape
-    if ko is not None:
-        return ko.rotate_grad_r(x2, g2, nb, b).to(r.dtype)
+    if kernels is not None:
+        return kernels.rotate_grad_r(x2, g2, nb, b).to(r.dtype)
     out = torch.zeros(nb, b, b, dtype=r.dtype, device=r.device)
     step = 512  # row chunks: each chunk's x and g stay in cache across the batch (b=16: 4.3 -> 3.2 ms at K=3072)
     for i in range(0, x2.shape[0], step):
@@ -142,92 +117,246 @@ def _block_gram(x2, g2, r, ko):
     return out
 
 
-class BlockRotate(torch.autograd.Function):
-    """x [M, K] @ blockdiag(R) (transpose=True: blockdiag(R)^T) without the dense matrix."""
+def cayley_forward(q):
+    """Exact R = 2 (I - Q)^-1 - I for the skew blocks q [r, b, b]."""
+    kernels = _kernels(q, q.shape[-1])
+    if kernels is not None:
+        return kernels.cayley(q)
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+    return torch.linalg.inv(eye - q).mul_(2.0).sub_(eye)
+
+
+def cayley_backward(r, g):
+    """dL/dQ = 2 A^-T G A^-T with A^-1 = (R + I) / 2, from R alone; autograd through Q = U - U^T then gives
+    dU = dQ - dQ^T."""
+    kernels = _kernels(r, r.shape[-1])
+    if kernels is not None:
+        return kernels.cayley_backward(r, g)
+    eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
+    ainv_t = ((r + eye) * 0.5).transpose(1, 2)
+    return 2.0 * ainv_t @ g @ ainv_t
+
+
+def block_rotate_forward(x2, r, transpose):
+    """x2 [M, K] @ blockdiag(R) (transpose: blockdiag(R)^T), without the dense matrix."""
+    return _rotate(x2, r, transpose, _kernels(x2, r.shape[-1]))
+
+
+def block_rotate_backward(x2, r, dy, transpose, needs):
+    """(dx2, dR) for ``needs`` = (x, R)."""
+    kernels = _kernels(x2, r.shape[-1])
+    dx = dr = None
+    if needs[0]:
+        dx = _rotate(dy, r, not transpose, kernels)
+    if needs[1]:
+        dr = _block_gram(x2, dy, r, kernels)
+        if transpose:
+            dr = dr.transpose(1, 2)
+    return dx, dr
+
+
+def rotated_weight(weight, r, dtype):
+    """W' = W @ blockdiag(R)^T in ``dtype``; the weight side builds it in forward and again in backward
+    (the layer keeps no copy of its weight between the passes)."""
+    return _rotate_torch(weight, r, True, dealias=True).to(dtype)
+
+
+SIDES = ("input", "weight", "fused")
+
+
+def orthogonal_linear_forward(x2, r, weight, bias, side):
+    """y = (x2 @ blockdiag(R)) @ W^T + bias, by ``side`` (see :func:`rotation_side`): ``"input"`` rotates
+    x2, ``"weight"`` rotates W, ``"fused"`` runs the Triton kernel with the rotation inside the matmul."""
+    if side == "fused":
+        return _backend.triton_kernels("orth", x2).rotated_linear(x2, r, weight, bias)
+    if side == "input":
+        return _backend.linear(block_rotate_forward(x2, r, False), weight, bias)
+    return _backend.linear(x2, rotated_weight(weight, r, x2.dtype), bias)
+
+
+def orthogonal_linear_backward(dy2, x2, r, weight, side, orthogonal, needs):
+    """(dx2, dR, dW, dbias) for ``needs`` = (x, R, W, bias), None where not needed.
+
+    Weight side with an orthogonal R and W frozen: dR comes from dx alone. The rotated input's gradient is
+    dxr = dx @ blockdiag(R), so dL/dR_j = x_j^T dxr_j = (x_j^T dx_j) R_j, b x b per block, where autograd
+    through W' would need dL/dW' = dy^T x, a whole M*N*K matmul. Otherwise (a truncated series R, or W
+    trains) the weight side takes dW' = dy^T x: dR_j = dW'_j^T W_j and dW = dW' @ blockdiag(R)."""
+    need_x, need_r, need_w, need_b = needs
+    dx = dr = dw = db = None
+    if side == "fused":
+        kernels = _backend.triton_kernels("orth", x2)
+        dx, dr = kernels.rotated_linear_backward(dy2, x2, r, weight)
+        dr = dr.to(r.dtype)
+        if need_w:
+            dw = (dy2.T @ kernels.rotate(x2, r).to(dy2.dtype)).to(weight.dtype)
+    elif side == "input":
+        if need_x or need_r:
+            dxr = _backend.linear(dy2, weight.to(dy2.dtype).t())
+            dx, dr = block_rotate_backward(x2, r, dxr, False, (need_x, need_r))
+        if need_w:
+            dw = (dy2.T @ block_rotate_forward(x2, r, False)).to(weight.dtype)
+    elif orthogonal and not need_w:
+        if need_x:
+            dx = _backend.linear(dy2, rotated_weight(weight, r, dy2.dtype).t())
+        if need_r:
+            if dx is not None:
+                dr = _block_gram(x2, dx, r, None) @ r
+            else:  # no dx to reuse: the rotated input's gradient straight from the frozen weight
+                dr = _block_gram(x2, _backend.linear(dy2, weight.to(dy2.dtype).t()), r, None)
+    else:
+        if need_x:
+            dx = _backend.linear(dy2, rotated_weight(weight, r, dy2.dtype).t())
+        if need_r or need_w:
+            dw_rot = dy2.T @ x2  # dL/dW'
+            dw_blocks, dr = block_rotate_backward(weight, r, dw_rot.to(weight.dtype), True, (need_w, need_r))
+            dw = dw_blocks
+    if need_b:
+        db = dy2.sum(dim=0)
+    return dx, dr, dw, db
+
+
+class CayleyFunction(torch.autograd.Function):
+    """Eager autograd of the exact Cayley transform; saves only R."""
 
     @staticmethod
+    def forward(ctx, q):
+        r = cayley_forward(q)
+        ctx.save_for_backward(r)
+        return r
+
+    @staticmethod
+    def backward(ctx, g):
+        return cayley_backward(ctx.saved_tensors[0], g)
+
+
+class BlockRotateFunction(torch.autograd.Function):
+    @staticmethod
     def forward(ctx, x2, r, transpose):
-        ko = _kernels(x2, r.shape[-1])
-        out = _rotate(x2, r, transpose, ko)
         ctx.save_for_backward(x2, r)
-        ctx.ko, ctx.transpose = ko, transpose
-        return out
+        ctx.transpose = transpose
+        return block_rotate_forward(x2, r, transpose)
 
     @staticmethod
     def backward(ctx, dy):
         x2, r = ctx.saved_tensors
-        ko, tr = ctx.ko, ctx.transpose
-        dx = dr = None
-        if ctx.needs_input_grad[0]:
-            dx = _rotate(dy, r, not tr, ko)
-        if ctx.needs_input_grad[1]:
-            dr = _block_gram(x2, dy, r, ko)
-            if tr:
-                dr = dr.transpose(1, 2)
-        return dx, dr, None
+        return (*block_rotate_backward(x2, r, dy, ctx.transpose, ctx.needs_input_grad[:2]), None)
 
 
-class WeightRotatedLinear(torch.autograd.Function):
-    """The weight side while an exact (orthogonal) rotation trains, W frozen: y = x @ W'^T + bias with
-    W' = W @ blockdiag(R)^T. Autograd through that would need dL/dW' = dy^T x, a whole M*N*K matmul. Since
-    blockdiag(R) is orthogonal, the rotated input's gradient is dxr = dx @ blockdiag(R), so the rotation's
-    gradient comes from dx alone: dL/dR_j = x_j^T dxr_j = (x_j^T dx_j) R_j, b x b per block. W' is rebuilt
-    in backward rather than saved (N*K; the layer keeps no copy of its weight between the passes).
-    Torch ops only: where the Triton kernels apply, training takes their fused input side instead."""
+class OrthogonalLinearFunction(torch.autograd.Function):
+    """Eager autograd of :func:`orthogonal_linear` on 2-D x, R already built."""
 
     @staticmethod
-    def rotated_weight(weight, r, dtype):
-        """W' = W @ blockdiag(R)^T in ``dtype``; built in forward, built again in backward."""
-        return _rotate_torch(weight, r, True, dealias=True).to(dtype)
-
-    @staticmethod
-    def forward(ctx, x2, r, weight, bias):
-        y = _backend.linear(x2, WeightRotatedLinear.rotated_weight(weight, r, x2.dtype), bias)
+    def forward(ctx, x2, r, weight, bias, side, orthogonal):
         ctx.save_for_backward(x2, r, weight)
-        ctx.has_bias = bias is not None
-        return y
+        ctx.side, ctx.orthogonal = side, orthogonal
+        return orthogonal_linear_forward(x2, r, weight, bias, side)
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy2):
         x2, r, weight = ctx.saved_tensors
-        dx = dr = db = None
-        if ctx.needs_input_grad[0]:
-            dx = _backend.linear(dy, WeightRotatedLinear.rotated_weight(weight, r, dy.dtype).t())
-        if ctx.needs_input_grad[1]:
-            if dx is not None:
-                dr = _block_gram(x2, dx, r, None) @ r
-            else:  # no dx to reuse: the rotated input's gradient straight from the frozen weight
-                dr = _block_gram(x2, _backend.linear(dy, weight.to(dy.dtype).t()), r, None)
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            db = dy.sum(dim=0)
-        return dx, dr, None, db
+        grads = orthogonal_linear_backward(dy2, x2, r, weight, ctx.side, ctx.orthogonal, ctx.needs_input_grad[:4])
+        return (*grads, None, None)
 
 
-class RotatedLinear(torch.autograd.Function):
-    """Triton path of the input side: (x @ blockdiag(R)) @ W^T + bias with the rotation fused into the
-    matmul both ways (the rotated x is never stored). The weight's own gradient, when asked for, needs the
-    rotated x: it is rebuilt then."""
+@torch.library.custom_op("fastvlm::cayley", mutates_args=())
+def _cayley_op(q: Tensor) -> Tensor:
+    return cayley_forward(q)
 
-    @staticmethod
-    def forward(ctx, x2, r, weight, bias):
-        from ..kernels import orth as ko
 
-        ctx.save_for_backward(x2, r, weight)
-        ctx.has_bias = bias is not None
-        return ko.rotated_linear(x2, r, weight, bias)
+@_cayley_op.register_fake
+def _(q):
+    return torch.empty_like(q)
 
-    @staticmethod
-    def backward(ctx, dy):
-        from ..kernels import orth as ko
 
-        x2, r, weight = ctx.saved_tensors
-        dx, dr = ko.rotated_linear_backward(dy, x2, r, weight)
-        dw = db = None
-        if ctx.needs_input_grad[2]:
-            dw = (dy.T @ ko.rotate(x2, r).to(dy.dtype)).to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            db = dy.sum(dim=0)
-        return dx, dr.to(r.dtype), dw, db
+@torch.library.custom_op("fastvlm::cayley_backward", mutates_args=())
+def _cayley_backward_op(r: Tensor, g: Tensor) -> Tensor:
+    return cayley_backward(r, g)
+
+
+@_cayley_backward_op.register_fake
+def _(r, g):
+    return torch.empty_like(r)
+
+
+_cayley_op.register_autograd(lambda ctx, g: _cayley_backward_op(ctx.saved_tensors[0], g),
+                             setup_context=lambda ctx, inputs, output: ctx.save_for_backward(output))
+
+
+@torch.library.custom_op("fastvlm::block_rotate", mutates_args=())
+def _block_rotate_op(x2: Tensor, r: Tensor, transpose: bool) -> Tensor:
+    return block_rotate_forward(x2, r, transpose)
+
+
+@_block_rotate_op.register_fake
+def _(x2, r, transpose):
+    return torch.empty_like(x2)
+
+
+@torch.library.custom_op("fastvlm::block_rotate_backward", mutates_args=())
+def _block_rotate_backward_op(x2: Tensor, r: Tensor, dy: Tensor, transpose: bool, need_x: bool, need_r: bool
+                              ) -> tuple[Tensor, Tensor]:
+    return empty_for_none(block_rotate_backward(x2, r, dy, transpose, (need_x, need_r)), x2)
+
+
+@_block_rotate_backward_op.register_fake
+def _(x2, r, dy, transpose, need_x, need_r):
+    return fake_grads([(x2, need_x), (r, need_r)])
+
+
+def _block_rotate_setup(ctx, inputs, output):
+    x2, r, transpose = inputs
+    ctx.save_for_backward(x2, r)
+    ctx.transpose = transpose
+
+
+def _block_rotate_op_backward(ctx, dy):
+    x2, r = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:2]
+    dx, dr = none_for_unneeded(_block_rotate_backward_op(x2, r, dy, ctx.transpose, *needs), needs)
+    return dx, dr, None
+
+
+_block_rotate_op.register_autograd(_block_rotate_op_backward, setup_context=_block_rotate_setup)
+
+
+@torch.library.custom_op("fastvlm::orthogonal_linear", mutates_args=())
+def _orthogonal_linear_op(x2: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor], side: str,
+                          orthogonal: bool) -> Tensor:
+    return orthogonal_linear_forward(x2, r, weight, bias, side)
+
+
+@_orthogonal_linear_op.register_fake
+def _(x2, r, weight, bias, side, orthogonal):
+    return x2.new_empty(x2.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("fastvlm::orthogonal_linear_backward", mutates_args=())
+def _orthogonal_linear_backward_op(dy2: Tensor, x2: Tensor, r: Tensor, weight: Tensor, side: str, orthogonal: bool,
+                                   need_x: bool, need_r: bool, need_weight: bool, need_bias: bool
+                                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    grads = orthogonal_linear_backward(dy2, x2, r, weight, side, orthogonal, (need_x, need_r, need_weight, need_bias))
+    return empty_for_none(grads, x2)
+
+
+@_orthogonal_linear_backward_op.register_fake
+def _(dy2, x2, r, weight, side, orthogonal, need_x, need_r, need_weight, need_bias):
+    return fake_grads([(x2, need_x), (r, need_r), (weight, need_weight), (dy2[0], need_bias)])
+
+
+def _orthogonal_linear_setup(ctx, inputs, output):
+    x2, r, weight, bias, side, orthogonal = inputs
+    ctx.save_for_backward(x2, r, weight)
+    ctx.side, ctx.orthogonal = side, orthogonal
+
+
+def _orthogonal_linear_op_backward(ctx, dy2):
+    x2, r, weight = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:4]
+    grads = _orthogonal_linear_backward_op(dy2, x2, r, weight, ctx.side, ctx.orthogonal, *needs)
+    return (*none_for_unneeded(grads, needs), None, None)
+
+
+_orthogonal_linear_op.register_autograd(_orthogonal_linear_op_backward, setup_context=_orthogonal_linear_setup)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -257,11 +386,7 @@ def cayley(params, block_size, neumann_terms=None):
             raise ValueError(f"neumann_terms must be None (exact) or an int >= 1, got {neumann_terms!r}")
         return cayley_reference(params if params.dtype == torch.float64 else params.float(), block_size, neumann_terms)
     q = skew(params if params.dtype == torch.float64 else params.float(), block_size)
-    if compiling():
-        from . import library
-
-        return library.cayley_fwd(q)
-    return Cayley.apply(q)
+    return _cayley_op(q) if compiling() else CayleyFunction.apply(q)
 
 
 def block_rotate(x, rotation, transpose=False):
@@ -271,18 +396,16 @@ def block_rotate(x, rotation, transpose=False):
         raise ValueError(f"x must end in K = r*b = {nb * b} features, got shape {tuple(x.shape)}")
     x2 = x.reshape(-1, x.shape[-1])
     if compiling():
-        from . import library
-
-        return library.block_rotate_fwd(x2, rotation, transpose).view(x.shape)
-    return BlockRotate.apply(x2, rotation, transpose).view(x.shape)
+        return _block_rotate_op(x2, rotation, bool(transpose)).view(x.shape)
+    return BlockRotateFunction.apply(x2, rotation, bool(transpose)).view(x.shape)
 
 
 def rotation_side(m_rows: int, n_out: int, block_size: int = 32, training: bool = False, orthogonal: bool = True,
                   fused: bool = False) -> str:
     """Which side to rotate, by cost. Forward alone: x (M*K*b flops) or the weight (N*K*b), the cheaper.
 
-    While the rotation trains: ``fused`` (Triton) rotates x inside the matmul both ways, so the input side
-    costs next to nothing. Otherwise, with an orthogonal R (the exact transform), the weight side gets the
+    While the rotation trains: ``fused`` (Triton) rotates x inside the matmul both ways, so no rotated copy
+    of x is stored (the kernel recomputes x @ R per output tile: its cost on a GPU is a model, not measured). Otherwise, with an orthogonal R (the exact transform), the weight side gets the
     rotation's gradient from dx (see WeightRotatedLinear) and both sides cost the same matmuls; what differs
     is memory traffic: the input side rotates x, rotates dx back and reads x and dx for dR (about 6*M*K
     elements), the weight side rotates W twice and reads x and dx (4*N*K + 2*M*K). So: the weight side when
@@ -320,6 +443,7 @@ def orthogonal_linear(x, weight, params, bias=None, block_size=32, neumann_terms
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     check_same_device(x=x, weight=weight, params=params, bias=bias)
     (x, weight, bias), amp = _backend.amp_cast(x, weight, bias)  # params and R stay fp32
+    check_same_dtype("orthogonal_linear", x=x, weight=weight, bias=bias)
     with amp:
         return _orthogonal_linear(x, weight, params, bias, block_size, neumann_terms)
 
@@ -327,15 +451,15 @@ def orthogonal_linear(x, weight, params, bias=None, block_size=32, neumann_terms
 def _orthogonal_linear(x, weight, params, bias, block_size, neumann_terms):
     K, N = weight.shape[1], weight.shape[0]
     r = cayley(params, block_size, neumann_terms)
-    m_rows = x.numel() // K
     training = torch.is_grad_enabled() and params.requires_grad
-    fused = not compiling() and _kernels(x, block_size) is not None  # Triton: rotation fused into the matmul
+    fused = _kernels(x, block_size) is not None  # Triton: the rotation fused into the matmul
     exact = neumann_terms is None
-    if rotation_side(m_rows, N, block_size, training, orthogonal=exact, fused=fused) == "input":
-        if fused:
-            return RotatedLinear.apply(x.reshape(-1, K), r, weight, bias).view(*x.shape[:-1], N)
-        return frozen_linear(block_rotate(x, r), weight, bias)
-    if training and exact and not weight.requires_grad and not compiling():
-        return WeightRotatedLinear.apply(x.reshape(-1, K), r, weight, bias).view(*x.shape[:-1], N)
-    w_rot = block_rotate(weight, r, transpose=True)  # W @ blockdiag(R)^T
-    return frozen_linear(x, w_rot.to(x.dtype), bias)
+    side = rotation_side(x.numel() // K, N, block_size, training, orthogonal=exact, fused=fused)
+    if side == "input" and fused:
+        side = "fused"
+    x2 = x.reshape(-1, K)
+    if compiling():
+        y = _orthogonal_linear_op(x2, r, weight, bias, side, exact)
+    else:
+        y = OrthogonalLinearFunction.apply(x2, r, weight, bias, side, exact)
+    return y.view(*x.shape[:-1], N)

@@ -1,4 +1,4 @@
-r"""TaskRes residual-classifier logits and the fused cross-entropy (METHODS.md section 1).
+r"""TaskRes residual-classifier logits and the fused cross-entropy (docs/methods.md §1).
 
 Formula::
 
@@ -10,28 +10,35 @@ Formula::
 Gradients, with g = dL/dlogits, fhat = norm(f), uhat = norm(u):
     d uhat = s g.T fhat,  d u = (d uhat - uhat <uhat, d uhat>_row) / ||u||,  d residual = alpha d u,  d base = d u
     d fhat = s g uhat,    d f = (d fhat - fhat <fhat, d fhat>_row) / ||f||
+    d s     = sum_bk g_bk <fhat_b, uhat_k>                  (when the logit scale s trains)
 and for the cross-entropy g = w_b (softmax(logits) - onehot(target)), w_b = 1/#valid (mean), 1 (sum), or
-grad_output_b (none).
+grad_output_b (none), and w_b = 0 on ignored rows.
 
 Three implementations of the same math live here and in kernels/residual.py:
 - ``*_reference``: the naive autograd composition, readable and exact: the test oracle.
-- ``_TorchPrims``: the torch path that CPU tensors run. Chunked over classes: no more than one class chunk
+- ``TorchPath``: the torch path that CPU tensors run. Chunked over classes: no more than one class chunk
   of logits (at most 2^21 elements) and no K x D normalised copy is ever held, and backward recomputes each
   chunk (online log-sum-exp for the loss); when all classes fit in one chunk, the loss keeps that chunk's
-  softmax for backward instead (see ResidualCrossEntropy). Its fp32 class matmuls go through
+  softmax for backward instead (see residual_ce_forward). Its fp32 class matmuls go through
   ``_backend.linear`` (oneDNN on CPUs where it is faster than torch's BLAS).
 - ``fastvlm.kernels.residual``: the Triton kernels behind the same three primitives (``forward``,
   ``backward_prologue``/``backward_chunk``, ``norm_backward``), fused tile by tile.
-The autograd Functions below drive the primitives, so both backends share one algorithm.
+``residual_*_forward`` / ``residual_backward`` drive either path's primitives, so both backends share one
+algorithm; the autograd Functions (eager) and the custom ops (torch.compile) call those functions.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from .. import _backend
-from .._checks import check_float, check_matrix, check_same_device, check_scalar, check_target, compiling
+from .._checks import (check_float, check_matrix, check_same_device, check_same_dtype, check_scalar, check_target,
+                       compiling)
+from ._template import empty_for_none, fake_grads, none_for_unneeded
 
 EPS = 1e-12
 #: elements (B x chunk and chunk x D) a class chunk may take in the torch path and in the Triton backward
@@ -58,7 +65,7 @@ def residual_cross_entropy_reference(features, base, residual, target, alpha=0.5
 
 
 # ---------------------------------------------------------------------------------------------------------
-# torch primitives (the CPU path): the same signatures as the Triton launchers
+# the torch path (CPU tensors): the same primitives, with the same signatures, as fastvlm.kernels.residual
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -85,7 +92,7 @@ def reduce_loss(loss: torch.Tensor, valid: torch.Tensor, reduction: str) -> torc
     return loss
 
 
-class _TorchPrims:
+class TorchPath:
     """The CPU path. Per class chunk, uhat_c = norm(t_c + alpha x_c) is built once and used for everything."""
 
     @staticmethod
@@ -103,7 +110,7 @@ class _TorchPrims:
         """(rf, ru, logits) when target is None, else (rf, ru, (lse, target logit)); class chunk by chunk."""
         B, D = f.shape
         K = t.shape[0]
-        rf = _TorchPrims.inv_norm(f)
+        rf = TorchPath.inv_norm(f)
         fh = _up(f) * (scale * rf)[:, None]
         ru = torch.empty(K, dtype=rf.dtype, device=f.device)
         if target is None:
@@ -114,7 +121,7 @@ class _TorchPrims:
         step = class_chunk(B, D, K)
         for k0 in range(0, K, step):
             k1 = min(k0 + step, K)
-            uh, ru[k0:k1] = _TorchPrims._uhat(t[k0:k1], x[k0:k1], alpha)
+            uh, ru[k0:k1] = TorchPath._uhat(t[k0:k1], x[k0:k1], alpha)
             lg = _backend.linear(fh, uh)  # fh @ uh.T, on oneDNN where it is faster
             if target is None:
                 out[:, k0:k1] = lg
@@ -165,103 +172,265 @@ class _TorchPrims:
         out.copy_((dvhat - vhat * (vhat * dvhat).sum(dim=1, keepdim=True)) * r[:, None])
 
 
-def _prims(t: torch.Tensor):
-    if _backend.use_triton(t):
-        from ..kernels import residual as kr
-
-        return kr
-    return _TorchPrims
+def _path(features: torch.Tensor):
+    """The primitives this call runs: the Triton launchers, or the torch path."""
+    kernels = _backend.triton_kernels("residual", features)
+    return kernels if kernels is not None else TorchPath
 
 
 # ---------------------------------------------------------------------------------------------------------
-# shared backward: chunk over classes, g_chunk from grad_output (logits) or recomputed (cross-entropy)
+# the ops: forward and backward (one algorithm over either path's primitives), Functions and custom ops
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _backward(P, ctx, f, t, x, rf, ru, grad=None, ce=None):
-    alpha, scale = ctx.alpha, ctx.scale
-    need_f, need_t, need_x = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-    B, D = f.shape
-    K = t.shape[0]
-    df = dt = dx = None
-    dfhat = torch.zeros(B, D, device=f.device, dtype=rf.dtype) if need_f else None
+def residual_logits_forward(features, base, residual, alpha, scale):
+    """(logits [B, K], 1/||f|| [B], 1/||u|| [K]) in the inputs' promoted dtype, class chunk by chunk."""
+    rf, ru, out = _path(features).forward(features, base, residual, alpha, scale,
+                                          out_dtype=out_dtype_of(features, base, residual))
+    return out, rf, ru
+
+
+def residual_ce_forward(features, base, residual, target, alpha, scale, keep_softmax):
+    """Per-row losses (0 on rows whose target is -1), rf, ru, the rows' log-sum-exp, and, with
+    ``keep_softmax`` (torch path, all classes in one chunk), softmax - onehot [B, K] for the backward (an
+    empty tensor otherwise). Without it no B x K tensor is kept: the backward recomputes each chunk."""
+    path = _path(features)
+    valid = target >= 0
+    soft = None
+    if keep_softmax:  # one chunk: the whole B x K logits, as the chunked forward would build them
+        rf, ru, lg = path.forward(features, base, residual, alpha, scale, out_dtype=acc_dtype(features))
+        lse = torch.logsumexp(lg, dim=1)
+        rows = valid.nonzero()[:, 0]
+        tlogit = torch.zeros_like(lse)
+        tlogit[rows] = lg[rows, target[rows]]
+        soft = lg.sub_(lse[:, None]).exp_()  # softmax in place, then minus the one-hot target
+        soft[rows, target[rows]] -= 1.0
+    else:
+        rf, ru, (lse, tlogit) = path.forward(features, base, residual, alpha, scale, target=target)
+    loss = torch.where(valid, lse - tlogit, 0.0)
+    return loss, rf, ru, lse, (features.new_empty(0, dtype=rf.dtype) if soft is None else soft)
+
+
+def residual_backward(features, base, residual, rf, ru, alpha, scale, needs, grad=None, ce=None):
+    """(d features, d base, d residual, d scale) for ``needs`` = (features, base, residual, scale), None
+    where not needed. The upstream gradient is either ``grad`` = dL/dlogits [B, K] or, for the
+    cross-entropy, ``ce`` = (target, lse, w): each chunk's dL/dlogits = w_b (softmax - onehot) is recomputed.
+
+    d scale = sum_bk g_bk <fhat_b, uhat_k> = sum_b <fhat_b, dfhat_b> / s, with dfhat = s g uhat the
+    accumulator the features' gradient uses anyway: one reduction more."""
+    need_f, need_t, need_x, need_s = needs
+    path = _path(features)
+    B, D = features.shape
+    K = base.shape[0]
+    df = dt = dx = ds = None
+    dfhat = torch.zeros(B, D, device=features.device, dtype=rf.dtype) if (need_f or need_s) else None
     if need_t:
-        dt = torch.empty_like(t, memory_format=torch.contiguous_format)
+        dt = torch.empty_like(base, memory_format=torch.contiguous_format)
     if need_x:
-        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-    fh = P.backward_prologue(f, rf, scale)
+        dx = torch.empty_like(residual, memory_format=torch.contiguous_format)
+    fh = path.backward_prologue(features, rf, scale)
     step = class_chunk(B, D, K)
     for k0 in range(0, K, step):
         k1 = min(k0 + step, K)
         g = None if grad is None else grad[:, k0:k1]
         ce_c = None if ce is None else (ce[0] - k0, ce[1], ce[2])
-        P.backward_chunk(fh, f, rf, t[k0:k1], x[k0:k1], ru[k0:k1], alpha, scale, g, ce_c,
-                         dt[k0:k1] if need_t else None, dx[k0:k1] if need_x else None, dfhat)
+        path.backward_chunk(fh, features, rf, base[k0:k1], residual[k0:k1], ru[k0:k1], alpha, scale, g, ce_c,
+                            dt[k0:k1] if need_t else None, dx[k0:k1] if need_x else None, dfhat)
+    if need_s:
+        ds = (_up(features) * rf[:, None] * dfhat).sum() / scale
     if need_f:
-        df = torch.empty_like(f, memory_format=torch.contiguous_format)
-        P.norm_backward(dfhat, f, rf, df)
-    return df, dt, dx
+        df = torch.empty_like(features, memory_format=torch.contiguous_format)
+        path.norm_backward(dfhat, features, rf, df)
+    return df, dt, dx, ds
 
 
-class ResidualLogits(torch.autograd.Function):
+def _ce_row_weights(target, grad_rows, dtype):
+    """w_b = d loss / d loss_b, 0 on ignored rows (whatever the reduction's gradient there, also inf when
+    every row is ignored and the mean divides by 0, as F.cross_entropy's zero gradients)."""
+    return torch.where(target >= 0, grad_rows.to(dtype), 0.0)
+
+
+def _scale_grad(ds, scale_tensor):
+    return None if ds is None else ds.reshape(scale_tensor.shape).to(scale_tensor.dtype)
+
+
+class ResidualLogitsFunction(torch.autograd.Function):
+    """Eager autograd of :func:`residual_logits`; ``scale_tensor``: the logit scale when it trains, else None."""
+
     @staticmethod
-    def forward(ctx, f, t, x, alpha, scale):
-        P = _prims(f)
-        rf, ru, out = P.forward(f, t, x, alpha, scale, out_dtype=out_dtype_of(f, t, x))
-        ctx.save_for_backward(f, t, x, rf, ru)
-        ctx.alpha, ctx.scale, ctx.prims = alpha, scale, P
+    def forward(ctx, features, base, residual, alpha, scale, scale_tensor):
+        out, rf, ru = residual_logits_forward(features, base, residual, alpha, scale)
+        ctx.save_for_backward(features, base, residual, rf, ru, scale_tensor)
+        ctx.alpha, ctx.scale = alpha, scale
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        f, t, x, rf, ru = ctx.saved_tensors
-        df, dt, dx = _backward(ctx.prims, ctx, f, t, x, rf, ru, grad=grad.to(rf.dtype))
-        return df, dt, dx, None, None
+        features, base, residual, rf, ru, scale_tensor = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        df, dt, dx, ds = residual_backward(features, base, residual, rf, ru, ctx.alpha, ctx.scale,
+                                           (n[0], n[1], n[2], n[5]), grad=grad.to(rf.dtype))
+        return df, dt, dx, None, None, _scale_grad(ds, scale_tensor)
 
 
-class ResidualCrossEntropy(torch.autograd.Function):
-    """Class chunk by chunk, the softmax gradient recomputed in backward (a third class matmul) so that no
-    B x K logits are held between the passes. Exception, torch path only: when all K classes fit in one
-    chunk (B x K within the chunk budget), the forward's one chunk of logits is turned into
-    softmax - onehot and kept, and the backward skips the recompute: no more than that one chunk, which the
-    forward held anyway (at B=256, K=1000, D=512 this took the op from 1.36x to ~1.0x the naive time)."""
+class ResidualCrossEntropyFunction(torch.autograd.Function):
+    """Eager autograd of the per-row losses of :func:`residual_cross_entropy` (target -1 on ignored rows)."""
 
     @staticmethod
-    def forward(ctx, f, t, x, target, alpha, scale, reduction, ignore_index):
-        P = _prims(f)
-        valid = target != ignore_index
-        tgt = torch.where(valid, target, -1)  # -1 never matches a class
-        keep = (P is _TorchPrims and class_chunk(f.shape[0], f.shape[1], t.shape[0]) >= t.shape[0]
-                and any(ctx.needs_input_grad[:3]))
-        soft = None
-        if keep:  # one chunk: the whole B x K logits, as the chunked forward would build them
-            rf, ru, lg = P.forward(f, t, x, alpha, scale, out_dtype=acc_dtype(f))
-            lse = torch.logsumexp(lg, dim=1)
-            rows = valid.nonzero()[:, 0]
-            tlogit = torch.zeros_like(lse)
-            tlogit[rows] = lg[rows, tgt[rows]]
-            soft = lg.sub_(lse[:, None]).exp_()  # softmax in place, then minus the one-hot target
-            soft[rows, tgt[rows]] -= 1.0
-        else:
-            rf, ru, (lse, tlogit) = P.forward(f, t, x, alpha, scale, target=tgt)
-        loss = torch.where(valid, lse - tlogit, 0.0)
-        ctx.save_for_backward(f, t, x, rf, ru, tgt, lse, valid, soft)
-        ctx.alpha, ctx.scale, ctx.reduction, ctx.prims, ctx.n_valid = alpha, scale, reduction, P, valid.sum()
-        return reduce_loss(loss, valid, reduction).to(out_dtype_of(f, t, x))
+    def forward(ctx, features, base, residual, target, alpha, scale, scale_tensor, keep_softmax):
+        loss, rf, ru, lse, soft = residual_ce_forward(features, base, residual, target, alpha, scale, keep_softmax)
+        ctx.save_for_backward(features, base, residual, target, rf, ru, lse, soft, scale_tensor)
+        ctx.alpha, ctx.scale = alpha, scale
+        return loss
 
     @staticmethod
-    def backward(ctx, grad):
-        f, t, x, rf, ru, tgt, lse, valid, soft = ctx.saved_tensors
-        grad = grad.to(rf.dtype)
-        if ctx.reduction == "mean":
-            w = valid.to(grad.dtype) * (grad / ctx.n_valid)
-        else:  # "sum": grad is a scalar; "none": one per row
-            w = valid.to(grad.dtype) * grad
-        if soft is not None:
-            df, dt, dx = _backward(ctx.prims, ctx, f, t, x, rf, ru, grad=soft * w[:, None])
+    def backward(ctx, grad_rows):
+        features, base, residual, target, rf, ru, lse, soft, scale_tensor = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        w = _ce_row_weights(target, grad_rows, rf.dtype)
+        needs = (n[0], n[1], n[2], n[6])
+        if soft.numel():
+            grads = residual_backward(features, base, residual, rf, ru, ctx.alpha, ctx.scale, needs,
+                                      grad=soft * w[:, None])
         else:
-            df, dt, dx = _backward(ctx.prims, ctx, f, t, x, rf, ru, ce=(tgt, lse, w))
-        return df, dt, dx, None, None, None, None, None
+            grads = residual_backward(features, base, residual, rf, ru, ctx.alpha, ctx.scale, needs,
+                                      ce=(target, lse, w))
+        df, dt, dx, ds = grads
+        return df, dt, dx, None, None, None, _scale_grad(ds, scale_tensor), None
+
+
+@torch.library.custom_op("fastvlm::residual_logits", mutates_args=())
+def _residual_logits_op(features: Tensor, base: Tensor, residual: Tensor, alpha: float, scale: float
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    return residual_logits_forward(features, base, residual, alpha, scale)
+
+
+@_residual_logits_op.register_fake
+def _(features, base, residual, alpha, scale):
+    acc = acc_dtype(features)
+    return (features.new_empty(features.shape[0], base.shape[0], dtype=out_dtype_of(features, base, residual)),
+            features.new_empty(features.shape[0], dtype=acc), base.new_empty(base.shape[0], dtype=acc))
+
+
+@torch.library.custom_op("fastvlm::residual_ce", mutates_args=())
+def _residual_ce_op(features: Tensor, base: Tensor, residual: Tensor, target: Tensor, alpha: float, scale: float,
+                    keep_softmax: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return residual_ce_forward(features, base, residual, target, alpha, scale, keep_softmax)
+
+
+@_residual_ce_op.register_fake
+def _(features, base, residual, target, alpha, scale, keep_softmax):
+    acc = acc_dtype(features)
+    B, K = features.shape[0], base.shape[0]
+    rows = features.new_empty(B, dtype=acc)
+    soft = features.new_empty((B, K) if keep_softmax else (0,), dtype=acc)
+    return rows, torch.empty_like(rows), base.new_empty(K, dtype=acc), torch.empty_like(rows), soft
+
+
+@torch.library.custom_op("fastvlm::residual_backward", mutates_args=())
+def _residual_backward_op(features: Tensor, base: Tensor, residual: Tensor, rf: Tensor, ru: Tensor,
+                          grad: Optional[Tensor], target: Optional[Tensor], lse: Optional[Tensor],
+                          w: Optional[Tensor], alpha: float, scale: float, need_features: bool, need_base: bool,
+                          need_residual: bool, need_scale: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    ce = None if grad is not None else (target, lse, w)
+    grads = residual_backward(features, base, residual, rf, ru, alpha, scale,
+                              (need_features, need_base, need_residual, need_scale), grad=grad, ce=ce)
+    return empty_for_none(grads, rf)
+
+
+@_residual_backward_op.register_fake
+def _(features, base, residual, rf, ru, grad, target, lse, w, alpha, scale, need_features, need_base,
+      need_residual, need_scale):
+    return fake_grads([(features, need_features), (base, need_base), (residual, need_residual),
+                       (rf.new_empty(()), need_scale)])
+
+
+def _logits_setup(ctx, inputs, output):
+    features, base, residual, alpha, scale = inputs
+    _, rf, ru = output
+    ctx.save_for_backward(features, base, residual, rf, ru)
+    ctx.alpha, ctx.scale = alpha, scale
+
+
+def _logits_backward(ctx, grad, _grad_rf, _grad_ru):
+    features, base, residual, rf, ru = ctx.saved_tensors
+    needs = (*ctx.needs_input_grad[:3], False)
+    grads = _residual_backward_op(features, base, residual, rf, ru, grad.to(rf.dtype), None, None, None, ctx.alpha,
+                                  ctx.scale, *needs)
+    df, dt, dx, _ = none_for_unneeded(grads, needs)
+    return df, dt, dx, None, None
+
+
+_residual_logits_op.register_autograd(_logits_backward, setup_context=_logits_setup)
+
+
+def _ce_setup(ctx, inputs, output):
+    features, base, residual, target, alpha, scale, keep_softmax = inputs
+    _, rf, ru, lse, soft = output
+    ctx.save_for_backward(features, base, residual, target, rf, ru, lse, soft)
+    ctx.alpha, ctx.scale, ctx.keep_softmax = alpha, scale, keep_softmax
+
+
+def _ce_backward(ctx, grad_rows, _grad_rf, _grad_ru, _grad_lse, _grad_soft):
+    features, base, residual, target, rf, ru, lse, soft = ctx.saved_tensors
+    needs = (*ctx.needs_input_grad[:3], False)
+    w = _ce_row_weights(target, grad_rows, rf.dtype)
+    if ctx.keep_softmax:
+        grads = _residual_backward_op(features, base, residual, rf, ru, soft * w[:, None], None, None, None,
+                                      ctx.alpha, ctx.scale, *needs)
+    else:
+        grads = _residual_backward_op(features, base, residual, rf, ru, None, target, lse, w, ctx.alpha, ctx.scale,
+                                      *needs)
+    df, dt, dx, _ = none_for_unneeded(grads, needs)
+    return df, dt, dx, None, None, None, None
+
+
+_residual_ce_op.register_autograd(_ce_backward, setup_context=_ce_setup)
+
+
+class _NormalizedClassSum(torch.autograd.Function):
+    """sum_k norm(base_k + alpha residual_k) [D], class chunk by chunk (no K x D normalised copy held);
+    backward: d u_k = (g - uhat_k <uhat_k, g>) / ||u_k||, d base = d u, d residual = alpha d u."""
+
+    @staticmethod
+    def forward(ctx, base, residual, alpha):
+        step = class_chunk(1, base.shape[1], base.shape[0])
+        total = torch.zeros(base.shape[1], dtype=acc_dtype(base), device=base.device)
+        for k0 in range(0, base.shape[0], step):
+            total += TorchPath._uhat(base[k0:k0 + step], residual[k0:k0 + step], alpha)[0].sum(dim=0)
+        ctx.save_for_backward(base, residual)
+        ctx.alpha = alpha
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        base, residual = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        db = torch.empty_like(base) if n[0] else None
+        dr = torch.empty_like(residual) if n[1] else None
+        step = class_chunk(1, base.shape[1], base.shape[0])
+        for k0 in range(0, base.shape[0], step):
+            uh, ru = TorchPath._uhat(base[k0:k0 + step], residual[k0:k0 + step], ctx.alpha)
+            du = (g[None, :] - uh * (uh @ g)[:, None]) * ru[:, None]
+            if db is not None:
+                db[k0:k0 + step] = du
+            if dr is not None:
+                dr[k0:k0 + step] = du * ctx.alpha
+        return db, dr, None
+
+
+def smoothing_term(features, base, residual, target, alpha, scale, scale_tensor=None):
+    """Per-row ``logit_t - mean_k logit_k`` (0 on rows whose target is -1), by autograd over B x D and a
+    chunked K x D pass, never B x K. Label smoothing eps turns the cross-entropy into
+    ``ce_b + eps * (logit_t - mean_k logit_k)`` (softmax's log-sum-exp appears with weight 1 either way)."""
+    valid = target >= 0
+    tgt = target.clamp_min(0)
+    u_t = base[tgt] + alpha * residual[tgt]
+    mean_u = _NormalizedClassSum.apply(base, residual, alpha) / base.shape[0]
+    fhat = F.normalize(features.to(acc_dtype(features)), dim=-1, eps=EPS)
+    uhat_t = F.normalize(u_t.to(acc_dtype(features)), dim=-1, eps=EPS)
+    s = scale if scale_tensor is None else scale_tensor
+    return torch.where(valid, s * (fhat * (uhat_t - mean_u)).sum(dim=1), 0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -281,44 +450,82 @@ def _check(features, base, residual, alpha, logit_scale):
         raise ValueError(f"residual must have the shape of base {tuple(base.shape)}, got {tuple(residual.shape)}")
     if features.shape[1] != base.shape[1]:
         raise ValueError(f"features must have D={base.shape[1]} columns like base (K x D), got {features.shape[1]}")
+    if isinstance(alpha, torch.Tensor) and alpha.requires_grad:
+        raise ValueError("alpha must be a number or a tensor that does not require grad: the residual ops give "
+                         "no gradient for it (train the residual instead)")
     check_scalar("alpha", alpha)
     check_scalar("logit_scale", logit_scale)
+
+
+def _number(v) -> float:
+    return float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
+
+
+def _trained_scale(logit_scale):
+    """The logit scale as a tensor when it takes a gradient (CLIP's learnable ``logit_scale`` after exp),
+    else None. Only in eager mode: under torch.compile a scale that requires grad is refused."""
+    if not (isinstance(logit_scale, torch.Tensor) and logit_scale.requires_grad and torch.is_grad_enabled()):
+        return None
+    if compiling():
+        raise ValueError("logit_scale that requires grad is supported in eager mode only; under torch.compile "
+                         "pass it as a number or detach it")
+    return logit_scale
 
 
 def residual_logits(features, base, residual, alpha=0.5, logit_scale=100.0):
     """``logit_scale * norm(features) @ norm(base + alpha * residual).T`` (B x K).
 
-    features: [B, D]; base, residual: [K, D]; any float dtype, any strides. Gradients for every input that
-    requires grad. CUDA tensors run the fused Triton kernel, CPU tensors the chunked torch path.
+    features: [B, D]; base, residual: [K, D]; one float dtype (as F.linear; autocast casts them), any
+    strides. Gradients for every input that requires grad, ``logit_scale`` included when it is a tensor that
+    requires grad (a learnable CLIP scale). CUDA tensors run the fused Triton kernels, CPU tensors the
+    chunked torch path.
     """
     _check(features, base, residual, alpha, logit_scale)
+    scale_tensor = _trained_scale(logit_scale)
     (features, base, residual), amp = _backend.amp_cast(features, base, residual)
+    check_same_dtype("residual_logits", features=features, base=base, residual=residual)
+    alpha, scale = _number(alpha), _number(logit_scale)
     with amp:
         if compiling():
-            from . import library
-
-            return library.residual_logits(features, base, residual, float(alpha), float(logit_scale))
-        return ResidualLogits.apply(features, base, residual, float(alpha), float(logit_scale))
+            return _residual_logits_op(features, base, residual, alpha, scale)[0]
+        return ResidualLogitsFunction.apply(features, base, residual, alpha, scale, scale_tensor)
 
 
 def residual_cross_entropy(features, base, residual, target, alpha=0.5, logit_scale=100.0, reduction="mean",
-                           ignore_index=-100):
-    """``F.cross_entropy(residual_logits(...), target, reduction=reduction)`` without holding more than one
-    class chunk of the B x K logits or their gradient: class chunks with an online log-sum-exp forward,
-    recomputed in backward (on CPU, when all classes fit in one chunk, that chunk is kept instead).
+                           ignore_index=-100, label_smoothing=0.0):
+    """``F.cross_entropy(residual_logits(...), target, reduction=reduction, ignore_index=ignore_index,
+    label_smoothing=label_smoothing)``
+    without holding more than one class chunk of the B x K logits or their gradient: class chunks with an
+    online log-sum-exp forward, recomputed in backward (on CPU, when all classes fit in one chunk, that chunk
+    is kept instead).
 
-    target: [B] int class indices (``ignore_index`` rows contribute nothing, as in F.cross_entropy).
+    target: [B] int class indices; ``ignore_index`` rows contribute nothing, and when every row is ignored
+    the mean is NaN with zero gradients, as in F.cross_entropy. ``label_smoothing`` eps in [0, 1] mixes the
+    one-hot target with the uniform distribution as F.cross_entropy does: per row
+    ``(1 - eps) (lse - logit_t) + eps (lse - mean_k logit_k)``. The loss is in the inputs' promoted dtype,
+    and in fp32 under autocast (torch's autocast runs losses in fp32).
     """
     _check(features, base, residual, alpha, logit_scale)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    check_scalar("label_smoothing", label_smoothing, 0.0, 1.0)
     check_target("target", target, features.shape[0], base.shape[0], ignore_index, device=features.device)
+    scale_tensor = _trained_scale(logit_scale)
+    autocasting = torch.is_autocast_enabled(features.device.type)
     (features, base, residual), amp = _backend.amp_cast(features, base, residual)
+    check_same_dtype("residual_cross_entropy", features=features, base=base, residual=residual)
+    valid = target != ignore_index
+    tgt = torch.where(valid, target.long(), -1)  # -1 never matches a class
+    alpha, scale = _number(alpha), _number(logit_scale)
+    keep = (not _backend.use_triton(features) and class_chunk(*features.shape, base.shape[0]) >= base.shape[0]
+            and torch.is_grad_enabled() and any(t.requires_grad for t in (features, base, residual)))
     with amp:
         if compiling():
-            from . import library
-
-            return library.residual_cross_entropy(features, base, residual, target.long(), float(alpha),
-                                                  float(logit_scale), reduction, int(ignore_index))
-        return ResidualCrossEntropy.apply(features, base, residual, target.long(), float(alpha), float(logit_scale),
-                                          reduction, int(ignore_index))
+            rows = _residual_ce_op(features, base, residual, tgt, alpha, scale, keep)[0]
+        else:
+            rows = ResidualCrossEntropyFunction.apply(features, base, residual, tgt, alpha, scale, scale_tensor, keep)
+        if label_smoothing:
+            rows = rows + float(label_smoothing) * smoothing_term(features, base, residual, tgt, alpha, scale,
+                                                                 scale_tensor)
+    loss = reduce_loss(rows, valid, reduction)
+    return loss.float() if autocasting else loss.to(out_dtype_of(features, base, residual))
