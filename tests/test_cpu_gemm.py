@@ -145,4 +145,4 @@ def test_ops_route_their_matmuls(count_onednn):
         f = torch.randn(8, 64, generator=g, requires_grad=True)
         t, r = torch.randn(10, 64, generator=g), torch.zeros(10, 64, requires_grad=True)
         residual_cross_entropy(f, t, r, torch.randint(0, 10, (8,), generator=g)).backward()
-        assert len(count_onednn) == 2  # logits and d fhat
+        assert len(count_onednn) == 0  # the residual family stays on torch's BLAS (accuracy: test_agreement)

@@ -19,8 +19,9 @@ Three implementations of the same math live here and in kernels/residual.py:
 - ``TorchPath``: the torch path that CPU tensors run. Chunked over classes: no more than one class chunk
   of logits (at most 2^21 elements) and no K x D normalised copy is ever held, and backward recomputes each
   chunk (online log-sum-exp for the loss); when all classes fit in one chunk, the loss keeps that chunk's
-  softmax for backward instead (see residual_ce_forward). Its fp32 class matmuls go through
-  ``_backend.linear`` (oneDNN on CPUs where it is faster than torch's BLAS).
+  softmax for backward instead (see residual_ce_forward). Its class matmuls run on torch's own BLAS, not
+  oneDNN: logit_scale amplifies the matmul's rounding into the softmax, and oneDNN's fp32 linear rounds
+  more than torch's (its summation order; figures in docs/performance.md), which the gradients showed.
 - ``fastvlm.kernels.residual``: the Triton kernels behind the same three primitives (``forward``,
   ``backward_prologue``/``backward_chunk``, ``norm_backward``), fused tile by tile.
 ``residual_*_forward`` / ``residual_backward`` drive either path's primitives, so both backends share one
@@ -122,7 +123,7 @@ class TorchPath:
         for k0 in range(0, K, step):
             k1 = min(k0 + step, K)
             uh, ru[k0:k1] = TorchPath._uhat(t[k0:k1], x[k0:k1], alpha)
-            lg = _backend.linear(fh, uh)  # fh @ uh.T, on oneDNN where it is faster
+            lg = fh @ uh.T
             if target is None:
                 out[:, k0:k1] = lg
                 continue
@@ -147,16 +148,13 @@ class TorchPath:
         uh = torch.add(_up(tc), _up(xc), alpha=alpha).mul_(ruc[:, None])
         if g is None:
             tgt, lse, w = ce
-            g = torch.exp_(_backend.linear(fh, uh).sub_(lse[:, None]))
+            g = torch.exp_((fh @ uh.T).sub_(lse[:, None]))
             inside = (tgt >= 0) & (tgt < g.shape[1])
             rows = inside.nonzero()[:, 0]
             g[rows, tgt[rows]] -= 1.0
             g.mul_(w[:, None])
         if dfhat is not None:
-            if _backend.use_onednn(g, uh.t()):
-                dfhat.add_(_backend.linear(g, uh.t()), alpha=scale)
-            else:
-                dfhat.addmm_(g, uh, alpha=scale)
+            dfhat.addmm_(g, uh, alpha=scale)
         if dt_c is not None or dx_c is not None:
             duh = torch.mm(g.T, fh)  # = s * g.T @ fhat
             dot = (uh * duh).sum(dim=1, keepdim=True)
