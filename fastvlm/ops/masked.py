@@ -88,6 +88,27 @@ def grad_dropout_reference(g_task, g_ref, ratio, seed, offset=0):
     return (keep_scale(g_task, g_ref, u, ratio) * g_task.float()).to(g_task.dtype)
 
 
+def _masked_example(dtype, generator):
+    N, K = 9, 13
+    x = torch.randn(2, 3, K, generator=generator, dtype=dtype).requires_grad_()
+    w = torch.randn(N, K, generator=generator, dtype=dtype)
+    # scores away from tau (|S - tau| >= 1e-3): fp64 gradcheck's perturbations never flip a mask bit
+    s = (5e-3 + torch.sign(torch.randn(N, K, generator=generator)) * (1e-3 + 1e-2 * torch.rand(N, K, generator=generator)))
+    b = torch.randn(N, generator=generator, dtype=dtype).requires_grad_()
+    return [x, w, s.to(dtype).requires_grad_(), b], {}
+
+
+def _grad_dropout_example(dtype, generator):
+    ga, gb = torch.randn(11, 6, generator=generator, dtype=dtype), torch.randn(11, 6, generator=generator, dtype=dtype)
+    return [ga, gb], {"ratio": 0.6, "seed": 5, "offset": 3}
+
+
+#: small inputs for each public op of this family (see fastvlm/ops/residual.py's EXAMPLES)
+EXAMPLES = {"masked_linear": _masked_example, "grad_dropout": _grad_dropout_example}
+#: inputs whose gradient is a straight-through estimate, not the derivative (gradcheck skips them)
+STRAIGHT_THROUGH = {"masked_linear": {2}}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the op: forward and backward (torch path or Triton launchers), a Function and a custom op calling them
 # ---------------------------------------------------------------------------------------------------------

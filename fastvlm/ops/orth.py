@@ -60,9 +60,33 @@ def cayley_reference(params, block_size, neumann_terms=None):
     return (eye + q) @ series
 
 
+def block_rotate_reference(x, rotation, transpose=False):
+    dense = torch.block_diag(*rotation).to(x.dtype)
+    return x @ (dense.T if transpose else dense)
+
+
 def orthogonal_linear_reference(x, weight, params, bias=None, block_size=32, neumann_terms=None):
     r = cayley_reference(params, block_size, neumann_terms)
     return F.linear(x @ torch.block_diag(*r).to(x.dtype), weight, bias)
+
+
+def _orth_example(dtype, generator, op):
+    b, r = 4, 3
+    params = (0.2 * torch.randn(r, n_params(b), generator=generator, dtype=dtype)).requires_grad_()
+    x = torch.randn(2, 5, r * b, generator=generator, dtype=dtype).requires_grad_()
+    if op == "cayley":
+        return [params], {"block_size": b}
+    if op == "block_rotate":
+        rot = torch.linalg.qr(torch.randn(r, b, b, generator=generator, dtype=torch.float64))[0].to(dtype)
+        return [x, rot.requires_grad_()], {"transpose": True}
+    w = torch.randn(7, r * b, generator=generator, dtype=dtype)
+    bias = torch.randn(7, generator=generator, dtype=dtype).requires_grad_()
+    return [x, w, params, bias], {"block_size": b}
+
+
+#: small inputs for each public op of this family (see fastvlm/ops/residual.py's EXAMPLES)
+EXAMPLES = {op: (lambda dtype, g, op=op: _orth_example(dtype, g, op))
+            for op in ("cayley", "block_rotate", "orthogonal_linear")}
 
 
 # ---------------------------------------------------------------------------------------------------------

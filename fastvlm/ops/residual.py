@@ -65,6 +65,26 @@ def residual_cross_entropy_reference(features, base, residual, target, alpha=0.5
     return F.cross_entropy(lg, target, reduction=reduction, ignore_index=ignore_index)
 
 
+def _residual_example(dtype, generator, loss):
+    B, K, D = 5, 7, 12
+    f = torch.randn(B, D, generator=generator, dtype=dtype).requires_grad_()
+    t = torch.randn(K, D, generator=generator, dtype=dtype).requires_grad_()
+    x = (0.3 * torch.randn(K, D, generator=generator, dtype=dtype)).requires_grad_()
+    if not loss:
+        return [f, t, x], {"alpha": 0.7, "logit_scale": 20.0}
+    y = torch.randint(0, K, (B,), generator=generator)
+    y[1] = -100
+    return [f, t, x, y], {"alpha": 0.7, "logit_scale": 20.0, "reduction": "sum"}
+
+
+#: small inputs for each public op of this family (tensors, keyword arguments), which the generic op tests
+#: (tests/test_op_template.py) run against the reference: forward, gradients, fp64 gradcheck, compile
+EXAMPLES = {
+    "residual_logits": lambda dtype, g: _residual_example(dtype, g, loss=False),
+    "residual_cross_entropy": lambda dtype, g: _residual_example(dtype, g, loss=True),
+}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the torch path (CPU tensors): the same primitives, with the same signatures, as fastvlm.kernels.residual
 # ---------------------------------------------------------------------------------------------------------
