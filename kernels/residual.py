@@ -158,7 +158,7 @@ declare(norm_backward_kernel, {"beta": "fp32", "o1_scale": "fp32", "o2_scale": "
 
 
 # ---------------------------------------------------------------------------------------------------------
-# launchers: the primitives fastvlm/ops/residual.py drives (the torch twins live there, _TorchPrims)
+# launchers: the primitives fastvlm/ops/residual.py drives (the torch twins live there, TorchPath)
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -186,8 +186,10 @@ def _tile_cfg_dot(dot):
     return {**mm_config(dot), "DOT_DTYPE": dot}
 
 
-def forward(f, t, x, alpha, scale, target=None, out_dtype=None):
-    """(rf, ru, logits) when target is None, else (rf, ru, (lse, target logit)): no B x K tensor for the loss."""
+def forward(features, base, residual, alpha, scale, target=None, out_dtype=None):
+    """(rf, ru, logits) when target is None, else (rf, ru, (lse, target logit)): no B x K tensor for the loss.
+    Inside: f = features, t = base, x = residual, as the kernels' pointer names."""
+    f, t, x = features, base, residual
     B, D = f.shape
     K = t.shape[0]
     rf, ru = inv_norm(f), inv_norm(t, x, alpha)
@@ -208,13 +210,16 @@ def forward(f, t, x, alpha, scale, target=None, out_dtype=None):
     return rf, ru, (lse, ptgt.sum(dim=1))
 
 
-def backward_prologue(f, rf, scale):
-    return None  # the kernels scale f by rf on the fly
+def backward_prologue(features, rf, scale):
+    return None  # the kernels scale the features by rf on the fly
 
 
-def backward_chunk(fh, f, rf, tc, xc, ruc, alpha, scale, g, ce, dt_c, dx_c, dfhat):
-    """One class chunk: G (recomputed softmax gradient when g is None), d uhat = s G^T fhat into a chunk
-    scratch, its normalisation backward into dt_c / dx_c, and dfhat += s G uhat_c."""
+def backward_chunk(rows, chunk, g, ce):
+    """One class chunk (``rows``, ``chunk``: fastvlm.ops.residual's Rows and ClassChunk): G (the recomputed
+    softmax gradient when g is None), d uhat = s G^T fhat into a chunk scratch, its normalisation backward
+    into chunk.dbase / chunk.dresidual, and rows.dfhat += s G uhat_c."""
+    f, rf, alpha, scale, dfhat = rows.features, rows.rf, rows.alpha, rows.scale, rows.dfhat
+    tc, xc, ruc, dt_c, dx_c = chunk.base, chunk.residual, chunk.ru, chunk.dbase, chunk.dresidual
     B, D = f.shape
     Kc = tc.shape[0]
     if g is None:

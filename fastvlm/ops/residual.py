@@ -30,7 +30,7 @@ algorithm; the autograd Functions (eager) and the custom ops (torch.compile) cal
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -99,9 +99,9 @@ def _up(t):
     return t.to(acc_dtype(t))
 
 
-def out_dtype_of(f, t, x) -> torch.dtype:
+def out_dtype_of(features, base, residual) -> torch.dtype:
     """The logits' / loss's dtype: the promotion of the three inputs' dtypes."""
-    return torch.promote_types(torch.promote_types(f.dtype, t.dtype), x.dtype)
+    return torch.promote_types(torch.promote_types(features.dtype, base.dtype), residual.dtype)
 
 
 def reduce_loss(loss: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -113,12 +113,37 @@ def reduce_loss(loss: torch.Tensor, valid: torch.Tensor, reduction: str) -> torc
     return loss
 
 
+class Rows(NamedTuple):
+    """What every class chunk of the backward shares: the features, their 1/||f||, the prologue's
+    s * fhat (None where the kernels scale on the fly), the d fhat accumulator (None when neither the
+    features nor the scale need a gradient), alpha and the logit scale s."""
+
+    features: torch.Tensor
+    rf: torch.Tensor
+    scaled_fhat: Optional[torch.Tensor]
+    dfhat: Optional[torch.Tensor]
+    alpha: float
+    scale: float
+
+
+class ClassChunk(NamedTuple):
+    """One chunk of classes: its rows of base and residual, their 1/||u||, and where their gradients go
+    (None when not needed)."""
+
+    base: torch.Tensor
+    residual: torch.Tensor
+    ru: torch.Tensor
+    dbase: Optional[torch.Tensor]
+    dresidual: Optional[torch.Tensor]
+
+
 class TorchPath:
-    """The CPU path. Per class chunk, uhat_c = norm(t_c + alpha x_c) is built once and used for everything."""
+    """The CPU path. Per class chunk, uhat_c = norm(base_c + alpha residual_c) is built once and used for
+    everything."""
 
     @staticmethod
-    def _uhat(tc, xc, alpha):
-        u = torch.add(_up(tc), _up(xc), alpha=alpha)
+    def _uhat(base_c, residual_c, alpha):
+        u = torch.add(_up(base_c), _up(residual_c), alpha=alpha)
         ru = 1.0 / torch.linalg.vector_norm(u, dim=1).clamp_min_(EPS)
         return u.mul_(ru[:, None]), ru
 
@@ -127,22 +152,22 @@ class TorchPath:
         return 1.0 / torch.linalg.vector_norm(_up(a), dim=1).clamp_min(EPS)
 
     @staticmethod
-    def forward(f, t, x, alpha, scale, target=None, out_dtype=None):
+    def forward(features, base, residual, alpha, scale, target=None, out_dtype=None):
         """(rf, ru, logits) when target is None, else (rf, ru, (lse, target logit)); class chunk by chunk."""
-        B, D = f.shape
-        K = t.shape[0]
-        rf = TorchPath.inv_norm(f)
-        fh = _up(f) * (scale * rf)[:, None]
-        ru = torch.empty(K, dtype=rf.dtype, device=f.device)
+        B, D = features.shape
+        K = base.shape[0]
+        rf = TorchPath.inv_norm(features)
+        fh = _up(features) * (scale * rf)[:, None]
+        ru = torch.empty(K, dtype=rf.dtype, device=features.device)
         if target is None:
-            out = torch.empty(B, K, dtype=out_dtype, device=f.device)
+            out = torch.empty(B, K, dtype=out_dtype, device=features.device)
         else:
-            m = torch.full((B,), float("-inf"), device=f.device, dtype=rf.dtype)
+            m = torch.full((B,), float("-inf"), device=features.device, dtype=rf.dtype)
             ssum, tgt = torch.zeros_like(m), torch.zeros_like(m)
         step = class_chunk(B, D, K)
         for k0 in range(0, K, step):
             k1 = min(k0 + step, K)
-            uh, ru[k0:k1] = TorchPath._uhat(t[k0:k1], x[k0:k1], alpha)
+            uh, ru[k0:k1] = TorchPath._uhat(base[k0:k1], residual[k0:k1], alpha)
             lg = fh @ uh.T
             if target is None:
                 out[:, k0:k1] = lg
@@ -158,31 +183,33 @@ class TorchPath:
         return rf, ru, (m + torch.log(ssum), tgt)
 
     @staticmethod
-    def backward_prologue(f, rf, scale):
-        return _up(f) * (scale * rf)[:, None]  # s * fhat, shared by every chunk
+    def backward_prologue(features, rf, scale):
+        return _up(features) * (scale * rf)[:, None]  # s * fhat, shared by every chunk
 
     @staticmethod
-    def backward_chunk(fh, f, rf, tc, xc, ruc, alpha, scale, g, ce, dt_c, dx_c, dfhat):
+    def backward_chunk(rows: Rows, chunk: ClassChunk, g, ce):
         """One class chunk of the backward. g: this chunk of dL/dlogits, or None to recompute it from
-        ce = (target - k0, lse, w). Writes dt_c / dx_c (when given) and accumulates s * g @ uhat_c into dfhat."""
-        uh = torch.add(_up(tc), _up(xc), alpha=alpha).mul_(ruc[:, None])
+        ce = (target - k0, lse, w). Writes chunk.dbase / chunk.dresidual (when given) and accumulates
+        s * g @ uhat_c into rows.dfhat."""
+        fh = rows.scaled_fhat
+        uh = torch.add(_up(chunk.base), _up(chunk.residual), alpha=rows.alpha).mul_(chunk.ru[:, None])
         if g is None:
             tgt, lse, w = ce
             g = torch.exp_((fh @ uh.T).sub_(lse[:, None]))
             inside = (tgt >= 0) & (tgt < g.shape[1])
-            rows = inside.nonzero()[:, 0]
-            g[rows, tgt[rows]] -= 1.0
+            hit = inside.nonzero()[:, 0]
+            g[hit, tgt[hit]] -= 1.0
             g.mul_(w[:, None])
-        if dfhat is not None:
-            dfhat.addmm_(g, uh, alpha=scale)
-        if dt_c is not None or dx_c is not None:
+        if rows.dfhat is not None:
+            rows.dfhat.addmm_(g, uh, alpha=rows.scale)
+        if chunk.dbase is not None or chunk.dresidual is not None:
             duh = torch.mm(g.T, fh)  # = s * g.T @ fhat
             dot = (uh * duh).sum(dim=1, keepdim=True)
-            du = duh.sub_(uh.mul_(dot)).mul_(ruc[:, None])  # (d uhat - uhat <uhat, d uhat>) / ||u||
-            if dt_c is not None:
-                dt_c.copy_(du)
-            if dx_c is not None:
-                dx_c.copy_(du.mul_(alpha))
+            du = duh.sub_(uh.mul_(dot)).mul_(chunk.ru[:, None])  # (d uhat - uhat <uhat, d uhat>) / ||u||
+            if chunk.dbase is not None:
+                chunk.dbase.copy_(du)
+            if chunk.dresidual is not None:
+                chunk.dresidual.copy_(du.mul_(rows.alpha))
 
     @staticmethod
     def norm_backward(dvhat, a, r, out):
@@ -246,14 +273,14 @@ def residual_backward(features, base, residual, rf, ru, alpha, scale, needs, gra
         dt = torch.empty_like(base, memory_format=torch.contiguous_format)
     if need_x:
         dx = torch.empty_like(residual, memory_format=torch.contiguous_format)
-    fh = path.backward_prologue(features, rf, scale)
+    rows = Rows(features, rf, path.backward_prologue(features, rf, scale), dfhat, alpha, scale)
     step = class_chunk(B, D, K)
     for k0 in range(0, K, step):
         k1 = min(k0 + step, K)
-        g = None if grad is None else grad[:, k0:k1]
-        ce_c = None if ce is None else (ce[0] - k0, ce[1], ce[2])
-        path.backward_chunk(fh, features, rf, base[k0:k1], residual[k0:k1], ru[k0:k1], alpha, scale, g, ce_c,
-                            dt[k0:k1] if need_t else None, dx[k0:k1] if need_x else None, dfhat)
+        chunk = ClassChunk(base[k0:k1], residual[k0:k1], ru[k0:k1], dt[k0:k1] if need_t else None,
+                           dx[k0:k1] if need_x else None)
+        path.backward_chunk(rows, chunk, None if grad is None else grad[:, k0:k1],
+                            None if ce is None else (ce[0] - k0, ce[1], ce[2]))
     if need_s:
         ds = (_up(features) * rf[:, None] * dfhat).sum() / scale
     if need_f:
