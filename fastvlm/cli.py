@@ -337,10 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(model=None, pretrained=None)
     e.add_argument("--checkpoint", required=True)
     e.set_defaults(func=cmd_eval)
-    from . import aot, bench
+    from . import aot, bench, selfcheck
 
     bench.add_parser(sub)
     aot.add_parser(sub)
+    selfcheck.add_parser(sub)
     return p
 
 

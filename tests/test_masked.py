@@ -8,7 +8,7 @@ from fastvlm.functional import grad_dropout, masked_linear
 from fastvlm.ops.masked import (THRESHOLD, grad_dropout_reference, masked_linear_reference, masked_weight,
                                  philox_uniform)
 
-from .helpers import check_op_against_reference, noncontig
+from .helpers import DTYPES, check_op_against_reference, cuda_only, noncontig, on_device
 
 SHAPES = [  # (leading dims of x, N, K)
     ((1,), 1, 1),
@@ -16,6 +16,8 @@ SHAPES = [  # (leading dims of x, N, K)
     ((2, 9), 19, 33),
     ((130,), 65, 70),
     ((3, 5), 48, 768),
+    pytest.param((8, 197), 2304, 768, marks=cuda_only),  # ViT-B/16 QKV and MLP-out at 8 images: too slow for
+    pytest.param((1576,), 768, 3072, marks=cuda_only),  # the interpreter
 ]
 
 
@@ -25,11 +27,11 @@ def _inputs(lead, N, K, seed=0, bias=True):
     w = torch.randn(N, K, generator=g)
     s = (torch.rand(N, K, generator=g) * 0.01).requires_grad_()  # about half the mask on (tau = 5e-3)
     b = torch.randn(N, generator=g).requires_grad_() if bias else None
-    return x, w, s, b
+    return on_device(x, w, s, b)
 
 
 @pytest.mark.parametrize("lead,N,K", SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [True, False])
 def test_masked_linear_matches_reference(backend, lead, N, K, dtype, bias):
     x, w, s, b = _inputs(lead, N, K, bias=bias)
@@ -52,17 +54,17 @@ def test_masked_linear_non_contiguous(backend):
 
 
 def test_mask_threshold_is_strict_and_applied(backend):
-    w = torch.ones(2, 3)
-    s = torch.tensor([[5e-3, 6e-3, 0.0], [1.0, -1.0, 5.0001e-3]])
-    y = masked_linear(torch.ones(1, 3), w, s)
-    torch.testing.assert_close(y, torch.tensor([[1.0, 2.0]]))
+    w = on_device(torch.ones(2, 3))
+    s = on_device(torch.tensor([[5e-3, 6e-3, 0.0], [1.0, -1.0, 5.0001e-3]]))
+    y = masked_linear(on_device(torch.ones(1, 3)), w, s)
+    torch.testing.assert_close(y, on_device(torch.tensor([[1.0, 2.0]])))
 
 
 @pytest.mark.parametrize("lead,N,K", SHAPES)
 def test_fused_dropout_equals_grad_dropout_of_plain_gradient(backend, lead, N, K):
     x, w, s, b = _inputs(lead, N, K, seed=4)
-    ref = torch.randn(N, K)
-    go = torch.randn(*lead, N)
+    ref = on_device(torch.randn(N, K))
+    go = on_device(torch.randn(*lead, N))
     (plain,) = torch.autograd.grad(masked_linear(x, w, s, b), [s], go)
     (fused,) = torch.autograd.grad(masked_linear(x, w, s, b, ref_grad=ref, drop_ratio=0.7, seed=11), [s], go)
     assert torch.equal(fused, grad_dropout(plain, ref, 0.7, 11))
@@ -70,7 +72,7 @@ def test_fused_dropout_equals_grad_dropout_of_plain_gradient(backend, lead, N, K
 
 def test_grad_dropout_torch_and_triton_agree_element_for_element():
     g = torch.Generator().manual_seed(1)
-    ga, gb = torch.randn(123, 77, generator=g), torch.randn(123, 77, generator=g)
+    ga, gb = on_device(torch.randn(123, 77, generator=g), torch.randn(123, 77, generator=g))
     with fastvlm.backend("torch"):
         a = grad_dropout(ga, gb, 0.5, seed=2**33 + 5, offset=3)
     with fastvlm.backend("triton"):
@@ -89,9 +91,9 @@ def test_philox_matches_tl_rand_with_high_offsets():
         tl.store(o + tl.arange(0, B), tl.rand(seed, offs))
 
     for seed, base in ((0, 0), (123456789, 2**33 + 17), (2**40 + 3, 5)):
-        o = torch.empty(128)
+        o = on_device(torch.empty(128))
         k[(1,)](o, seed, base, B=128)
-        assert torch.equal(o, philox_uniform(seed, torch.arange(128) + base)), (seed, base)
+        assert torch.equal(o, philox_uniform(seed, on_device(torch.arange(128)) + base)), (seed, base)
     u = philox_uniform(7, torch.arange(200_000))
     assert 0.0 <= u.min() and u.max() < 1.0 and abs(u.mean().item() - 0.5) < 0.01
 
@@ -99,11 +101,11 @@ def test_philox_matches_tl_rand_with_high_offsets():
 def test_grad_dropout_semantics(backend):
     g = torch.Generator().manual_seed(0)
     n = 200_000
-    ga = torch.randn(n, generator=g)
+    ga = on_device(torch.randn(n, generator=g))
     # lambda = 0: unchanged, exactly
-    assert torch.equal(grad_dropout(ga, torch.randn(n, generator=g), 0.0, 1), ga)
+    assert torch.equal(grad_dropout(ga, on_device(torch.randn(n, generator=g)), 0.0, 1), ga)
     # agreeing signs (P = 1) are always kept
-    gb = ga * torch.rand(n, generator=g)
+    gb = ga * on_device(torch.rand(n, generator=g))
     assert torch.equal(grad_dropout(ga, gb, 1.0, 3), ga)
     # conflicting signs: kept with probability |g_a| / (|g_a| + |g_b|)
     gb = -ga * 3.0  # keep probability 1/4 everywhere
@@ -127,7 +129,7 @@ def test_gradcheck_fp64_torch_path():
         # the STE makes the score gradient the gradient w.r.t. a continuous surrogate W * m: gradcheck the
         # x and bias gradients, and check dS against the closed form
         assert torch.autograd.gradcheck(lambda x, b: masked_linear(x, w, s, b), (x, b))
-        go = torch.randn(2, 3, 4, dtype=torch.float64)
+        go = on_device(torch.randn(2, 3, 4, dtype=torch.float64))
         (ds,) = torch.autograd.grad(masked_linear(x, w, s, b), [s], go)
         torch.testing.assert_close(ds, (go.reshape(-1, 4).T @ x.reshape(-1, 5)) * w)
 

@@ -7,14 +7,14 @@ import fastvlm
 from fastvlm.functional import block_rotate, cayley, orthogonal_linear
 from fastvlm.ops.orth import cayley_reference, n_params, orthogonal_linear_reference, rotation_side
 
-from .helpers import check_op_against_reference, noncontig
+from .helpers import DTYPES, check_op_against_reference, cuda_only, noncontig, on_device
 
 BLOCKS = [2, 3, 16, 32, 64]
 
 
 def _params(r, b, scale=0.5, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (scale * torch.randn(r, n_params(b), generator=g)).requires_grad_()
+    return on_device((scale * torch.randn(r, n_params(b), generator=g)).requires_grad_())
 
 
 @pytest.mark.parametrize("b", BLOCKS)
@@ -37,7 +37,7 @@ def test_exact_transform_is_orthogonal_at_any_norm(backend, b, norm):
     q_norm = torch.linalg.matrix_norm(cayley_reference(p, b) * 0 + _skew_norm(p, b), ord=2).max()
     p = p * (norm / q_norm)
     r = cayley(p, b)
-    err = (r.transpose(1, 2) @ r - torch.eye(b)).abs().max().item()
+    err = (r.transpose(1, 2) @ r - on_device(torch.eye(b))).abs().max().item()
     assert err < 2e-5 * max(1.0, norm), err
 
 
@@ -54,15 +54,15 @@ def test_neumann_series_breaks_down_where_exact_does_not():
     p = p / torch.linalg.matrix_norm(q, ord=2).max()  # ||Q|| = 1
     exact = cayley(p, b)
     series = cayley(p, b, neumann_terms=5)
-    eye = torch.eye(b)
+    eye = on_device(torch.eye(b))
     assert (exact.transpose(1, 2) @ exact - eye).abs().max() < 1e-5
     assert (series.transpose(1, 2) @ series - eye).abs().max() > 0.1
     torch.testing.assert_close(cayley(0.01 * p, b, neumann_terms=8), cayley(0.01 * p, b), rtol=1e-5, atol=1e-6)
 
 
 def test_zero_params_give_identity(backend):
-    r = cayley(torch.zeros(4, n_params(8)), 8)
-    torch.testing.assert_close(r, torch.eye(8).expand(4, 8, 8))
+    r = cayley(on_device(torch.zeros(4, n_params(8))), 8)
+    torch.testing.assert_close(r, on_device(torch.eye(8)).expand(4, 8, 8))
 
 
 @pytest.mark.parametrize("b", [3, 16, 32])
@@ -71,8 +71,8 @@ def test_zero_params_give_identity(backend):
 def test_block_rotate_matches_dense(backend, b, transpose, rows):
     nb = 3
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(rows, nb * b, generator=g).requires_grad_()
-    rot = torch.randn(nb, b, b, generator=g).requires_grad_()
+    x = on_device(torch.randn(rows, nb * b, generator=g).requires_grad_())
+    rot = on_device(torch.randn(nb, b, b, generator=g).requires_grad_())
 
     def ref(x, rot):
         d = torch.block_diag(*rot)
@@ -89,13 +89,13 @@ def test_weight_rotation_with_4kib_rows_torch_path(b):
     from fastvlm.ops.orth import _rotate_torch
 
     g = torch.Generator().manual_seed(15)
-    w = torch.randn(300, 1024, generator=g)
-    rot = torch.linalg.qr(torch.randn(1024 // b, b, b, generator=g))[0]
+    w = on_device(torch.randn(300, 1024, generator=g))
+    rot = on_device(torch.linalg.qr(torch.randn(1024 // b, b, b, generator=g))[0])
     for transpose in (False, True):
         dense = torch.block_diag(*rot)
         torch.testing.assert_close(_rotate_torch(w, rot, transpose, dealias=True), w @ (dense.T if transpose else dense),
                                    rtol=1e-5, atol=1e-5)
-    x = torch.randn(400, 1024, generator=g).requires_grad_()  # more rows than outputs: the weight side
+    x = on_device(torch.randn(400, 1024, generator=g).requires_grad_())  # more rows than outputs: the weight side
     p = _params(1024 // b, b, scale=0.05, seed=16)
     with fastvlm.backend("torch"):
         assert _dR_from_dx(orthogonal_linear(x, w, p, None, b))
@@ -103,14 +103,16 @@ def test_weight_rotation_with_4kib_rows_torch_path(b):
                                    lambda x, p: orthogonal_linear_reference(x, w, p, None, b), [x, p], torch.float32)
 
 
-@pytest.mark.parametrize("lead,N,b,r", [((5,), 40, 16, 2), ((2, 70), 40, 32, 3), ((3,), 1, 3, 5), ((130,), 17, 64, 1)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("lead,N,b,r", [((5,), 40, 16, 2), ((2, 70), 40, 32, 3), ((3,), 1, 3, 5), ((130,), 17, 64, 1),
+                                        pytest.param((8, 197), 3072, 32, 24, marks=cuda_only),  # ViT-B/16 MLP
+                                        pytest.param((1576,), 768, 64, 48, marks=cuda_only)])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_orthogonal_linear_matches_reference(backend, lead, N, b, r, dtype):
     K = r * b
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(*lead, K, generator=g).requires_grad_()
-    w = (torch.randn(N, K, generator=g) / K**0.5).requires_grad_()
-    bias = torch.randn(N, generator=g).requires_grad_()
+    x = on_device(torch.randn(*lead, K, generator=g).requires_grad_())
+    w = on_device((torch.randn(N, K, generator=g) / K**0.5).requires_grad_())
+    bias = on_device(torch.randn(N, generator=g).requires_grad_())
     p = _params(r, b, seed=5)
     check_op_against_reference(lambda x, w, p, bias: orthogonal_linear(x, w, p, bias, b),
                                lambda x, w, p, bias: orthogonal_linear_reference(x, w, p, bias, b),
@@ -128,10 +130,10 @@ def test_both_sides_agree_and_side_follows_cost(backend):
     assert rotation_side(1576, 768, 32, training=True, orthogonal=False) == "input"
     assert rotation_side(100_000, 16, 64, training=True, orthogonal=False) == "weight"
     g = torch.Generator().manual_seed(6)
-    w = torch.randn(8, 64, generator=g)
+    w = on_device(torch.randn(8, 64, generator=g))
     p = _params(2, 32, seed=7)
-    few = torch.randn(3, 64, generator=g)  # 3 rows < 8 outputs: input side
-    many = torch.randn(50, 64, generator=g)  # 50 rows > 8 outputs: weight side
+    few = on_device(torch.randn(3, 64, generator=g))  # 3 rows < 8 outputs: input side
+    many = on_device(torch.randn(50, 64, generator=g))  # 50 rows > 8 outputs: weight side
     for x in (few, many):
         with torch.no_grad():  # inference: the side follows the forward cost
             torch.testing.assert_close(orthogonal_linear(x, w, p, None, 32),
@@ -159,9 +161,9 @@ def test_weight_side_training_takes_dR_from_dx(b, r, N, x_grad, dtype):
     # more rows than outputs, weight frozen, exact R: the weight side, with dR = (x_j^T dx_j) R_j
     K = r * b
     g = torch.Generator().manual_seed(11)
-    x = torch.randn(5, 9, K, generator=g).requires_grad_(x_grad)
-    w = torch.randn(N, K, generator=g) / K**0.5
-    bias = torch.randn(N, generator=g).requires_grad_()
+    x = on_device(torch.randn(5, 9, K, generator=g).requires_grad_(x_grad))
+    w = on_device(torch.randn(N, K, generator=g) / K**0.5)
+    bias = on_device(torch.randn(N, generator=g).requires_grad_())
     p = _params(r, b, seed=12)
     with fastvlm.backend("torch"):
         y = orthogonal_linear(x, w, p, bias, b)
@@ -174,9 +176,10 @@ def test_weight_side_training_takes_dR_from_dx(b, r, N, x_grad, dtype):
 def test_weight_side_with_a_series_or_a_trained_weight_uses_plain_autograd():
     # dR from dx needs an orthogonal R and a frozen W; otherwise autograd through W @ blockdiag(R)^T
     g = torch.Generator().manual_seed(13)
-    x = torch.randn(40, 32, generator=g).requires_grad_()
+    x = on_device(torch.randn(40, 32, generator=g).requires_grad_())
     p = _params(2, 16, scale=0.05, seed=14)
-    for w, terms in ((torch.randn(4, 32, generator=g), 6), (torch.randn(4, 32, generator=g).requires_grad_(), None)):
+    for w, terms in ((on_device(torch.randn(4, 32, generator=g)), 6),
+                     (on_device(torch.randn(4, 32, generator=g).requires_grad_()), None)):
         with fastvlm.backend("torch"):
             y = orthogonal_linear(x, w, p, None, 16, neumann_terms=terms)
         assert not _dR_from_dx(y)
@@ -187,8 +190,8 @@ def test_weight_side_with_a_series_or_a_trained_weight_uses_plain_autograd():
 
 def test_non_contiguous(backend):
     g = torch.Generator().manual_seed(8)
-    x = noncontig(torch.randn(9, 48, generator=g).requires_grad_())
-    w = noncontig(torch.randn(20, 48, generator=g).requires_grad_())
+    x = noncontig(on_device(torch.randn(9, 48, generator=g).requires_grad_()))
+    w = noncontig(on_device(torch.randn(20, 48, generator=g).requires_grad_()))
     p = _params(3, 16, seed=9)
     assert not x.is_contiguous()
     check_op_against_reference(lambda x, w, p: orthogonal_linear(x, w, p, None, 16),
@@ -199,8 +202,8 @@ def test_gradcheck_fp64_torch_path():
     with fastvlm.backend("torch"):
         p = _params(2, 5, seed=10).detach().double().requires_grad_()
         assert torch.autograd.gradcheck(lambda p: cayley(p, 5), (p,))
-        x = torch.randn(4, 10, dtype=torch.float64, requires_grad=True)
-        w = torch.randn(3, 10, dtype=torch.float64, requires_grad=True)
+        x = on_device(torch.randn(4, 10, dtype=torch.float64, requires_grad=True))
+        w = on_device(torch.randn(3, 10, dtype=torch.float64, requires_grad=True))
         assert torch.autograd.gradcheck(lambda x, w, p: orthogonal_linear(x, w, p, None, 5), (x, w, p))
 
 
