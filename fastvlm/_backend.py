@@ -10,9 +10,9 @@ The variable is read at every call, so tests and users can switch with :func:`ba
 
 On the torch path, fp32 CPU matmuls of the ops go to torch's BLAS or to oneDNN, whichever is faster on the
 machine (:func:`linear`, ``FASTVLM_CPU_GEMM`` / :func:`cpu_gemm`): torch's fp32 ``F.linear`` calls MKL, which
-reaches only the rate of 256-bit code on the 2-core AMD EPYC (Zen 5) machines this project is measured on
-(180-190 GFLOP/s), while oneDNN (in every x86 torch build), which picks its code by CPU features, runs
-AVX-512 there: 400 GFLOP/s.
+takes its 256-bit code paths on some non-Intel processors with AVX-512, while oneDNN (in every x86 torch
+build) picks its code by CPU features. A one-time timing decides; the measurements behind this are in
+docs/performance.md. The residual family keeps torch's matmul for accuracy (see fastvlm/ops/residual.py).
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def _onednn_op():
 
 @functools.lru_cache(maxsize=None)
 def _onednn_faster(threads: int) -> bool:
-    """Time both on a [512, 768] x [768, 768] fp32 linear (5 interleaved runs each, ~20 ms in all, once per
+    """Time both on a [512, 768] x [768, 768] fp32 linear (5 interleaved runs each, once per
     thread count); oneDNN when its median is at least 10% lower."""
     op = _onednn_op()
     if op is None:
@@ -183,7 +183,7 @@ def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
         return False
     if mode == "onednn":
         return True
-    # auto: oneDNN's call costs ~10 us more than MKL's (8x64x10: 13 vs 3.5 us); even at 32x512x100
+    # auto: a oneDNN call has a larger fixed cost than MKL's, so small matmuls stay on torch's
     if x.shape[0] * x.shape[1] * weight.shape[0] < AUTO_MIN_MACS:
         return False
     return _onednn_faster(torch.get_num_threads())

@@ -53,9 +53,9 @@ def masked_weight(weight: torch.Tensor, scores: torch.Tensor, threshold: float, 
     """``weight * [scores > threshold]`` in ``dtype`` (default: weight's), the formula's own product.
 
     Two passes over one N x K buffer and no other allocation: the comparison is written as 0/1 straight into
-    the result, which is then multiplied by the weight in place. ``torch.where(mask, w, 0)`` was 5x slower
-    on CPU (its kernel is not vectorised) and ``w * mask`` with a bool mask allocates a float copy of the mask
-    (twice the memory)."""
+    the result, which is then multiplied by the weight in place. ``torch.where(mask, w, 0)`` is slower on CPU
+    (its kernel is not vectorised) and ``w * mask`` with a bool mask allocates a float copy of the mask (twice
+    the memory); docs/performance.md has the figures."""
     out = torch.empty(weight.shape, dtype=weight.dtype if dtype is None else dtype, device=weight.device)
     torch.gt(_comparable(scores), threshold, out=out)
     return out.mul_(weight)

@@ -109,10 +109,10 @@ def _rotate_torch(x2, r, transpose, dealias=False):
     """One strided bmm straight into the output: no permuted copies of x (einsum makes two).
 
     On CPU, when a row of the output is a multiple of 4 KiB, the strided bmm writes b-wide pieces of rows
-    that all fall in the same cache sets: b=16 took 7.2 ms at 1576 x 3072 (1.8 ms at 1024 wide, 1.06 at 1280,
-    a wider row that does not alias). ``dealias`` then computes a contiguous [r, 128, b] product per 128 rows
-    and copies it (4.8 ms, 0.9 ms at 1024) for b <= 32 (b=64 shows no such loss). The weight rotation asks
-    for it; rotations of x do not, since the 128-row temporary would raise the op's peak (by 1% at K=1024)."""
+    that all fall in the same cache sets (4 KiB aliasing), several times slower than a row that does not
+    alias. ``dealias`` then computes a contiguous [r, 128, b] product per 128 rows and copies it, for
+    b <= 32 (b=64 shows no such loss). The weight rotation asks for it; rotations of x do not, since the
+    128-row temporary would raise the op's peak. Figures: docs/performance.md."""
     nb, b, _ = r.shape
     rr = (r.transpose(1, 2) if transpose else r).to(x2.dtype)
     out = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
@@ -134,7 +134,7 @@ def _block_gram(x2, g2, r, kernels):
     if kernels is not None:
         return kernels.rotate_grad_r(x2, g2, nb, b).to(r.dtype)
     out = torch.zeros(nb, b, b, dtype=r.dtype, device=r.device)
-    step = 512  # row chunks: each chunk's x and g stay in cache across the batch (b=16: 4.3 -> 3.2 ms at K=3072)
+    step = 512  # row chunks: each chunk's x and g stay in cache across the batch of blocks
     for i in range(0, x2.shape[0], step):
         xs, gs = x2[i:i + step], g2[i:i + step]
         out.baddbmm_(_blocks(xs, nb, b).transpose(1, 2).to(r.dtype), _blocks(gs, nb, b).to(r.dtype))
