@@ -41,6 +41,21 @@ def gpu_count(M: int, N: int, K: int, b: int, e: int = E) -> tuple[float, float]
     return flops, nbytes
 
 
+def run_count(M: int, N: int, K: int, b: int, device, e: int = E) -> tuple[float, float]:
+    """(FLOPs, bytes) of the path that runs on ``device``, for the achieved rates: the side the op's own
+    dispatch rule picks; input side: rotate x, rotate dxr back, dR from x and dxr (3MKb); weight side:
+    rotate W forward and again in backward, dR from x and dx."""
+    from ..ops.orth import _kernels, rotation_side
+
+    fused = _kernels(torch.empty(0, device=device), b) is not None
+    side = rotation_side(M, N, b, training=True, fused=fused)
+    if fused:
+        return gpu_count(M, N, K, b, e)
+    rot_rows = M if side == "input" else N
+    rot_flops = 3 * M * K * b if side == "input" else 2 * N * K * b + M * K * b
+    return 2 * 2 * M * N * K + 2 * rot_flops, e * (2 * M * K + N * K + 2 * M * N + 2 * rot_rows * K)
+
+
 def naive_count(M: int, N: int, K: int, e: int = E) -> tuple[float, float]:
     flops = 2 * 2 * M * N * K + 3 * 2 * M * K * K
     nbytes = e * (2 * K * K + (M * K + K * K + M * K) + (M * N + N * K + M * K)
@@ -109,8 +124,10 @@ def linear_case(M: int, K: int, N: int, b: int, device,
     base = tuple(p for p in ("peft-exact", "peft-neumann", "naive-dense", COMPILED) if p in names)
     flops, cbytes = gpu_count(M, N, K, b)
     nflops, nbytes = naive_count(M, N, K)
+    run_flops, run_bytes = run_count(M, N, K, b, device)
     return Case("orthogonal_linear", dict(tokens=M, K=K, N=N, b=b), chosen, baseline=base, flops=flops,
-                bytes=cbytes, naive_bytes=nbytes, naive_flops=nflops, size=K * b)
+                bytes=cbytes, naive_bytes=nbytes, naive_flops=nflops, size=K * b,
+                extra={"run_flops": run_flops, "run_bytes": run_bytes})
 
 
 def cayley_case(r: int, b: int, device, providers=("fastvlm", "naive-solve", COMPILED)) -> Case:
