@@ -141,6 +141,17 @@ def test_summary_is_one_line_per_op_and_shape_within_100_columns(tiny_rows):
     assert ce.split()[-1] == want and ce.lstrip().startswith("B=8 K=30 D=16")
 
 
+def test_summary_flags_a_noisy_ratio():
+    rows = [dict(op="op", shape="s=1", provider=p, metric=m, value=v, spread=sp, source="measured")
+            for p, m, v, sp in [("fastvlm", "time_fwd+bwd", 1.0, 0.6), ("naive", "time_fwd+bwd", 2.0, 0.1),
+                                ("fastvlm", "peak_mem_fwd+bwd", 1.0, 0.0), ("naive", "peak_mem_fwd+bwd", 4.0, 0.0)]]
+    harness.add_ratios(rows, ("naive",))
+    lines = report.summary_lines(rows)
+    assert lines[2].split()[-1] == "0.50~/0.25" and lines[3].startswith("~: a timing's spread")
+    rows[0]["spread"] = 0.4
+    assert report.summary_lines(rows)[2].split()[-1] == "0.50/0.25" and len(report.summary_lines(rows)) == 3
+
+
 def test_each_case_builds_its_own_shape():
     # providers are closures made in a loop: each must bind its own case's inputs, not the last loop's
     for cases_of in (cases_masked.cases, cases_orth.cases):

@@ -71,12 +71,21 @@ def _groups(rows: list[dict]) -> dict:
     return out
 
 
+NOISY = "~"
+
+
+def noisy(row: dict | None) -> bool:
+    """A timing whose spread (max - min of the repetitions) is more than half its median."""
+    return bool(row) and row.get("spread", 0.0) > 0.5 * row["value"]
+
+
 def summary_lines(rows: list[dict]) -> list[str]:
     """For each op, a header naming the columns, then one line per shape: the subject's median time and,
     per baseline, ``time ratio/peak memory ratio``. The subject is the one provider compared with every
     baseline (fastvlm; the two-pass step); where several are compared with one baseline (the tuners), each
-    is a column and the time shown is the baseline's."""
-    lines = []
+    is a column and the time shown is the baseline's. A time ratio marked ``~`` is noisy: the spread of
+    the subject's or the baseline's repetitions exceeds half its median."""
+    lines, flagged = [], False
     for (op, sweep), shapes in _groups(rows).items():
         all_rows = [r for rs in shapes.values() for r in rs]
         tm, mm = _main_metrics(all_rows)
@@ -109,10 +118,15 @@ def summary_lines(rows: list[dict]) -> list[str]:
                 s, b = (who, c) if one else (c, who)
                 rt, rm = get(s, tm), get(s, mm)
                 ft = f"{rt['ratio_to_' + b]:.2f}" if rt and "ratio_to_" + b in rt else "-"
+                if ft != "-" and (noisy(rt) or noisy(get(b, tm))):
+                    ft += NOISY
+                    flagged = True
                 fm = f"{rm['ratio_to_' + b]:.2f}" if rm and "ratio_to_" + b in rm else "-"
                 cells.append(f"{ft}/{fm}")
             ms = f"{t['value'] * 1e3:.2f}" if t else "-"
             lines.append(("  " + f"{shape[:sw]:{sw}}" + f"{ms:>11}" + "".join(f"{c:>{cw}}" for c in cells))[:WIDTH])
+    if flagged:
+        lines.append(f"{NOISY}: a timing's spread (max - min) exceeds half its median: that ratio is noisy")
     compile_s = [r["value"] for r in rows if r["metric"] == "compile_s"]
     if compile_s:
         lines.append(f"torch.compile: {sum(compile_s):.1f} s compiling {len(compile_s)} naive compositions "
