@@ -289,7 +289,7 @@ def test_bench_prints_a_summary_and_writes_table_csv_json_and_plots(tmp_path, mo
     assert cli.main(["bench", "--ops", "tiny", "--reps", "2", "--out", str(tmp_path), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "device: CPU" in out and "backend: torch" in out
-    assert "residual_cross_entropy: fastvlm time/peak as a ratio to each baseline" in out
+    assert "residual_cross_entropy: fastvlm's time/peak over each baseline's" in out
     summary = [line for line in out.splitlines() if not line.startswith("full table, CSV")]  # names --out
     assert all(len(line) <= report.WIDTH for line in summary), max(summary, key=len)
     rows = list(csv.DictReader(open(tmp_path / "bench.csv")))

@@ -99,9 +99,9 @@ def summary_lines(rows: list[dict]) -> list[str]:
         who = subjects[0] if one else bases[0]
         title = f"{op}" + (f" [sweep {sweep}]" if sweep else "")
         if one:
-            lines.append(f"{title}: {who} time/peak as a ratio to each baseline (<1: {who} is better)"[:WIDTH])
+            lines.append(f"{title}: {who}'s time/peak over each baseline's (<1: better)"[:WIDTH])
         else:
-            lines.append(f"{title}: each one's time/peak as a ratio to {who}'s"[:WIDTH])
+            lines.append(f"{title}: each one's time/peak over {who}'s"[:WIDTH])
         sw = min(32, max(len(s) for s in shapes))
         cw = max(11, max(len(c) for c in cols) + 2)
         if 2 + sw + 11 + cw * len(cols) > WIDTH:
@@ -235,6 +235,13 @@ def _errors(sel, scale):
     return [lo, hi]
 
 
+def _count(x: float) -> str:
+    for scale, name in ((1e6, "M"), (1e3, "K")):
+        if x >= scale:
+            return f"{x / scale:.3g}{name}"
+    return f"{x:g}"
+
+
 def plot(rows: list[dict], env: dict, out: str) -> list[str]:
     try:
         import matplotlib
@@ -288,6 +295,9 @@ def plot(rows: list[dict], env: dict, out: str) -> list[str]:
                             capsize=2, label=p)
             if wants_log([r["size"] for r in sel]):
                 ax.set_xscale("log")
+                ax.minorticks_off()
+            xs = sorted({r["size"] for r in sel})
+            ax.set_xticks(xs, [_count(x) for x in xs], fontsize=7)
             if wants_log([r["value"] for r in sel]):
                 ax.set_yscale("log")
             ax.set_xlabel(sweep.split("_", 1)[1])
