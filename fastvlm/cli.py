@@ -339,7 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
     from . import aot, bench, selfcheck
 
-    bench.add_parser(sub)
+    b = sub.add_parser("bench", help="benchmark every op and tuner step against its baselines")
+    bench.add_arguments(b)
+    b.set_defaults(func=bench.main)
     aot.add_parser(sub)
     selfcheck.add_parser(sub)
     return p
