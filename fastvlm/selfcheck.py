@@ -42,7 +42,7 @@ from pathlib import Path
 PARTS = ("environment", "kernels", "optests", "targets", "bench")
 #: seconds per part on a GPU (sum 450 s: the whole check fits 8 minutes with process start-up) and in --dry-run
 BUDGET = {"environment": 30, "kernels": 90, "optests": 150, "targets": 60, "bench": 120}
-DRY_BUDGET = {"environment": 30, "kernels": 60, "optests": 60, "targets": 40, "bench": 20}
+DRY_BUDGET = {"environment": 60, "kernels": 120, "optests": 120, "targets": 90, "bench": 30}
 OP_TEST_FILES = ("tests/test_residual.py", "tests/test_masked.py", "tests/test_orth.py")
 #: op tests in the dry run: one per file, each runs the kernels in the interpreter
 DRY_OP_TESTS = ("(test_mask_threshold_is_strict_and_applied or test_zero_params_give_identity or "
