@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..tuners.mask import bypass_masks, gradient_dropout, score_parameters
-from .common import Checkpointer, set_lr, warmup_cosine
+from .common import loader_generator, run_epochs, warmup_cosine
 
 
 @dataclass
@@ -72,29 +72,20 @@ def rmt_step(model, images, labels, classifier, optimizer, recipe: RMTRecipe, st
 
 def train_rmt(model, classifier, loader, recipe: RMTRecipe, device="cpu", progress=False,
               checkpoint: str | None = None, on_epoch_end=None) -> list[dict]:
-    """Adam over the scores, cosine per epoch; returns each epoch's mean losses. With ``checkpoint`` the
-    state is saved after every epoch and a run resumes from it (same result as uninterrupted: the loader's
-    shuffle generator, the augmentation RNG and the gradient-dropout step counter are restored)."""
-    from tqdm.auto import trange
-
+    """Adam over the scores, cosine per epoch; returns each epoch's mean losses (a History, with the step
+    times). With ``checkpoint`` the state is saved after every epoch and a run resumes from it (same result
+    as uninterrupted: the loader's shuffle generator, the augmentation RNG and the gradient-dropout step
+    counter are restored)."""
     from ..tuners.mask import mask_entries
 
     scores = score_parameters(model)
     opt = torch.optim.Adam(scores, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    gen = loader.generator if getattr(loader, "generator", None) is not None else torch.Generator()
-    ckpt = Checkpointer(checkpoint, "rmt", {n: s for n, _, s in mask_entries(model)}, opt, gen)
-    start, step, history = ckpt.restore()
-    for epoch in trange(start, recipe.epochs, desc="rmt", disable=not progress, leave=False):
-        set_lr(opt, warmup_cosine(epoch, recipe.epochs, recipe.lr))
-        sums, n = {}, 0
-        for images, labels in loader:
-            out = rmt_step(model, images.to(device), labels.to(device), classifier, opt, recipe, step)
-            step += 1
-            n += 1
-            for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + v
-        history.append({k: v / max(1, n) for k, v in sums.items()})
-        ckpt.save(epoch, step, history)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch)
-    return history
+
+    def step(batch, index):
+        images, labels = batch
+        return rmt_step(model, images.to(device), labels.to(device), classifier, opt, recipe, index), 1
+
+    return run_epochs("rmt", epochs=recipe.epochs, batches=lambda e: loader, step=step, optimizer=opt,
+                      tensors={n: s for n, _, s in mask_entries(model)}, generators=[loader_generator(loader)],
+                      lr_at=lambda e: warmup_cosine(e, recipe.epochs, recipe.lr), checkpoint=checkpoint,
+                      progress=progress, on_epoch_end=on_epoch_end)
