@@ -382,9 +382,9 @@ def config_from_dict(cls, d: dict):
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
-def save_tuners(model: nn.Module, path: str, kinds=None, **extra) -> str:
+def save_tuners(model: nn.Module, path: str, /, kinds=None, **extra) -> str:
     """Save the tuner state of ``kinds`` (all attached kinds: None) of ``model`` (or of a standalone tuner
-    layer such as the TaskRes head) in one file; ``extra`` goes into the metadata as is."""
+    layer such as the TaskRes head) in one file; ``extra`` goes into the metadata as is (any key but ``kinds``)."""
     from ..io import save_checkpoint
 
     have = _kinds_and_configs(model)
