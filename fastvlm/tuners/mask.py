@@ -24,14 +24,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F  # noqa: F401  (kept for callers importing it from here)
 from torch import nn
 from torch.nn.utils import parametrize
 
 from ..ops.masked import GradSlot, _StraightThrough, binary_mask, grad_dropout, masked_linear_slotted
 from ._attention import patched_attention, unpatch_attention
 from .common import (TunerLayer, WrapsLinear, attach, bypassed, load_tuners, register_codec, save_tuners,
-                     tuner_layers, tuner_names, tuners_of, wrap_site)
+                     tuner_layers, tuners_of, wrap_site)
 
 @dataclass
 class MaskConfig:
