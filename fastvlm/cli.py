@@ -262,11 +262,11 @@ def cmd_eval(args) -> int:
     from .io import load_checkpoint
     from .models import load_clip
     from .train.taskres import evaluate_head
-    from .tuners.taskres import TaskResConfig, TaskResHead, build_base_classifier
+    from .tuners.taskres import TaskResHead, build_base_classifier, taskres_config_of
 
     _, cfg = load_checkpoint(args.checkpoint)
-    if cfg.get("kind") != "taskres":
-        raise SystemExit(f"fastvlm eval: {args.checkpoint} is a {cfg.get('kind')!r} checkpoint; eval reads taskres")
+    if "taskres" not in cfg.get("tuners", {}):
+        raise SystemExit(f"fastvlm eval: {args.checkpoint} holds no taskres head; eval reads taskres")
     model_name = args.model or cfg["model"]
     pretrained = args.pretrained or cfg["pretrained"]
     model, _, pre_eval, tok = load_clip(model_name, pretrained, args.device)
@@ -275,7 +275,7 @@ def cmd_eval(args) -> int:
     if names != cfg["classnames"]:
         raise SystemExit("fastvlm eval: the data's class names differ from the checkpoint's")
     base = build_base_classifier(model, tok, names, cfg.get("templates"), device=args.device)
-    head = TaskResHead(base, TaskResConfig(cfg["alpha"], cfg["logit_scale"])).to(args.device)
+    head = TaskResHead(base, taskres_config_of(cfg)).to(args.device)
     head.load_residual(args.checkpoint)
     f, y = _cached_features(model, test, pre_eval, os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
                                                                 "features_eval.safetensors"), args)

@@ -78,7 +78,7 @@ def test_bypass_is_the_zero_shot_model():
 def test_two_pass_step_matches_explicit_gradient_dropout(backend):
     """The fused two-pass step gives exactly grad_dropout(grad(CE + reg), grad(KL)) per layer."""
     from fastvlm.ops.masked import grad_dropout
-    from fastvlm.train.rmt import _fused_pairs, layer_seed
+    from fastvlm.train.rmt import layer_seed
 
     model = _model()
     apply_masks(model)
@@ -88,8 +88,7 @@ def test_two_pass_step_matches_explicit_gradient_dropout(backend):
     images, labels = _batch(32)
     cls = _classifier()
     recipe = RMTRecipe(drop_ratio=0.8, seed=5)
-    pairs, _ = _fused_pairs(model)
-    scores = [s for _, s in pairs]
+    scores = score_parameters(model)  # every ViT mask is fused: layer i of the step is scores[i]
     # explicit: the two gradients, then grad_dropout layer by layer
     with torch.no_grad(), bypass_masks(model):
         p_zs = clip_logits(model, images, cls).softmax(-1)
@@ -154,7 +153,7 @@ def test_mismatched_mask_file_is_refused(tmp_path):
     path = export_masks(model, str(tmp_path / "m.safetensors"))
     other = _model()
     apply_masks(other)
-    with pytest.raises(ValueError, match="does not fit this model: missing"):
+    with pytest.raises(ValueError, match="does not fit the model: not in model: .*mlp.c_fc.scores"):
         load_masks(other, path)
 
 
@@ -174,11 +173,10 @@ class _Holder(torch.nn.Module):
 def test_pass_two_writes_into_pass_one_buffers(backend, monkeypatch):
     """No second N x K buffer per layer: pass 2's dropped gradient lands in pass 1's gradient storage."""
     from fastvlm.ops.masked import GradSlot
-    from fastvlm.train.rmt import _fused_pairs
 
     model = _model()
     apply_masks(model)
-    pairs, _ = _fused_pairs(model)
+    scores = score_parameters(model)
     taken = []
     real_take = GradSlot.take
 
@@ -195,12 +193,12 @@ def test_pass_two_writes_into_pass_one_buffers(backend, monkeypatch):
             super().__init__(params, {})
 
         def step(self):
-            self.ptrs = sorted(s.grad.data_ptr() for _, s in pairs)
+            self.ptrs = sorted(s.grad.data_ptr() for s in scores)
 
-    opt = Capture([s for _, s in pairs])
+    opt = Capture(scores)
     images, labels = _batch(32)
     rmt_step(model, images, labels, _classifier(), opt, RMTRecipe(drop_ratio=0.5), 0)
-    assert len(taken) == len(pairs) and sorted(taken) == opt.ptrs
+    assert len(taken) == len(scores) and sorted(taken) == opt.ptrs
 
 
 def test_cli_tune_mask(tmp_path, capsys):

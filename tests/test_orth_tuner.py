@@ -75,7 +75,7 @@ def test_training_lowers_loss_and_merge_roundtrip(tmp_path):
     torch.testing.assert_close(fresh.encode_image(images), tuned, rtol=1e-5, atol=1e-6)
     other, _ = _model()
     apply_orth(other, OrthConfig(block_size=32))
-    with pytest.raises(ValueError, match="rotation .* has shape"):
+    with pytest.raises(ValueError, match=r"rotation file .* does not fit the model: .*params: file \(4, 120\), model \(2, 496\)"):
         load_orth(other, path)
 
 
@@ -126,3 +126,20 @@ def test_cli_tune_orth_base_to_new(tmp_path, capsys):
     assert set(m["top1"]) == {"base", "new", "hm"} and len(m["history"]) == 2
     assert m["top1"]["hm"] == pytest.approx(harmonic_mean(m["top1"]["base"], m["top1"]["new"]))
     assert "OrthCR top-1: base" in capsys.readouterr().out
+
+
+def test_unmerge_restores_the_weight_of_a_series_rotation():
+    """The series R of neumann_terms is not orthogonal: unmerging must solve with R, not multiply by it."""
+    model, _ = _model()
+    apply_orth(model, OrthConfig(block_size=16, neumann_terms=3, towers=("visual",)))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in rotation_parameters(model):
+            p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    w = model.visual.transformer.resblocks[0].mlp.c_fc.weight
+    w0 = w.detach().clone()
+    merge_rotations(model)
+    assert (w - w0).abs().max() > 1e-2 * w0.abs().max()  # the merge moved W
+    unmerge_rotations(model)
+    err = ((w - w0).abs().max() / w0.abs().max()).item()
+    assert err < 1e-5, f"W restored with relative error {err:.1e}"

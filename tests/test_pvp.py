@@ -111,7 +111,7 @@ def test_pack_round_trip_and_refusals(tmp_path):
     want = model.encode_image(x)
     folder = save_pack(str(tmp_path / "pack"), model, "lora", TINY)
     meta = json.loads((tmp_path / "pack" / "pack.json").read_text())
-    assert meta["method"] == "lora" and meta["backbone"] == TINY and meta["config"]["rank"] == 4
+    assert meta["method"] == "lora" and meta["backbone"] == TINY and meta["tuners"]["lora"]["config"]["rank"] == 4
     assert meta["parameters"] == sum(p.numel() for p in method_parameters(model, "lora"))
     fresh = _model(seed=9)  # other random init: only the pack's tensors must carry over
     fresh.load_state_dict(_model().state_dict())
@@ -121,13 +121,13 @@ def test_pack_round_trip_and_refusals(tmp_path):
 
     other = _model()
     apply_method(other, "lora", LoRAConfig(rank=2))
-    with pytest.raises(ValueError, match=r"pack does not fit the model: .*lora_in.A: pack \(4, 64\), model \(2, 64\)"):
+    with pytest.raises(ValueError, match=r"pack .* does not fit the model: .*attn.in_proj.lora.A: file \(4, 64\), model \(2, 64\)"):
         load_pack(other, folder)
     with pytest.raises(ValueError, match="backbone: pack 'fastvlm-tiny-vit', model 'ViT-B-16'"):
         load_pack(fresh, folder, backbone="ViT-B-16")
     vpt = _model()
     apply_method(vpt, "vpt")
-    with pytest.raises(ValueError, match=r"method: the pack holds 'lora' modules, the model has \['vpt'\]"):
+    with pytest.raises(ValueError, match=r"kind: the file holds 'lora' tuners, the model has \['vpt'\] attached"):
         load_pack(vpt, folder)
     fewer = _model()
     apply_method(fewer, "lora", LoRAConfig(rank=4, targets=("attn_in",)))

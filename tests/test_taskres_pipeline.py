@@ -62,8 +62,9 @@ def test_pipeline_end_to_end(tmp_path, tiny):
 
     # the checkpoint holds just the residual and its config, and restores the head exactly
     path = head.save(str(tmp_path / "taskres.safetensors"), classnames=names)
-    tensors, cfg = load_checkpoint(path, kind="taskres")
-    assert set(tensors) == {"residual"} and cfg["alpha"] == 0.5 and cfg["classnames"] == names
+    tensors, cfg = load_checkpoint(path, kind="tuners")
+    assert set(tensors) == {"residual"} and cfg["tuners"]["taskres"]["config"]["alpha"] == 0.5
+    assert cfg["classnames"] == names
     fresh = TaskResHead(base)
     fresh.load_residual(path)
     torch.testing.assert_close(fresh(f_te), head(f_te))
@@ -158,6 +159,6 @@ def test_checkpoint_errors(tmp_path):
         load_checkpoint(p, kind="taskres")
     head = TaskResHead(torch.randn(3, 4))
     head.save(str(tmp_path / "h.safetensors"))
-    with pytest.raises(ValueError, match=r"checkpoint residual has shape \(3, 4\), this head needs \(5, 4\)"):
+    with pytest.raises(ValueError, match=r"checkpoint .* does not fit the model: residual: file \(3, 4\), model \(5, 4\)"):
         TaskResHead(torch.randn(5, 4)).load_residual(str(tmp_path / "h.safetensors"))
     assert [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")] == []  # no temporaries left behind

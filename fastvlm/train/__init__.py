@@ -1,1 +1,2 @@
-"""The paper recipes: losses, optimiser settings, schedules and training loops."""
+"""The paper recipes (docs/methods.md): losses, optimiser settings, schedules, and the one training loop
+they share (``common.run_epochs``, docs/tuners.md)."""

@@ -1,9 +1,13 @@
-"""Pieces every recipe shares: the epoch schedule, seeding, top-1 accuracy."""
+"""Pieces every recipe shares: the one training loop (:func:`run_epochs`) with its resumable state
+(:class:`Checkpointer`), the epoch schedule, seeding, top-1 accuracy. The recipes themselves are in
+docs/methods.md (sections 1-4); docs/tuners.md describes the loop."""
 
 from __future__ import annotations
 
 import math
+import os
 import random
+import time
 
 import numpy as np
 import torch
@@ -89,11 +93,13 @@ def train_transform(image_size: int, mean, std):
 
 class Checkpointer:
     """Saves a resumable state at the end of every epoch and restores it: the trainable tensors (by
-    name), the optimizer, the epoch/step counters, the shuffle generator and torch's global RNG (used by the
-    augmentations), so a resumed run reproduces the uninterrupted one bit for bit."""
+    name), the optimizer, the epoch/step counters, the history (with its step times), the run's random
+    generators (shuffle, cutout, ...) and torch's global RNG (used by the augmentations), so a resumed run
+    reproduces the uninterrupted one bit for bit. ``generator`` is one ``torch.Generator`` or a list."""
 
-    def __init__(self, path: str | None, kind: str, tensors: dict, optimizer, generator: torch.Generator):
-        self.path, self.kind, self.tensors, self.optimizer, self.generator = path, kind, tensors, optimizer, generator
+    def __init__(self, path: str | None, kind: str, tensors: dict, optimizer, generator):
+        self.path, self.kind, self.tensors, self.optimizer = path, kind, tensors, optimizer
+        self.generators = list(generator) if isinstance(generator, (list, tuple)) else [generator]
 
     def save(self, epoch: int, step: int, history: list) -> None:
         if self.path is None:
@@ -101,20 +107,20 @@ class Checkpointer:
         from ..io import save_train_state
 
         save_train_state(self.path, {
-            "kind": self.kind, "epoch": epoch, "step": step, "history": history,
+            "kind": self.kind, "epoch": epoch, "step": step, "history": list(history),
+            "step_times": list(getattr(history, "step_times", [])),
             "tensors": {k: v.detach().cpu().clone() for k, v in self.tensors.items()},
-            "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
+            "optimizer": self.optimizer.state_dict(), "generators": [g.get_state() for g in self.generators],
             "torch_rng": torch.get_rng_state()})
 
     @torch.no_grad()
     def restore(self) -> tuple[int, int, list]:
-        """(next epoch, step, history) from the saved state; (0, 0, []) when there is none."""
-        import os
-
+        """(next epoch, step, history) from the saved state; (0, 0, []) when there is none. The history is a
+        :class:`History` carrying the saved step times."""
         from ..io import load_train_state
 
         if self.path is None or not os.path.exists(self.path):
-            return 0, 0, []
+            return 0, 0, History()
         st = load_train_state(self.path, self.kind)
         missing = sorted(set(self.tensors) ^ set(st["tensors"]))
         if missing:
@@ -125,6 +131,66 @@ class Checkpointer:
                                  f"this run needs {tuple(t.shape)}")
             t.copy_(st["tensors"][k])
         self.optimizer.load_state_dict(st["optimizer"])
-        self.generator.set_state(st["generator"])
+        states = st.get("generators", [st["generator"]] if "generator" in st else [])
+        if len(states) != len(self.generators):
+            raise ValueError(f"training state {self.path!r} holds {len(states)} random generators, this run has "
+                             f"{len(self.generators)}")
+        for g, state in zip(self.generators, states):
+            g.set_state(state)
         torch.set_rng_state(st["torch_rng"])
-        return st["epoch"] + 1, st["step"], st["history"]
+        return st["epoch"] + 1, st["step"], History(st["history"], st.get("step_times", []))
+
+
+class History(list):
+    """One entry per epoch (a mean loss, or a dict of mean metrics), plus ``step_times``: the wall time of
+    every step in seconds, so a caller can report the step-time distribution."""
+
+    def __init__(self, entries=(), step_times=()):
+        super().__init__(entries)
+        self.step_times = list(step_times)
+
+
+def run_epochs(name: str, *, epochs: int, batches, step, optimizer, tensors: dict, generators=(), lr_at,
+               checkpoint: str | None = None, progress: bool = False, on_epoch_end=None,
+               scalar: str | None = None) -> History:
+    """The one training loop of every recipe.
+
+    batches(epoch) gives the epoch's batches; step(batch, step_index) runs one optimisation step and returns
+    (metrics dict, weight); each epoch's entry is the weighted mean of the metrics (the value of ``scalar``
+    alone when given). lr_at(epoch) sets the learning rate of every parameter group before the epoch. With
+    ``checkpoint`` (a path) the state of ``tensors`` (name -> trainable tensor), the optimizer, ``generators``
+    and the counters is saved after every epoch and a run resumes from it when it exists;
+    ``on_epoch_end(epoch)`` is called after each save. The progress bar counts steps and is named ``name``."""
+    from tqdm.auto import tqdm
+
+    ckpt = Checkpointer(checkpoint, name, tensors, optimizer, list(generators))
+    start, step_index, history = ckpt.restore()
+    bar = tqdm(desc=name, disable=not progress, leave=False, unit="step")
+    try:
+        for epoch in range(start, epochs):
+            set_lr(optimizer, lr_at(epoch))
+            sums, weight = {}, 0.0
+            bar.set_postfix(epoch=f"{epoch + 1}/{epochs}")
+            for batch in batches(epoch):
+                t0 = time.perf_counter()
+                metrics, w = step(batch, step_index)
+                history.step_times.append(time.perf_counter() - t0)
+                step_index += 1
+                weight += w
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v * w
+                bar.update(1)
+            entry = {k: v / max(weight, 1e-30) if weight else 0.0 for k, v in sums.items()}
+            history.append(entry.get(scalar, 0.0) if scalar else entry)
+            ckpt.save(epoch, step_index, history)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch)
+    finally:
+        bar.close()
+    return history
+
+
+def loader_generator(loader) -> torch.Generator:
+    """The loader's shuffle generator (restored on resume), or a new one for loaders without."""
+    g = getattr(loader, "generator", None)
+    return g if isinstance(g, torch.Generator) else torch.Generator()

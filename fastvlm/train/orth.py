@@ -1,4 +1,4 @@
-"""OrthCR recipe (METHODS.md section 3; the loss details are unpublished, this is the library's reading):
+"""OrthCR recipe (docs/methods.md section 3; the loss details are unpublished, this is the library's reading):
 
     L = CE(clean) + CE(cutout) + l1 * KL(p_zs(clean) || p(clean)) + l2 * KL(p_zs(cutout) || p(cutout))
 
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..tuners.orth import bypass_rotations, rotation_parameters
-from .common import set_lr, warmup_cosine
+from ..tuners.orth import bypass_rotations, rotated_layers
+from .common import loader_generator, run_epochs, warmup_cosine
 
 
 @dataclass
@@ -76,26 +76,27 @@ def orthcr_loss(model, images, labels, tokens, recipe: OrthRecipe, generator=Non
                   "kl_cutout": kl_cut.item()}
 
 
-def train_orth(model, tokens, loader, recipe: OrthRecipe, device="cpu", seed=0, progress=False) -> list[dict]:
-    from tqdm.auto import trange
-
-    params = rotation_parameters(model)
-    opt = torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+def train_orth(model, tokens, loader, recipe: OrthRecipe, device="cpu", seed=0, progress=False,
+               checkpoint: str | None = None, on_epoch_end=None) -> list[dict]:
+    """Adam over the rotations, cosine per epoch; returns each epoch's mean losses (a History, with the step
+    times). With ``checkpoint`` the state is saved after every epoch and a run resumes from it (the cutout
+    and shuffle generators and the augmentation RNG are restored)."""
+    named = {f"{n}.params": m.params for n, m in rotated_layers(model)}
+    opt = torch.optim.Adam(list(named.values()), lr=recipe.lr, weight_decay=recipe.weight_decay)
     g = torch.Generator().manual_seed(seed)
-    history = []
-    for epoch in trange(recipe.epochs, desc="orthcr", disable=not progress, leave=False):
-        set_lr(opt, warmup_cosine(epoch, recipe.epochs, recipe.lr))
-        sums, n = {}, 0
-        for images, labels in loader:
-            loss, parts = orthcr_loss(model, images.to(device), labels.to(device), tokens, recipe, g)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            n += 1
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v
-        history.append({k: v / max(1, n) for k, v in sums.items()})
-    return history
+
+    def step(batch, _):
+        images, labels = batch
+        loss, parts = orthcr_loss(model, images.to(device), labels.to(device), tokens, recipe, g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return parts, 1
+
+    return run_epochs("orthcr", epochs=recipe.epochs, batches=lambda e: loader, step=step, optimizer=opt,
+                      tensors=named, generators=[g, loader_generator(loader)],
+                      lr_at=lambda e: warmup_cosine(e, recipe.epochs, recipe.lr), checkpoint=checkpoint,
+                      progress=progress, on_epoch_end=on_epoch_end)
 
 
 def base_to_new(samples, classnames):

@@ -1,4 +1,4 @@
-"""PVP (METHODS.md section 4): train parameter-efficient modules upstream, pack them, and start downstream
+"""PVP (docs/methods.md section 4): train parameter-efficient modules upstream, pack them, and start downstream
 few-shot tuning from the pack instead of from scratch.
 
 Both stages train only the modules (and a linear head when one is used) with cross-entropy on
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import set_lr, warmup_cosine
+from .common import loader_generator, run_epochs, warmup_cosine
 
 
 @dataclass
@@ -39,26 +39,37 @@ class ZeroShotHead(nn.Module):
         return self.scale * F.normalize(f, dim=-1) @ self.classifier.T
 
 
-def train_modules(model, params, head: nn.Module, loader, recipe: PVPRecipe, device="cpu", progress=False) -> list[float]:
-    """Train ``params`` (and the head's own parameters) with CE; returns each epoch's mean loss."""
-    from tqdm.auto import trange
+def train_modules(model, params, head: nn.Module, loader, recipe: PVPRecipe, device="cpu", progress=False,
+                  checkpoint: str | None = None, on_epoch_end=None, name: str | None = None) -> list[float]:
+    """Train ``params`` (and the head's own parameters) with CE; returns each epoch's mean loss (a History,
+    with the step times). With ``checkpoint`` the state is saved after every epoch and a run resumes from
+    it. The progress bar and the state are named ``name``, by default after the tuner kinds that own
+    ``params`` (e.g. "lora")."""
+    from ..tuners.common import names_of, tuners_of
 
-    trainable = list(params) + [p for p in head.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    history = []
-    for epoch in trange(recipe.epochs, desc="pvp", disable=not progress, leave=False):
-        set_lr(opt, warmup_cosine(epoch, recipe.epochs, recipe.lr))
-        total, n = 0.0, 0
-        for images, labels in loader:
-            images, labels = images.to(device), labels.to(device)
-            loss = F.cross_entropy(head(model.encode_image(images)), labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * labels.numel()
-            n += labels.numel()
-        history.append(total / max(1, n))
-    return history
+    params = list(params)
+    head_params = [p for p in head.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params + head_params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    if name is None:
+        reg, ids = tuners_of(model), {id(p) for p in params}
+        kinds = [k for k in reg.kinds() if ids & {id(p) for p in reg.parameters(k)}] if reg is not None else []
+        name = "+".join(kinds) or "pvp"
+    tensors = dict(zip(names_of(model, params), params))
+    tensors.update({f"head.{n}": p for n, p in head.named_parameters() if p.requires_grad})
+
+    def step(batch, _):
+        images, labels = batch
+        images, labels = images.to(device), labels.to(device)
+        loss = F.cross_entropy(head(model.encode_image(images)), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {"loss": loss.item()}, labels.numel()
+
+    return run_epochs(name, epochs=recipe.epochs, batches=lambda e: loader, step=step, optimizer=opt,
+                      tensors=tensors, generators=[loader_generator(loader)],
+                      lr_at=lambda e: warmup_cosine(e, recipe.epochs, recipe.lr), checkpoint=checkpoint,
+                      progress=progress, on_epoch_end=on_epoch_end, scalar="loss")
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""RMT recipe (METHODS.md section 2): the two-pass gradient-dropout step and the training loop.
+"""RMT recipe (docs/methods.md section 2): the two-pass gradient-dropout step and the training loop.
 
     logits = 100 * norm(f) @ t.T          t = the fixed, normalised zero-shot text classifier
     L_a    = CE(logits, y) + 1e-4 * sum_layers ||S||_2          (not squared)
@@ -16,9 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..ops.masked import grad_dropout
-from ..tuners.mask import MaskedAttention, ScoreMask, _MaskedBase, bypass_masks, masked_layers, score_parameters
-from .common import Checkpointer, set_lr, warmup_cosine
+from ..tuners.mask import bypass_masks, gradient_dropout, score_parameters
+from .common import loader_generator, run_epochs, warmup_cosine
 
 
 @dataclass
@@ -36,18 +35,6 @@ class RMTRecipe:
 def clip_logits(model, images, classifier, scale=100.0):
     """``scale * norm(encode_image(images)) @ classifier.T`` (classifier rows already normalised)."""
     return scale * F.normalize(model.encode_image(images), dim=-1) @ classifier.T
-
-
-def _fused_pairs(model):
-    pairs, unfused = [], []
-    for _, m in masked_layers(model):
-        if isinstance(m, ScoreMask):
-            unfused.append(m)
-        elif isinstance(m, MaskedAttention):
-            pairs += [(m.slot, m.scores), (m.slot_out, m.scores_out)]
-        elif isinstance(m, _MaskedBase):
-            pairs.append((m.slot, m.scores))
-    return pairs, unfused
 
 
 def layer_seed(seed: int, step: int, index: int) -> int:
@@ -68,66 +55,37 @@ def rmt_losses(model, images, labels, classifier, recipe: RMTRecipe):
 
 
 def rmt_step(model, images, labels, classifier, optimizer, recipe: RMTRecipe, step: int) -> dict:
-    """One training step; returns the loss values. Fused layers drop inside their score-gradient kernel,
-    consuming pass 1's gradient in place (see GradSlot); parametrized (ResNet) layers drop afterwards."""
-    pairs, unfused = _fused_pairs(model)
+    """One training step; returns the loss values. Pass 1 backpropagates L_kl; the mask tuner's
+    :func:`~fastvlm.tuners.mask.gradient_dropout` then hands each layer's g_b to pass 2, whose gradient of
+    CE + reg is dropped against it (fused layers inside their score-gradient kernel, in place)."""
     ce, l_kl, reg, _ = rmt_losses(model, images, labels, classifier, recipe)
     optimizer.zero_grad(set_to_none=True)
     if recipe.drop_ratio == 0.0:  # plain L_a
         (ce + reg).backward()
     else:
-        for slot, _ in pairs:
-            slot.ref, slot.reg = None, 0.0
         l_kl.backward(retain_graph=True)  # pass 1: g_b into .grad
-        for i, (slot, s) in enumerate(pairs):
-            slot.ref, s.grad = s.grad, None  # handed over, not copied
-            slot.ratio, slot.seed, slot.reg = recipe.drop_ratio, layer_seed(recipe.seed, step, i), recipe.reg
-        g_b = []
-        for m in unfused:
-            g_b.append(m.scores.grad)
-            m.scores.grad = None
-        ce.backward()  # pass 2: fused layers return the dropped gradient of CE + reg
-        unused = sum(slot.ref is not None for slot, _ in pairs)
-        for slot, _ in pairs:
-            slot.ref, slot.reg = None, 0.0
-        if unused:
-            raise RuntimeError(f"gradient dropout was not applied in {unused} masked layers (they ran under "
-                               "torch.compile, which cannot hand pass 1's gradient over): run the RMT step eagerly")
-        for j, (m, gb) in enumerate(zip(unfused, g_b)):
-            s = m.scores
-            g = s.grad if s.grad is not None else torch.zeros_like(s)
-            g = g + recipe.reg * s.detach() / torch.linalg.vector_norm(s.detach()).clamp_min(1e-12)
-            s.grad = grad_dropout(g, gb if gb is not None else torch.zeros_like(s), recipe.drop_ratio,
-                                  layer_seed(recipe.seed, step, len(pairs) + j))
+        with gradient_dropout(model, recipe.drop_ratio, lambda i: layer_seed(recipe.seed, step, i), recipe.reg):
+            ce.backward()  # pass 2
     optimizer.step()
     return {"ce": ce.item(), "kl": l_kl.item(), "reg": reg.item(), "loss_a": ce.item() + reg.item()}
 
 
 def train_rmt(model, classifier, loader, recipe: RMTRecipe, device="cpu", progress=False,
               checkpoint: str | None = None, on_epoch_end=None) -> list[dict]:
-    """Adam over the scores, cosine per epoch; returns each epoch's mean losses. With ``checkpoint`` the
-    state is saved after every epoch and a run resumes from it (same result as uninterrupted: the loader's
-    shuffle generator, the augmentation RNG and the gradient-dropout step counter are restored)."""
-    from tqdm.auto import trange
-
+    """Adam over the scores, cosine per epoch; returns each epoch's mean losses (a History, with the step
+    times). With ``checkpoint`` the state is saved after every epoch and a run resumes from it (same result
+    as uninterrupted: the loader's shuffle generator, the augmentation RNG and the gradient-dropout step
+    counter are restored)."""
     from ..tuners.mask import mask_entries
 
     scores = score_parameters(model)
     opt = torch.optim.Adam(scores, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    gen = loader.generator if getattr(loader, "generator", None) is not None else torch.Generator()
-    ckpt = Checkpointer(checkpoint, "rmt", {n: s for n, _, s in mask_entries(model)}, opt, gen)
-    start, step, history = ckpt.restore()
-    for epoch in trange(start, recipe.epochs, desc="rmt", disable=not progress, leave=False):
-        set_lr(opt, warmup_cosine(epoch, recipe.epochs, recipe.lr))
-        sums, n = {}, 0
-        for images, labels in loader:
-            out = rmt_step(model, images.to(device), labels.to(device), classifier, opt, recipe, step)
-            step += 1
-            n += 1
-            for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + v
-        history.append({k: v / max(1, n) for k, v in sums.items()})
-        ckpt.save(epoch, step, history)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch)
-    return history
+
+    def step(batch, index):
+        images, labels = batch
+        return rmt_step(model, images.to(device), labels.to(device), classifier, opt, recipe, index), 1
+
+    return run_epochs("rmt", epochs=recipe.epochs, batches=lambda e: loader, step=step, optimizer=opt,
+                      tensors={n: s for n, _, s in mask_entries(model)}, generators=[loader_generator(loader)],
+                      lr_at=lambda e: warmup_cosine(e, recipe.epochs, recipe.lr), checkpoint=checkpoint,
+                      progress=progress, on_epoch_end=on_epoch_end)

@@ -1,4 +1,4 @@
-"""TaskRes recipe on cached features (METHODS.md section 1): Adam, lr 2e-3 (ImageNet 2e-4), wd 5e-4,
+"""TaskRes recipe on cached features (docs/methods.md section 1): Adam, lr 2e-3 (ImageNet 2e-4), wd 5e-4,
 batch 256, 1 warm-up epoch at 1e-5 then cosine; 100 epochs for 1/2/4 shots, 200 for 8/16."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..tuners.taskres import TaskResHead
-from .common import Checkpointer, accuracy, set_lr, warmup_cosine
+from .common import accuracy, run_epochs, warmup_cosine
 
 
 @dataclass
@@ -27,36 +27,33 @@ class TaskResRecipe:
 def train_taskres(head: TaskResHead, features: torch.Tensor, labels: torch.Tensor, recipe: TaskResRecipe,
                   shots: int, seed: int = 0, progress: bool = False, checkpoint: str | None = None,
                   on_epoch_end=None) -> list[float]:
-    """Train only ``head.residual`` on cached features; returns the mean loss of each epoch.
+    """Train only ``head.residual`` on cached features; returns the mean loss of each epoch (a
+    :class:`~fastvlm.train.common.History`, with the step times).
 
     checkpoint: a path; the state is saved there after every epoch and, when it exists, training resumes
     from it (to the same result as an uninterrupted run). on_epoch_end(epoch) is called after each save."""
-    from tqdm.auto import trange
-
     if features.shape[0] != labels.shape[0]:
         raise ValueError(f"features ({features.shape[0]}) and labels ({labels.shape[0]}) must have one row each")
     epochs = recipe.resolved_epochs(shots)
     opt = torch.optim.Adam([head.residual], lr=recipe.lr, weight_decay=recipe.weight_decay)
     g = torch.Generator().manual_seed(seed)
     n = features.shape[0]
-    ckpt = Checkpointer(checkpoint, "taskres", {"residual": head.residual}, opt, g)
-    start, _, history = ckpt.restore()
-    for epoch in trange(start, epochs, desc="taskres", disable=not progress, leave=False):
-        set_lr(opt, warmup_cosine(epoch, epochs, recipe.lr, recipe.warmup_epochs, recipe.warmup_lr))
+
+    def batches(epoch):
         perm = torch.randperm(n, generator=g)
-        total = 0.0
-        for i in range(0, n, recipe.batch_size):
-            idx = perm[i:i + recipe.batch_size]
-            loss = head.loss(features[idx], labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * idx.numel()
-        history.append(total / n)
-        ckpt.save(epoch, 0, history)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch)
-    return history
+        return (perm[i:i + recipe.batch_size] for i in range(0, n, recipe.batch_size))
+
+    def step(idx, _):
+        loss = head.loss(features[idx], labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {"loss": loss.item()}, idx.numel()
+
+    return run_epochs("taskres", epochs=epochs, batches=batches, step=step, optimizer=opt,
+                      tensors={"residual": head.residual}, generators=[g],
+                      lr_at=lambda e: warmup_cosine(e, epochs, recipe.lr, recipe.warmup_epochs, recipe.warmup_lr),
+                      checkpoint=checkpoint, progress=progress, on_epoch_end=on_epoch_end, scalar="loss")
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
-"""``nn.MultiheadAttention`` with pluggable input and output projections, for tuners that change them
-(masks, LoRA). It keeps the original module's parameters (no copies) and computes exactly what open_clip's
-``self.attn(q, k, v, need_weights=False, attn_mask=...)`` does for self-attention, through
-``F.scaled_dot_product_attention``.
+"""``nn.MultiheadAttention`` with its input and output projections as linear modules, the sites where
+linear tuners (masks, rotations, LoRA) stack (see the stacking rule in fastvlm/tuners/common.py and
+docs/tuners.md). It keeps the original module's parameters (no copies) and computes exactly what
+open_clip's ``self.attn(q, k, v, need_weights=False, attn_mask=...)`` does for self-attention, through
+``F.scaled_dot_product_attention``. The wrapper is made once per attention and shared by every tuner.
 """
 
 from __future__ import annotations
@@ -11,9 +12,46 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class ProjectionView(nn.Module):
+    """A linear module over parameters owned by an ``nn.MultiheadAttention``: ``which`` = "in" (the packed QKV
+    ``in_proj_weight`` / ``in_proj_bias``) or "out" (``out_proj``). It registers no parameters (the attention
+    wrapper owns ``mha``), so the model's parameter names and state dict stay those of the wrapper's ``mha``."""
+
+    def __init__(self, mha: nn.MultiheadAttention, which: str):
+        super().__init__()
+        if which not in ("in", "out"):
+            raise ValueError(f"which must be 'in' or 'out', got {which!r}")
+        self.__dict__["_mha"] = mha  # a reference, not a submodule
+        self.which = which
+
+    @property
+    def weight(self) -> torch.Tensor:
+        m = self.__dict__["_mha"]
+        return m.in_proj_weight if self.which == "in" else m.out_proj.weight
+
+    @property
+    def bias(self):
+        m = self.__dict__["_mha"]
+        return m.in_proj_bias if self.which == "in" else m.out_proj.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self):
+        return f"{self.which}_proj, in_features={self.in_features}, out_features={self.out_features}"
+
+
 class ProjectedMultiheadAttention(nn.Module):
-    """Self-attention of a wrapped ``nn.MultiheadAttention``; subclasses override :meth:`in_proj` and
-    :meth:`out_proj_fn`. The original module stays reachable as ``.mha`` (its parameters are shared)."""
+    """Self-attention of a wrapped ``nn.MultiheadAttention`` through the linear modules ``in_proj`` ([.., D] ->
+    [.., 3D]) and ``out_proj``, which tuners wrap. The original module stays reachable as ``.mha``."""
 
     def __init__(self, mha: nn.MultiheadAttention):
         super().__init__()
@@ -24,13 +62,9 @@ class ProjectedMultiheadAttention(nn.Module):
         if mha.bias_k is not None or mha.add_zero_attn:
             raise ValueError("attention with bias_k/bias_v or add_zero_attn cannot be patched")
         self.mha = mha
+        self.in_proj = ProjectionView(mha, "in")
+        self.out_proj = ProjectionView(mha, "out")
         self.embed_dim, self.num_heads, self.batch_first = mha.embed_dim, mha.num_heads, mha.batch_first
-
-    def in_proj(self, x: torch.Tensor) -> torch.Tensor:  # [.., D] -> [.., 3D]
-        return F.linear(x, self.mha.in_proj_weight, self.mha.in_proj_bias)
-
-    def out_proj_fn(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mha.out_proj(x)
 
     def forward(self, query, key=None, value=None, key_padding_mask=None, need_weights=False, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
@@ -45,7 +79,7 @@ class ProjectedMultiheadAttention(nn.Module):
         mask = _merge_masks(attn_mask, key_padding_mask, B, H, L, x.dtype)
         drop = self.mha.dropout if self.training else 0.0
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, is_causal=is_causal and mask is None)
-        o = self.out_proj_fn(o.transpose(1, 2).reshape(B, L, D))
+        o = self.out_proj(o.transpose(1, 2).reshape(B, L, D))
         return (o if self.batch_first else o.transpose(0, 1)), None
 
 
@@ -72,3 +106,18 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
+
+
+def patched_attention(block: nn.Module) -> ProjectedMultiheadAttention:
+    """The block's attention as a :class:`ProjectedMultiheadAttention`, wrapping it the first time."""
+    if not isinstance(block.attn, ProjectedMultiheadAttention):
+        block.attn = ProjectedMultiheadAttention(block.attn)
+    return block.attn
+
+
+def unpatch_attention(root: nn.Module) -> None:
+    """Put back the plain ``nn.MultiheadAttention`` wherever both projections carry no tuner any more."""
+    for name, m in list(root.named_modules()):
+        if isinstance(m, ProjectedMultiheadAttention) and isinstance(m.in_proj, ProjectionView) \
+                and isinstance(m.out_proj, ProjectionView):
+            replace_module(root, name, m.mha)

@@ -1,8 +1,9 @@
-"""Adapters (METHODS.md section 4): ``h + s * up(act(down(h)))`` on the attention and/or MLP branch output
+"""Adapters (docs/methods.md section 4): ``h + s * up(act(down(h)))`` on the attention and/or MLP branch output
 of each block of an open_clip ViT, ``up`` = 0 at start (the patched model equals the original).
 
 In open_clip's block, ``x = x + ls_1(attn(ln_1(x)))`` and ``x = x + ls_2(mlp(ln_2(x)))``: the adapter wraps
-``ls_1`` / ``ls_2`` (LayerScale or Identity), so it acts on each branch's output before the residual add.
+``ls_1`` / ``ls_2`` (LayerScale or Identity), so it acts on each branch's output before the residual add. Adapters are nonlinear (GELU) and cannot be
+merged into a weight.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .common import blocks_of
+from .common import TunerLayer, attach, blocks_of
 
 
 @dataclass
@@ -24,12 +25,19 @@ class AdapterConfig:
     seed: int = 0  # down is Kaiming-uniform from this seed; up starts at 0
 
 
-class Adapter(nn.Module):
+class Adapter(TunerLayer, nn.Module):
+    """``h + s * up(act(down(h)))`` with ``h = inner(...)``, the branch output."""
+
+    kind = "adapter"
+    wraps = "inner"
+    merge_note = "an adapter is nonlinear (GELU): it has no weight to fold into"
+
     def __init__(self, inner: nn.Module, dim: int, cfg: AdapterConfig, generator: torch.Generator, device=None):
         super().__init__()
         if cfg.bottleneck < 1:
             raise ValueError(f"bottleneck must be >= 1, got {cfg.bottleneck}")
-        self.inner = inner
+        self.inner, self.config = inner, cfg
+        self.bypass = False
         self.down = nn.Linear(dim, cfg.bottleneck, device=device)
         self.up = nn.Linear(cfg.bottleneck, dim, device=device)
         with torch.no_grad():
@@ -43,6 +51,8 @@ class Adapter(nn.Module):
 
     def forward(self, h):
         h = self.inner(h)
+        if self.bypass:
+            return h
         return h + self.scale * self.up(self.act(self.down(h)))
 
 
@@ -51,11 +61,16 @@ def apply_adapters(model: nn.Module, config: AdapterConfig | None = None) -> nn.
     if not cfg.where or any(w not in ("attn", "mlp") for w in cfg.where):
         raise ValueError(f"where must be a non-empty subset of ('attn', 'mlp'), got {cfg.where}")
     g = torch.Generator().manual_seed(cfg.seed)
-    for _, blk in blocks_of(model, cfg.towers):
-        dim = blk.ln_1.normalized_shape[0]
-        dev = blk.ln_1.weight.device
-        if "attn" in cfg.where:
-            blk.ls_1 = Adapter(blk.ls_1, dim, cfg, g, dev)
-        if "mlp" in cfg.where:
-            blk.ls_2 = Adapter(blk.ls_2, dim, cfg, g, dev)
+    blocks = blocks_of(model, cfg.towers)
+
+    def patch():
+        for _, blk in blocks:
+            dim = blk.ln_1.normalized_shape[0]
+            dev = blk.ln_1.weight.device
+            if "attn" in cfg.where:
+                blk.ls_1 = Adapter(blk.ls_1, dim, cfg, g, dev)
+            if "mlp" in cfg.where:
+                blk.ls_2 = Adapter(blk.ls_2, dim, cfg, g, dev)
+
+    attach(model, patch, "adapter", cfg)
     return model

@@ -1,7 +1,10 @@
-"""LoRA (METHODS.md section 4): ``W + (alpha / r) * B @ A`` on chosen linear layers of an open_clip ViT,
+"""LoRA (docs/methods.md section 4): ``W + (alpha / r) * B @ A`` on chosen linear layers of an open_clip ViT,
 B = 0 at start (the patched model equals the original). While training, the low-rank path runs beside the
 frozen layer (``F.linear(x, W, b) + s * (x @ A^T) @ B^T``): the merged weight is never built. ``merge``
 folds it in for inference and ``unmerge`` takes it out again.
+
+Stacking (fastvlm/tuners/common.py): LoRA adds beside whatever it wraps, so it goes on top of the site's
+chain; it merges once every layer under it is merged.
 
 Targets: ``attn_in`` (the packed QKV ``in_proj_weight`` of ``nn.MultiheadAttention``), ``attn_out``,
 ``mlp_fc``, ``mlp_proj``.
@@ -16,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._attention import ProjectedMultiheadAttention
-from .common import WrapsLinear, blocks_of
+from ._attention import patched_attention
+from .common import TunerLayer, WrapsLinear, attach, blocks_of, merge, unmerge, wrap_site
 
 TARGETS = ("attn_in", "attn_out", "mlp_fc", "mlp_proj")
 
@@ -53,79 +56,71 @@ class LoRAPair(nn.Module):
         return (self.B @ self.A) * self.scale
 
 
-class LoRALinear(WrapsLinear, nn.Module):
-    def __init__(self, base: nn.Linear, cfg: LoRAConfig, generator):
+class LoRALinear(WrapsLinear, TunerLayer, nn.Module):
+    """``inner(x) + (alpha / r) * (x A^T) B^T`` beside any linear module ``base`` (additive: wraps anything)."""
+
+    kind = "lora"
+
+    def __init__(self, base: nn.Module, cfg: LoRAConfig, generator):
         super().__init__()
-        self.base = base
-        self.lora = LoRAPair(base.out_features, base.in_features, cfg, generator, base.weight.device)
+        self.base, self.config = base, cfg
+        self.bypass = self.merged = False
+        self.lora = LoRAPair(self.out_features, self.in_features, cfg, generator, self.weight.device)
 
     def forward(self, x):
+        self._check_bypass()
         y = self.base(x)
-        return y if self.lora.merged else y + self.lora(x)
+        return y if (self.merged or self.bypass) else y + self.lora(x)
 
-    def pairs(self):
-        return [("", self.base.weight, self.lora)]
+    @torch.no_grad()
+    def merge(self):
+        """``W <- W + (alpha/r) B A`` (valid once every layer under it on the site is merged)."""
+        if not self.merged:
+            self._check_can_merge()
+            w = self.weight
+            w.add_(self.lora.delta().to(w.dtype))
+            self._push_merge()
+            self.lora.merged = True
 
-
-class LoRAAttention(ProjectedMultiheadAttention):
-    def __init__(self, mha: nn.MultiheadAttention, cfg: LoRAConfig, generator):
-        super().__init__(mha)
-        D = mha.embed_dim
-        dev = mha.in_proj_weight.device
-        self.lora_in = LoRAPair(3 * D, D, cfg, generator, dev) if "attn_in" in cfg.targets else None
-        self.lora_out = LoRAPair(D, D, cfg, generator, dev) if "attn_out" in cfg.targets else None
-
-    def in_proj(self, x):
-        y = super().in_proj(x)
-        return y if self.lora_in is None or self.lora_in.merged else y + self.lora_in(x)
-
-    def out_proj_fn(self, x):
-        y = super().out_proj_fn(x)
-        return y if self.lora_out is None or self.lora_out.merged else y + self.lora_out(x)
-
-    def pairs(self):
-        out = []
-        if self.lora_in is not None:
-            out.append(("in", self.mha.in_proj_weight, self.lora_in))
-        if self.lora_out is not None:
-            out.append(("out", self.mha.out_proj.weight, self.lora_out))
-        return out
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self._pop_merge()
+            w = self.weight
+            w.sub_(self.lora.delta().to(w.dtype))
+            self.lora.merged = False
 
 
 def apply_lora(model: nn.Module, config: LoRAConfig | None = None) -> nn.Module:
+    """Put LoRA on the targets of every block of the towers; only tuner parameters train. Returns the model."""
     cfg = config or LoRAConfig()
     bad = [t for t in cfg.targets if t not in TARGETS]
     if bad or not cfg.targets:
         raise ValueError(f"targets must be a non-empty subset of {TARGETS}, got {cfg.targets}")
     g = torch.Generator().manual_seed(cfg.seed)
-    for _, blk in blocks_of(model, cfg.towers):
-        if "attn_in" in cfg.targets or "attn_out" in cfg.targets:
-            blk.attn = LoRAAttention(blk.attn, cfg, g)
-        if "mlp_fc" in cfg.targets:
-            blk.mlp.c_fc = LoRALinear(blk.mlp.c_fc, cfg, g)
-        if "mlp_proj" in cfg.targets:
-            blk.mlp.c_proj = LoRALinear(blk.mlp.c_proj, cfg, g)
+    blocks = blocks_of(model, cfg.towers)
+
+    def patch():
+        for _, blk in blocks:
+            if "attn_in" in cfg.targets or "attn_out" in cfg.targets:
+                attn = patched_attention(blk)
+                if "attn_in" in cfg.targets:
+                    wrap_site(attn, "in_proj", lambda m: LoRALinear(m, cfg, g))
+                if "attn_out" in cfg.targets:
+                    wrap_site(attn, "out_proj", lambda m: LoRALinear(m, cfg, g))
+            if "mlp_fc" in cfg.targets:
+                wrap_site(blk.mlp, "c_fc", lambda m: LoRALinear(m, cfg, g))
+            if "mlp_proj" in cfg.targets:
+                wrap_site(blk.mlp, "c_proj", lambda m: LoRALinear(m, cfg, g))
+
+    attach(model, patch, "lora", cfg)
     return model
 
 
-def _pairs(model):
-    return [(w, p) for m in model.modules() if isinstance(m, (LoRALinear, LoRAAttention)) for _, w, p in m.pairs()]
-
-
-@torch.no_grad()
 def merge_lora(model):
     """W <- W + (alpha/r) B A in every LoRA layer (inference at no extra cost)."""
-    for w, p in _pairs(model):
-        if not p.merged:
-            w.add_(p.delta().to(w.dtype))
-            p.merged = True
-    return model
+    return merge(model, "lora")
 
 
-@torch.no_grad()
 def unmerge_lora(model):
-    for w, p in _pairs(model):
-        if p.merged:
-            w.sub_(p.delta().to(w.dtype))
-            p.merged = False
-    return model
+    return unmerge(model, "lora")

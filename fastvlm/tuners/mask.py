@@ -1,4 +1,4 @@
-"""RMT mask tuning (METHODS.md section 2): binary masks over frozen weights of the image encoder, learned
+"""RMT mask tuning (docs/methods.md section 2): binary masks over frozen weights of the image encoder, learned
 through real-valued scores with a straight-through estimator.
 
 ViT image encoders: the patch-embedding conv (stride = kernel: a matmul over patches), every block's
@@ -9,23 +9,28 @@ gradient dropout applied after the backward).
 
 Scores start at ``init`` = 1e-2 > tau = 5e-3: every mask starts at 1 and the patched model equals the
 original. ``bypass_masks(model)`` runs the unmasked network (the zero-shot teacher) with no second copy.
+A mask changes the weight, so it always sits directly on the plain linear of its site, under any other tuner
+there (the stacking rule, fastvlm/tuners/common.py). Masks merge one way (:func:`merge_masks`): the
+masked-off weights are zeroed, so there is no unmerge.
+
+The two-pass gradient dropout of the RMT step goes through :func:`gradient_dropout`, the one entry point
+to the private hand-off between the passes (see its docstring).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import contextlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..io import load_checkpoint, save_checkpoint
-from ..ops.masked import GradSlot, _StraightThrough, binary_mask, masked_linear_slotted
-from ._attention import ProjectedMultiheadAttention, replace_module
-from .common import WrapsLinear, attach, bypassed
-
+from ..ops.masked import GradSlot, _StraightThrough, binary_mask, grad_dropout, masked_linear_slotted
+from ._attention import patched_attention, unpatch_attention
+from .common import (TunerLayer, WrapsLinear, attach, bypassed, load_tuners, register_codec, save_tuners,
+                     tuner_layers, tuners_of, wrap_site)
 
 @dataclass
 class MaskConfig:
@@ -36,38 +41,50 @@ class MaskConfig:
     mlp: bool = False  # off in the published recipe
 
 
-class _MaskedBase(nn.Module):
-    """Common state of a masked layer: its scores, the teacher bypass, and the two-pass GDR slot."""
+_NO_UNMERGE = "merging zeroes the masked-off weights, which cannot come back (merge_masks is one-way)"
 
-    fused_gdr = True
+
+class _Masked(TunerLayer, nn.Module):
+    """Common state of a fused masked layer: its scores, the teacher bypass, and the private two-pass slot."""
+
+    kind = "masks"
+    merge_note = _NO_UNMERGE
 
     def _init_mask(self, weight: torch.Tensor, cfg: MaskConfig):
+        self.config = cfg
         self.threshold = cfg.threshold
         self.scores = nn.Parameter(torch.full(weight.shape, cfg.init, dtype=torch.float32, device=weight.device))
-        self.bypass = False
-        self.slot = GradSlot()
+        self.bypass = self.merged = False
+        self._slot = GradSlot()
 
     def _ml(self, x, weight, scores, bias):
-        return masked_linear_slotted(x, weight, scores, bias, self.threshold, self.slot)
+        return masked_linear_slotted(x, weight, scores, bias, self.threshold, self._slot)
 
-    def mask_items(self):
-        """(suffix, frozen weight, scores) of each mask this layer owns."""
-        return [("", self.base.weight, self.scores)]
+    @torch.no_grad()
+    def merge(self):
+        """``W <- W * [S > tau]`` in the frozen weight; the layer then computes its plain linear."""
+        if not self.merged:
+            w = self.base.weight
+            w.mul_(binary_mask(self.scores, self.threshold).view(w.shape).to(w.dtype))
+            self._push_merge()
 
 
-class MaskedLinear(WrapsLinear, _MaskedBase):
-    def __init__(self, base: nn.Linear, cfg: MaskConfig):
+class MaskedLinear(WrapsLinear, _Masked):
+    """``x (W * [S > tau])^T + b`` on the plain linear ``base`` (an ``nn.Linear`` or an attention projection)."""
+
+    def __init__(self, base: nn.Module, cfg: MaskConfig):
         super().__init__()
         self.base = base
         self._init_mask(base.weight, cfg)
 
     def forward(self, x):
-        if self.bypass:
+        self._check_bypass()
+        if self.bypass or self.merged:
             return self.base(x)
         return self._ml(x, self.base.weight, self.scores, self.base.bias)
 
 
-class MaskedPatchEmbed(_MaskedBase):
+class MaskedPatchEmbed(_Masked):
     """A stride = kernel conv as a masked matmul over flattened patches (bit-for-bit the same contraction)."""
 
     def __init__(self, base: nn.Conv2d, cfg: MaskConfig):
@@ -78,7 +95,8 @@ class MaskedPatchEmbed(_MaskedBase):
         self._init_mask(base.weight, cfg)
 
     def forward(self, x):
-        if self.bypass:
+        self._check_bypass()
+        if self.bypass or self.merged:
             return self.base(x)
         B, C, H, W = x.shape
         ph, pw = self.base.kernel_size
@@ -90,39 +108,20 @@ class MaskedPatchEmbed(_MaskedBase):
         return y.permute(0, 2, 1).reshape(B, w.shape[0], gh, gw)
 
 
-class MaskedAttention(ProjectedMultiheadAttention, _MaskedBase):
-    def __init__(self, mha: nn.MultiheadAttention, cfg: MaskConfig):
-        ProjectedMultiheadAttention.__init__(self, mha)
-        self._init_mask(mha.in_proj_weight, cfg)
-        self.scores_out = nn.Parameter(torch.full(mha.out_proj.weight.shape, cfg.init, dtype=torch.float32,
-                                                  device=mha.out_proj.weight.device))
-        self.slot_out = GradSlot()
+class ScoreMask(TunerLayer, nn.Module):
+    """A parametrization ``W -> W * [S > tau]`` (straight-through to S), for weights used directly (ResNet).
+    Merged by :func:`merge_masks`, which removes the parametrization."""
 
-    def in_proj(self, x):
-        if self.bypass:
-            return super().in_proj(x)
-        return self._ml(x, self.mha.in_proj_weight, self.scores, self.mha.in_proj_bias)
-
-    def out_proj_fn(self, x):
-        if self.bypass:
-            return super().out_proj_fn(x)
-        o = self.mha.out_proj
-        return masked_linear_slotted(x, o.weight, self.scores_out, o.bias, self.threshold, self.slot_out)
-
-    def mask_items(self):
-        return [("in_proj", self.mha.in_proj_weight, self.scores), ("out_proj", self.mha.out_proj.weight, self.scores_out)]
-
-
-class ScoreMask(nn.Module):
-    """A parametrization ``W -> W * [S > tau]`` (straight-through to S), for weights used directly."""
-
-    fused_gdr = False
+    kind = "masks"
+    wraps = ""
+    merge_note = "a parametrized (ResNet) mask merges through merge_masks(model); " + _NO_UNMERGE
 
     def __init__(self, weight: torch.Tensor, cfg: MaskConfig):
         super().__init__()
+        self.config = cfg
         self.threshold = cfg.threshold
         self.scores = nn.Parameter(torch.full(weight.shape, cfg.init, dtype=torch.float32, device=weight.device))
-        self.bypass = False
+        self.bypass = self.merged = False
 
     def forward(self, w):
         if self.bypass:
@@ -154,35 +153,36 @@ def apply_masks(model: nn.Module, config: MaskConfig | None = None) -> nn.Module
                 visual.conv1 = MaskedPatchEmbed(visual.conv1, cfg)
             for blk in visual.transformer.resblocks:
                 if cfg.attention:
-                    blk.attn = MaskedAttention(blk.attn, cfg)
+                    attn = patched_attention(blk)
+                    wrap_site(attn, "in_proj", lambda m: MaskedLinear(m, cfg), innermost_only=True)
+                    wrap_site(attn, "out_proj", lambda m: MaskedLinear(m, cfg), innermost_only=True)
                 if cfg.mlp:
-                    blk.mlp.c_fc = MaskedLinear(blk.mlp.c_fc, cfg)
-                    blk.mlp.c_proj = MaskedLinear(blk.mlp.c_proj, cfg)
+                    wrap_site(blk.mlp, "c_fc", lambda m: MaskedLinear(m, cfg), innermost_only=True)
+                    wrap_site(blk.mlp, "c_proj", lambda m: MaskedLinear(m, cfg), innermost_only=True)
         else:
             for name, mod in list(visual.named_modules()):
                 if isinstance(mod, (nn.Conv2d, nn.Linear)):
                     parametrize.register_parametrization(mod, "weight", ScoreMask(mod.weight, cfg))
 
-    attach(model, patch)
-    # the frozen weights moved under parametrizations (ResNet) are still not tuner parameters: attach froze them
-    model._fastvlm_mask_config = cfg
+    # the frozen weights moved under parametrizations (ResNet) are not tuner parameters: attach freezes them
+    attach(model, patch, "masks", cfg)
     return model
 
 
 def masked_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (_MaskedBase, ScoreMask))]
+    return tuner_layers(model, "masks")
 
 
 def mask_entries(model: nn.Module) -> list[tuple[str, torch.Tensor, nn.Parameter]]:
-    """(name, frozen weight, scores) of every mask in the model, in a stable order."""
+    """(name, frozen weight, scores) of every mask in the model, in a stable order; the name is the masked
+    layer's (for a ResNet parametrization: ``<module>.parametrizations.weight.0``)."""
     out = []
     for name, m in masked_layers(model):
         if isinstance(m, ScoreMask):
-            # name is "<module>.parametrizations.weight.0"
             owner = model.get_submodule(name.rsplit(".parametrizations", 1)[0])
             out.append((name, owner.parametrizations.weight.original, m.scores))
         else:
-            out += [(f"{name}.{sfx}" if sfx else name, w, s) for sfx, w, s in m.mask_items()]
+            out.append((name, m.base.weight, m.scores))
     return out
 
 
@@ -198,64 +198,125 @@ def bypass_masks(model: nn.Module):
 @torch.no_grad()
 def sparsity(model: nn.Module) -> float:
     """Share of mask entries that are off."""
+    threshold = tuners_of(model).config("masks").threshold
     off = total = 0
     for _, _, s in mask_entries(model):
-        off += int((~binary_mask(s, model._fastvlm_mask_config.threshold)).sum())
+        off += int((~binary_mask(s, threshold)).sum())
         total += s.numel()
     return off / max(1, total)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# export: bit-packed masks, loading, merging
+# the two-pass gradient dropout of the RMT step
 # ---------------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def gradient_dropout(model: nn.Module, ratio: float, seed_of, reg: float = 0.0):
+    """The hand-off between the two backward passes of the RMT step (docs/methods.md section 2)::
+
+        l_kl.backward(retain_graph=True)                      # pass 1: g_b lands in every scores.grad
+        with gradient_dropout(model, ratio, seed_of, reg):
+            ce.backward()                                     # pass 2: scores.grad = dropout(g_a, g_b)
+
+    On entry each layer's pass-1 gradient g_b is taken out of ``scores.grad``. Fused layers (ViT) get it in
+    their private slot: pass 2's score-gradient kernel adds ``reg * S / ||S||`` (the gradient of the
+    regulariser ``reg * ||S||_2``, so dropout sees all of g_a), drops it against g_b with seed ``seed_of(i)``
+    and writes the result into g_b's own storage: no second N x K buffer per layer. Parametrized (ResNet)
+    layers keep g_b aside and are dropped on exit, after the backward. Layer i counts fused layers first,
+    in model order, then the parametrized ones.
+
+    On exit every slot is empty again, also when the body raises. A fused layer whose slot was not consumed
+    (it ran under ``torch.compile``, which cannot carry the slot) is an error: its gradient was not dropped.
+    """
+    layers = [m for _, m in masked_layers(model)]
+    fused = [m for m in layers if isinstance(m, _Masked)]
+    unfused = [m for m in layers if isinstance(m, ScoreMask)]
+    g_b = []
+    try:
+        for i, m in enumerate(fused):
+            slot, s = m._slot, m.scores
+            slot.ref, s.grad = s.grad, None  # handed over, not copied
+            slot.ratio, slot.seed, slot.reg = float(ratio), int(seed_of(i)), float(reg)
+        for m in unfused:
+            g_b.append(m.scores.grad)
+            m.scores.grad = None
+        yield
+        unused = sum(m._slot.ref is not None for m in fused)
+        if unused:
+            raise RuntimeError(f"gradient dropout was not applied in {unused} masked layers (they ran under "
+                               "torch.compile, which cannot hand pass 1's gradient over): run the RMT step eagerly")
+        for j, (m, gb) in enumerate(zip(unfused, g_b)):
+            s = m.scores
+            g = s.grad if s.grad is not None else torch.zeros_like(s)
+            g = g + reg * s.detach() / torch.linalg.vector_norm(s.detach()).clamp_min(1e-12)
+            s.grad = grad_dropout(g, gb if gb is not None else torch.zeros_like(s), ratio, seed_of(len(fused) + j))
+    finally:
+        for m in fused:
+            m._slot.ref, m._slot.ratio, m._slot.seed, m._slot.reg = None, 0.0, 0, 0.0
+
+
+def _slots_empty(model: nn.Module) -> bool:
+    """True when no fused masked layer holds a hand-off (the state outside :func:`gradient_dropout`)."""
+    return all(m._slot.ref is None and m._slot.ratio == 0.0 and m._slot.reg == 0.0
+               for _, m in masked_layers(model) if isinstance(m, _Masked))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# save/load (bit-packed in the one tuner file), merging
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _encode_bits(model, scores):
+    threshold = _mask_config(model).threshold
+    return torch.from_numpy(np.packbits(binary_mask(scores, threshold).cpu().numpy().reshape(-1)))
+
+
+def _decode_bits(model, stored, scores):
+    """Scores become init where the mask is on and 0 where it is off: the model computes exactly what the
+    tuned one did."""
+    cfg = _mask_config(model)
+    bits = np.unpackbits(stored.numpy(), count=scores.numel()).astype(bool)
+    on = torch.from_numpy(bits).view(scores.shape).to(scores.device)
+    scores.copy_(torch.where(on, torch.full_like(scores, max(cfg.init, 2 * cfg.threshold)), torch.zeros_like(scores)))
+
+
+def _mask_config(model) -> MaskConfig:
+    return model.config if isinstance(model, TunerLayer) else tuners_of(model).config("masks")
+
+
+register_codec("masks", "bits", _encode_bits, _decode_bits)
+
+
 def export_masks(model: nn.Module, path: str, **extra) -> str:
-    """Save every binary mask bit-packed (1 bit per weight) in one small safetensors file."""
-    cfg = model._fastvlm_mask_config
-    tensors, shapes = {}, {}
-    for name, _, s in mask_entries(model):
-        bits = binary_mask(s.detach(), cfg.threshold).cpu().numpy().reshape(-1)
-        tensors[name] = torch.from_numpy(np.packbits(bits))
-        shapes[name] = list(s.shape)
-    meta = {"kind": "mask", "config": asdict(cfg), "shapes": shapes, "sparsity": sparsity(model), **extra}
-    return save_checkpoint(path, tensors, meta)
+    """Save every binary mask bit-packed (1 bit per weight) in the one tuner file format (kind "masks")."""
+    return save_tuners(model, path, kinds=["masks"], sparsity=sparsity(model), **extra)
 
 
-@torch.no_grad()
 def load_masks(model: nn.Module, path: str) -> dict:
-    """Load packed masks onto a model patched with :func:`apply_masks`: scores become init where the mask
-    is on and 0 where it is off, so the model computes exactly what the tuned one did."""
-    tensors, meta = load_checkpoint(path, kind="mask")
-    cfg = model._fastvlm_mask_config
-    entries = {n: s for n, _, s in mask_entries(model)}
-    missing = sorted(set(entries) - set(tensors))
-    extra = sorted(set(tensors) - set(entries))
-    if missing or extra:
-        raise ValueError(f"mask file {path!r} does not fit this model: missing {missing[:3]}, unexpected {extra[:3]}")
-    for name, s in entries.items():
-        if list(s.shape) != meta["shapes"][name]:
-            raise ValueError(f"mask {name!r} has shape {meta['shapes'][name]}, the model needs {list(s.shape)}")
-        bits = np.unpackbits(tensors[name].numpy(), count=s.numel()).astype(bool)
-        on = torch.from_numpy(bits).view(s.shape).to(s.device)
-        s.copy_(torch.where(on, torch.full_like(s, max(cfg.init, 2 * cfg.threshold)), torch.zeros_like(s)))
-    return meta
+    """Load packed masks onto a model patched with :func:`apply_masks` (see the codec above)."""
+    return load_tuners(model, path, kinds=["masks"], what="mask file")
 
 
 @torch.no_grad()
 def merge_masks(model: nn.Module) -> nn.Module:
-    """Multiply the masks into the frozen weights and restore the original modules: zero inference cost."""
-    cfg = model._fastvlm_mask_config
-    for name, w, s in mask_entries(model):
-        w.mul_(binary_mask(s, cfg.threshold).to(w.dtype))
-    for name, m in masked_layers(model):
-        if isinstance(m, ScoreMask):
-            continue
-        orig = m.mha if isinstance(m, MaskedAttention) else m.base
-        replace_module(model, name, orig)
+    """Multiply the masks into the frozen weights and take the mask layers out (zero inference cost); where
+    no other tuner remains on an attention, the plain ``nn.MultiheadAttention`` comes back. One-way."""
+    for _, m in masked_layers(model):
+        if isinstance(m, _Masked):
+            m.merge()
+    for parent in list(model.modules()):
+        for attr, child in list(parent._modules.items()):
+            if isinstance(child, _Masked):
+                setattr(parent, attr, child.base)
     for name, mod in list(model.named_modules()):
-        if parametrize.is_parametrized(mod, "weight"):
+        if parametrize.is_parametrized(mod, "weight") and any(
+                isinstance(p, ScoreMask) for p in mod.parametrizations.weight):
+            w = mod.parametrizations.weight
+            mask = binary_mask(w[0].scores, w[0].threshold)
             parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
-    del model._fastvlm_mask_config
+            mod.weight.mul_(mask.to(mod.weight.dtype))
+    unpatch_attention(model)
+    reg = tuners_of(model)
+    del reg.entries["masks"]
     return model
-

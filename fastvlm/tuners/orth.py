@@ -1,24 +1,28 @@
-"""OrthCR (METHODS.md section 3): block-diagonal orthogonal (Cayley) rotations of frozen weights.
+"""OrthCR (docs/methods.md section 3): block-diagonal orthogonal (Cayley) rotations of frozen weights.
 
 Patches the MLP layers (``c_fc``, ``c_proj``) of both the image and the text encoder of an open_clip model by
 default (attention projections as an option). Each layer ``y = x W^T + b`` becomes
 ``y = (x @ blockdiag(R)) W^T + b`` with R exact Cayley rotations of block size b (default 32), starting at
 R = I: the patched model equals the original. ``bypass_rotations(model)`` runs the zero-shot network (no
 second copy); ``merge_rotations`` folds R into W (``W <- W blockdiag(R)^T``) for zero-cost inference and
-``unmerge_rotations`` undoes it.
+``unmerge_rotations`` undoes it by solving with R (exact for the series R of ``neumann_terms`` too, which is
+not orthogonal).
+
+Stacking (fastvlm/tuners/common.py): a rotation turns the input of whatever it wraps, ``inner(x R)``. On a
+plain linear that is ``orthogonal_linear`` (the fused op, which may rotate the weight instead).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..io import load_checkpoint, save_checkpoint
 from ..ops.orth import block_rotate, cayley, n_params, orthogonal_linear
-from ._attention import ProjectedMultiheadAttention
-from .common import WrapsLinear, attach, blocks_of, bypassed
+from ._attention import patched_attention
+from .common import (TunerLayer, WrapsLinear, attach, blocks_of, bypassed, is_plain, load_tuners, merge,
+                     save_tuners, tuner_layers, unmerge, wrap_site)
 
 
 @dataclass
@@ -30,56 +34,59 @@ class OrthConfig:
     neumann_terms: int | None = None  # None: exact Cayley transform
 
 
-class _Rotated(nn.Module):
-    def _init_rot(self, width: int, cfg: OrthConfig, where: str, device):
+class OrthLinear(WrapsLinear, TunerLayer, nn.Module):
+    """``inner(x @ blockdiag(R))``, R = cayley(params) of block size b, on any linear module ``base``."""
+
+    kind = "orth"
+
+    def __init__(self, base: nn.Module, cfg: OrthConfig, where: str = "layer"):
+        super().__init__()
+        self.base, self.config = base, cfg
+        width = base.in_features
         b = cfg.block_size
         if width % b:
             raise ValueError(f"block_size={b} must divide the input width {width} of {where}")
         self.block_size, self.neumann_terms = b, cfg.neumann_terms
-        self.bypass, self.merged = False, False
-        return nn.Parameter(torch.zeros(width // b, n_params(b), device=device))
+        self.bypass = self.merged = False
+        self.params = nn.Parameter(torch.zeros(width // b, n_params(b), device=self.weight.device))
 
-    def _rot(self, params):
-        return cayley(params, self.block_size, self.neumann_terms)
-
-
-class OrthLinear(WrapsLinear, _Rotated):
-    def __init__(self, base: nn.Linear, cfg: OrthConfig, where: str = "layer"):
-        super().__init__()
-        self.base = base
-        self.params = self._init_rot(base.in_features, cfg, where, base.weight.device)
+    def _rot(self, params=None):
+        return cayley(self.params if params is None else params, self.block_size, self.neumann_terms)
 
     def forward(self, x):
-        if self.bypass and self.merged:
-            raise RuntimeError("cannot bypass merged rotations: unmerge_rotations(model) first")
+        self._check_bypass()
         if self.bypass or self.merged:
             return self.base(x)
-        return orthogonal_linear(x, self.base.weight, self.params, self.base.bias, self.block_size, self.neumann_terms)
+        if is_plain(self.base):
+            return orthogonal_linear(x, self.base.weight, self.params, self.base.bias, self.block_size,
+                                     self.neumann_terms)
+        return self.base(block_rotate(x, self._rot().to(x.dtype)))
 
     def rotated(self):
-        return [(self.base.weight, self.params)]
+        return [(self.weight, self.params)]
 
+    @torch.no_grad()
+    def merge(self):
+        """``W <- W @ blockdiag(R)^T`` in the plain linear's weight."""
+        if self.merged:
+            return
+        self._check_can_merge()
+        w = self.weight
+        w.copy_(block_rotate(w, self._rot().to(w.dtype), transpose=True))
+        self._push_merge()
 
-class OrthAttention(ProjectedMultiheadAttention, _Rotated):
-    def __init__(self, mha: nn.MultiheadAttention, cfg: OrthConfig, where: str = "attention"):
-        ProjectedMultiheadAttention.__init__(self, mha)
-        self.params = self._init_rot(mha.embed_dim, cfg, where, mha.in_proj_weight.device)
-        self.params_out = self._init_rot(mha.embed_dim, cfg, where, mha.in_proj_weight.device)
-
-    def in_proj(self, x):
-        if self.bypass or self.merged:
-            return super().in_proj(x)
-        return orthogonal_linear(x, self.mha.in_proj_weight, self.params, self.mha.in_proj_bias, self.block_size,
-                                 self.neumann_terms)
-
-    def out_proj_fn(self, x):
-        if self.bypass or self.merged:
-            return super().out_proj_fn(x)
-        o = self.mha.out_proj
-        return orthogonal_linear(x, o.weight, self.params_out, o.bias, self.block_size, self.neumann_terms)
-
-    def rotated(self):
-        return [(self.mha.in_proj_weight, self.params), (self.mha.out_proj.weight, self.params_out)]
+    @torch.no_grad()
+    def unmerge(self):
+        """``W <- W @ blockdiag(R)^-T``: per block, W_j = solve(R_j, W'_j^T)^T, in fp64 (R need not be
+        orthogonal: the series transform is not)."""
+        if not self.merged:
+            return
+        self._pop_merge()
+        w = self.weight
+        r = self._rot().double()  # [nb, b, b]
+        nb, b, _ = r.shape
+        wb = w.double().view(w.shape[0], nb, b).permute(1, 2, 0)  # [nb, b, N]: W_j^T
+        w.copy_(torch.linalg.solve(r, wb).permute(2, 0, 1).reshape(w.shape).to(w.dtype))
 
 
 def apply_orth(model: nn.Module, config: OrthConfig | None = None) -> nn.Module:
@@ -93,22 +100,23 @@ def apply_orth(model: nn.Module, config: OrthConfig | None = None) -> nn.Module:
     def patch():
         for where, blk in blocks:
             if cfg.mlp:
-                blk.mlp.c_fc = OrthLinear(blk.mlp.c_fc, cfg, f"{where}.mlp.c_fc")
-                blk.mlp.c_proj = OrthLinear(blk.mlp.c_proj, cfg, f"{where}.mlp.c_proj")
+                wrap_site(blk.mlp, "c_fc", lambda m: OrthLinear(m, cfg, f"{where}.mlp.c_fc"))
+                wrap_site(blk.mlp, "c_proj", lambda m: OrthLinear(m, cfg, f"{where}.mlp.c_proj"))
             if cfg.attention:
-                blk.attn = OrthAttention(blk.attn, cfg, f"{where}.attn")
+                attn = patched_attention(blk)
+                wrap_site(attn, "in_proj", lambda m: OrthLinear(m, cfg, f"{where}.attn.in_proj"))
+                wrap_site(attn, "out_proj", lambda m: OrthLinear(m, cfg, f"{where}.attn.out_proj"))
 
-    attach(model, patch)
-    model._fastvlm_orth_config = cfg
+    attach(model, patch, "orth", cfg)
     return model
 
 
-def rotated_layers(model) -> list[tuple[str, _Rotated]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, _Rotated)]
+def rotated_layers(model) -> list[tuple[str, OrthLinear]]:
+    return tuner_layers(model, "orth")
 
 
 def rotation_parameters(model) -> list[nn.Parameter]:
-    return [p for _, m in rotated_layers(model) for _, p in m.rotated()]
+    return [m.params for _, m in rotated_layers(model)]
 
 
 def bypass_rotations(model):
@@ -116,49 +124,20 @@ def bypass_rotations(model):
     return bypassed(model, (m for _, m in rotated_layers(model)))
 
 
-@torch.no_grad()
 def merge_rotations(model) -> nn.Module:
     """``W <- W @ blockdiag(R)^T`` in every rotated layer: plain linear layers at inference."""
-    for _, m in rotated_layers(model):
-        if m.merged:
-            continue
-        for w, p in m.rotated():
-            w.copy_(block_rotate(w, m._rot(p).to(w.dtype), transpose=True))
-        m.merged = True
-    return model
+    return merge(model, "orth")
 
 
-@torch.no_grad()
 def unmerge_rotations(model) -> nn.Module:
-    """Undo :func:`merge_rotations`: ``W <- W @ blockdiag(R)`` (R is orthogonal)."""
-    for _, m in rotated_layers(model):
-        if not m.merged:
-            continue
-        for w, p in m.rotated():
-            w.copy_(block_rotate(w, m._rot(p).to(w.dtype)))
-        m.merged = False
-    return model
+    """Undo :func:`merge_rotations` (solving with R: exact whether or not R is orthogonal)."""
+    return unmerge(model, "orth")
 
 
 def save_orth(model, path: str, **extra) -> str:
-    tensors = {}
-    for name, m in rotated_layers(model):
-        for i, (_, p) in enumerate(m.rotated()):
-            tensors[f"{name}.{i}"] = p
-    cfg = asdict(model._fastvlm_orth_config)
-    cfg["towers"] = list(cfg["towers"])
-    return save_checkpoint(path, tensors, {"kind": "orth", "config": cfg, **extra})
+    """The rotations in the one tuner file format (kind "orth")."""
+    return save_tuners(model, path, kinds=["orth"], **extra)
 
 
-@torch.no_grad()
 def load_orth(model, path: str) -> dict:
-    tensors, meta = load_checkpoint(path, kind="orth")
-    ours = {f"{name}.{i}": p for name, m in rotated_layers(model) for i, (_, p) in enumerate(m.rotated())}
-    missing, extra = sorted(set(ours) - set(tensors)), sorted(set(tensors) - set(ours))
-    if missing or extra:
-        raise ValueError(f"rotation file {path!r} does not fit this model: missing {missing[:3]}, unexpected {extra[:3]}")
-    for k, p in ours.items():
-        if tensors[k].shape != p.shape:
-            raise ValueError(f"rotation {k!r} has shape {tuple(tensors[k].shape)}, the model needs {tuple(p.shape)}")
-        p.copy_(tensors[k])
-    return meta
+    return load_tuners(model, path, kinds=["orth"], what="rotation file")

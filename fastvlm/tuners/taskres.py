@@ -1,18 +1,23 @@
-"""TaskRes (METHODS.md section 1): a trainable residual on the frozen text classifier.
+"""TaskRes (docs/methods.md section 1): a trainable residual on the frozen text classifier.
 
     logits = s * norm(f) @ norm(base + alpha * residual).T,   residual initialised to zeros.
+
+The head is a tuner layer (fastvlm/tuners/common.py) used on its own (on cached features) or attached to a
+model with :func:`apply_taskres` (as ``model.taskres``, composing with the image-side tuners). Bypass gives
+the zero-shot classifier (alpha = 0). There is no merge: the head is one matmul against
+``norm(base + alpha * residual)`` already, with nothing to fold into.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .. import functional as FV
-from ..io import load_checkpoint, save_checkpoint
 from ..templates import templates_for
+from .common import TunerLayer, attach, config_from_dict, load_tuners, save_tuners
 
 
 @dataclass
@@ -21,8 +26,12 @@ class TaskResConfig:
     logit_scale: float = 100.0
 
 
-class TaskResHead(nn.Module):
+class TaskResHead(TunerLayer, nn.Module):
     """Frozen base classifier (a buffer) plus a trainable residual (a parameter, zeros at start)."""
+
+    kind = "taskres"
+    wraps = ""
+    merge_note = "the head is one matmul against norm(base + alpha * residual) already"
 
     def __init__(self, base: torch.Tensor, config: TaskResConfig | None = None):
         super().__init__()
@@ -31,28 +40,48 @@ class TaskResHead(nn.Module):
         self.config = config or TaskResConfig()
         self.register_buffer("base", base.detach().clone())
         self.residual = nn.Parameter(torch.zeros_like(self.base))
+        self.bypass = False
+
+    def _alpha(self) -> float:
+        return 0.0 if self.bypass else self.config.alpha
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return FV.residual_logits(features, self.base, self.residual, self.config.alpha, self.config.logit_scale)
+        return FV.residual_logits(features, self.base, self.residual, self._alpha(), self.config.logit_scale)
 
     def loss(self, features: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        return FV.residual_cross_entropy(features, self.base, self.residual, target, self.config.alpha,
+        return FV.residual_cross_entropy(features, self.base, self.residual, target, self._alpha(),
                                          self.config.logit_scale, reduction)
 
     def save(self, path: str, **extra) -> str:
-        """Just the residual and the config (the base is rebuilt from the model and class names)."""
-        cfg = {"kind": "taskres", **asdict(self.config), "shape": list(self.residual.shape), **extra}
-        return save_checkpoint(path, {"residual": self.residual}, cfg)
+        """Just the residual and the config in the one tuner file format (the base is rebuilt from the model
+        and class names)."""
+        return save_tuners(self, path, **extra)
 
     def load_residual(self, path: str) -> dict:
-        tensors, cfg = load_checkpoint(path, kind="taskres")
-        r = tensors["residual"]
-        if tuple(r.shape) != tuple(self.residual.shape):
-            raise ValueError(f"checkpoint residual has shape {tuple(r.shape)}, this head needs {tuple(self.residual.shape)}")
-        with torch.no_grad():
-            self.residual.copy_(r)
-        self.config = TaskResConfig(alpha=cfg["alpha"], logit_scale=cfg["logit_scale"])
-        return cfg
+        """The residual and the config of a file written by :meth:`save`; returns the file's metadata."""
+        meta = load_tuners(self, path, kinds=["taskres"], what="checkpoint")
+        self.config = config_from_dict(TaskResConfig, meta["tuners"]["taskres"]["config"])
+        return meta
+
+
+def apply_taskres(model: nn.Module, base: torch.Tensor, config: TaskResConfig | None = None) -> TaskResHead:
+    """Attach a TaskRes head to ``model`` as ``model.taskres`` (registered as the "taskres" tuner, so it saves,
+    loads and bypasses with the model's other tuners); the backbone is frozen. Returns the head."""
+    device = next(model.parameters()).device
+    cfg = config or TaskResConfig()
+
+    def patch():
+        model.taskres = TaskResHead(base.to(device), cfg)
+
+    attach(model, patch, "taskres", cfg)
+    return model.taskres
+
+
+def taskres_config_of(meta: dict) -> TaskResConfig:
+    """The TaskRes config recorded in a tuner file's metadata."""
+    if "taskres" not in meta.get("tuners", {}):
+        raise ValueError(f"the file holds {sorted(meta.get('tuners', {})) or 'no'} tuners, not 'taskres'")
+    return config_from_dict(TaskResConfig, meta["tuners"]["taskres"]["config"])
 
 
 @torch.no_grad()
