@@ -2,7 +2,7 @@
 matmul with the same output (the score gradient dy.T @ x over ``tokens`` rows), each timed alone and with one
 competing busy process that this script starts, pauses between phases and always stops.
 
-    python benchmarks/under_load.py [--reps 7]
+    python benchmarks/under_load.py [--reps 7] [--inner 3] [--tokens 1576]
 
 A slowdown ratio is (time under load) / (time alone). The alone and loaded phases alternate within one
 process, rep by rep, so that slow drift of a shared machine touches both alike; each time is the median of
@@ -90,9 +90,10 @@ def main(argv=None) -> dict:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=7)
-    p.add_argument("--tokens", type=int, default=1576)
+    p.add_argument("--inner", type=int, default=3, help="calls per timed phase")
+    p.add_argument("--tokens", type=int, default=1576, help="rows of the matmul's inner dimension")
     args = p.parse_args(argv)
-    r = measure_under_load(reps=args.reps, tokens=args.tokens)
+    r = measure_under_load(reps=args.reps, tokens=args.tokens, inner=args.inner)
     N, K = r["shape"]
     print(f"grad_dropout {N}x{K} vs matmul [{N}x{r['tokens']}] @ [{r['tokens']}x{K}], "
           f"{r['threads']} torch threads, median of {r['reps']} phases")

@@ -240,3 +240,14 @@ def test_measure_under_load_stops_its_busy_process_when_timing_fails(monkeypatch
     with pytest.raises(RuntimeError, match="boom"):
         measure_under_load(reps=1, inner=1, tokens=16, settle=0.01)
     assert {p.pid for p in _children()} - before == set()
+
+
+def test_differentiable_inputs_keep_their_graph():
+    """Through autograd (the torch ops), the gradient of the output w.r.t. g_task is the keep scale."""
+    ga, gb = _grads((5000,), seed=8)
+    ga.requires_grad_()
+    with fastvlm.backend("torch"):
+        out = grad_dropout(ga, gb, 0.8, 3)
+    (d,) = torch.autograd.grad(out.sum(), [ga])
+    assert torch.equal(out.detach(), grad_dropout_reference(ga.detach(), gb, 0.8, 3))
+    assert set(d.unique().tolist()) == {1.0, float(np.float32(1.0) - np.float32(0.8))}

@@ -18,10 +18,11 @@ Two implementations of the same arithmetic:
   (fp32 results are those of the IEEE operations in the formula's order). It runs on the calling thread:
   one pass over the data and no synchronisation with other threads, so a busy machine slows it like any
   single-threaded loop instead of stalling a thread team on every one of ~100 elementwise ops;
-* elsewhere (no compiler, ``FASTVLM_PHILOX=torch``, non-CPU tensors, under ``torch.compile``), torch ops on
-  int64 words. A product of two 32-bit words wraps mod 2^64 and keeps both halves exact; the arithmetic
-  shift's sign bits are masked off before a word enters the next product. On CPU the ops run on chunks of
-  ``_EAGER_CHUNK`` elements, below torch's parallel grain size, so they too run on the calling thread.
+* elsewhere (no compiler, ``FASTVLM_PHILOX=torch``, non-CPU tensors, under ``torch.compile``, inputs that
+  autograd must differentiate through), torch ops on int64 words. A product of two 32-bit words wraps mod
+  2^64 and keeps both halves exact; the arithmetic shift's sign bits are masked off before a word enters
+  the next product. On CPU the ops run on chunks of ``_EAGER_CHUNK`` elements, below torch's parallel grain
+  size, so they too run on the calling thread.
 """
 
 from __future__ import annotations
@@ -205,8 +206,11 @@ def _philox_uniform_torch(seed: int, offsets: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk(t: torch.Tensor) -> int:
-    """Elements per pass of the torch implementation: below the parallel grain size on CPU, all elsewhere."""
-    return _EAGER_CHUNK if t.device.type == "cpu" else max(t.numel(), 1)
+    """Elements per pass of the torch implementation: below the parallel grain size on CPU, all elsewhere
+    and under ``torch.compile`` (which fuses the ops: one graph, not one per chunk)."""
+    if t.device.type == "cpu" and not torch.compiler.is_compiling():
+        return _EAGER_CHUNK
+    return max(t.numel(), 1)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -252,7 +256,8 @@ def grad_dropout_torch(g_task, g_ref, ratio, seed, offset, out=None):
     out = torch.empty_like(g_task, memory_format=torch.contiguous_format) if out is None else out
     n = g_task.numel()
     dt = compute_dtype(g_task.dtype)
-    lib = _kernels() if g_task.device.type == "cpu" else None
+    differentiable = torch.is_grad_enabled() and (g_task.requires_grad or g_ref.requires_grad)
+    lib = _kernels() if g_task.device.type == "cpu" and not differentiable else None
     if lib is not None:
         a, b = g_task.to(dt).contiguous(), g_ref.to(dt).contiguous()
         dst = out if (out.dtype == dt and out.is_contiguous()) else torch.empty(out.shape, dtype=dt)
