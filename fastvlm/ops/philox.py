@@ -15,9 +15,10 @@ Two implementations of the same arithmetic:
 
 * on CPU, one pass of a small C kernel (``_C_SOURCE``) built once with the system C compiler and cached on
   disk: unsigned 32-bit words, 64-bit products, ``-ffp-contract=off`` so that no multiply-add is fused
-  (fp32 results are those of the IEEE operations in the formula's order). It runs on the calling thread:
-  one pass over the data and no synchronisation with other threads, so a busy machine slows it like any
-  single-threaded loop instead of stalling a thread team on every one of ~100 elementwise ops;
+  (fp32 results are those of the IEEE operations in the formula's order). Up to ``torch.get_num_threads()``
+  threads take 64K-element pieces until none is left (``_in_pieces``): one pass over the data and one join
+  per call, so a busy machine slows it like a matmul instead of stalling a thread team on every one of
+  ~100 elementwise ops;
 * elsewhere (no compiler, ``FASTVLM_PHILOX=torch``, non-CPU tensors, under ``torch.compile``, inputs that
   autograd must differentiate through), torch ops on int64 words. A product of two 32-bit words wraps mod
   2^64 and keeps both halves exact; the arithmetic shift's sign bits are masked off before a word enters
@@ -29,12 +30,14 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import os
 import shlex
 import shutil
 import subprocess
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -43,6 +46,7 @@ _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
 _SCALE = 4.6566127342e-10  # tl.rand's int32 -> [0, 1) factor (fp32)
 _EAGER_CHUNK = 1 << 15  # at::internal::GRAIN_SIZE: smaller ops are not split across threads
+_PIECE = 1 << 16  # elements per task of the threaded C pass
 
 _C_SOURCE = r"""
 #include <stdint.h>
@@ -162,6 +166,36 @@ def _kernels():
     return _lib or None
 
 
+_pool = (None, 0, -1)  # (executor, workers, pid that created it)
+
+
+def _in_pieces(n: int, run) -> None:
+    """``run(i, j)`` over [0, n) in pieces of ``_PIECE``, on up to ``torch.get_num_threads()`` threads (this one
+    and a pool; ctypes releases the GIL). Each thread takes the next piece when it finishes one, so a thread
+    that the OS deschedules holds up at most the piece it is on, and nothing else waits for it."""
+    global _pool
+    workers = min(torch.get_num_threads(), -(-n // _PIECE))
+    if workers <= 1:
+        run(0, n)
+        return
+    ex, size, pid = _pool
+    if ex is None or size < workers - 1 or pid != os.getpid():  # a forked child has none of the threads
+        ex = ThreadPoolExecutor(max_workers=workers - 1, thread_name_prefix="fastvlm-philox")
+        _pool = (ex, workers - 1, os.getpid())
+    starts = itertools.count(0, _PIECE)
+
+    def work():
+        for i in starts:
+            if i >= n:
+                return
+            run(i, min(i + _PIECE, n))
+
+    futures = [ex.submit(work) for _ in range(workers - 1)]
+    work()
+    for f in futures:
+        f.result()
+
+
 def stream_implementation() -> str:
     """Which implementation CPU tensors get now: ``"c"`` (the compiled kernel) or ``"torch"``."""
     return "c" if _kernels() is not None else "torch"
@@ -225,7 +259,8 @@ def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     if lib is not None:
         src = offsets.contiguous()
         out = torch.empty(offsets.shape, dtype=torch.float32)
-        lib.fv_uniform_at(seed, src.data_ptr(), src.numel(), out.data_ptr())
+        p_src, p_out = src.data_ptr(), out.data_ptr()
+        _in_pieces(src.numel(), lambda i, j: lib.fv_uniform_at(seed, p_src + 8 * i, j - i, p_out + 4 * i))
         return out
     out = torch.empty(offsets.shape, dtype=torch.float32, device=offsets.device)
     flat, flat_o = offsets.reshape(-1), out.view(-1)
@@ -262,7 +297,8 @@ def grad_dropout_torch(g_task, g_ref, ratio, seed, offset, out=None):
         a, b = g_task.to(dt).contiguous(), g_ref.to(dt).contiguous()
         dst = out if (out.dtype == dt and out.is_contiguous()) else torch.empty(out.shape, dtype=dt)
         kernel = lib.fv_grad_dropout_f64 if dt == torch.float64 else lib.fv_grad_dropout_f32
-        kernel(a.data_ptr(), b.data_ptr(), dst.data_ptr(), n, seed, offset, ratio)
+        pa, pb, po, e = a.data_ptr(), b.data_ptr(), dst.data_ptr(), a.element_size()
+        _in_pieces(n, lambda i, j: kernel(pa + e * i, pb + e * i, po + e * i, j - i, seed, offset + i, ratio))
         if dst is not out:
             out.copy_(dst)
         return out
