@@ -19,11 +19,14 @@ DROP_BLOCK = dict(BLOCK=1024, num_warps=4)
 
 @triton.jit
 def dropout_keep_scale(ga, gb, u, ratio):
-    """((1 - ratio) + ratio * [P > u]) with P = 0.5 (1 + sign(ga) (ga + gb) / (|ga| + |gb| + 1e-8))."""
+    """((1 - ratio) + ratio * [P > u]) with P = 0.5 (1 + sign(ga) (ga + gb) / (|ga| + |gb| + 1e-8)), all in fp32:
+    ratio is rounded to fp32 and 1 - ratio taken in fp32, as on the torch path (fastvlm/ops/philox.py)."""
+    r = tl.cast(ratio, tl.float32)  # a no-op for the compiled kernel's fp32 argument; the interpreter passes
+    # a Python float, whose 1 - ratio it would otherwise take in fp64 before rounding
     sgn = tl.where(ga > 0, 1.0, tl.where(ga < 0, -1.0, 0.0))
     q = tl.math.div_rn(ga + gb, tl.abs(ga) + tl.abs(gb) + 1e-8)  # IEEE division: same bits as torch
     p = 0.5 * (1.0 + sgn * q)
-    return (1.0 - ratio) + ratio * tl.where(p > u, 1.0, 0.0)
+    return (1.0 - r) + r * tl.where(p > u, 1.0, 0.0)
 
 
 @triton.jit

@@ -84,8 +84,10 @@ def masked_linear_reference(x, weight, scores, bias=None, threshold=THRESHOLD):
 
 
 def grad_dropout_reference(g_task, g_ref, ratio, seed, offset=0):
+    """The formula on whole tensors, in fp64 for fp64 inputs and fp32 otherwise (see fastvlm/ops/philox.py)."""
     u = philox_uniform(seed, torch.arange(g_task.numel(), device=g_task.device) + offset).view(g_task.shape)
-    return (keep_scale(g_task, g_ref, u, ratio) * g_task.float()).to(g_task.dtype)
+    keep = keep_scale(g_task, g_ref, u, ratio)  # in the compute dtype
+    return (keep * g_task.to(keep.dtype)).to(g_task.dtype)
 
 
 def _masked_example(dtype, generator):
@@ -255,7 +257,9 @@ def _check_seed(seed, offset=0) -> tuple[int, int]:
 def grad_dropout(g_task, g_ref, ratio, seed, offset=0):
     """Gradient dropout regularity: ``((1 - ratio) + ratio * [P > U]) * g_task`` (see the module docstring).
 
-    ``ratio=0`` returns ``g_task`` exactly; elements whose signs agree (P = 1) are always kept.
+    Computed in g_task's precision: fp64 stays fp64 (torch path only), fp16/bf16 are computed in fp32; U is
+    the fp32 stream, compared with P exactly (see fastvlm/ops/philox.py). ``ratio=0`` returns ``g_task``
+    exactly; elements whose signs agree (P = 1) are always kept.
     """
     check_tensor("g_task", g_task)
     check_tensor("g_ref", g_ref)
