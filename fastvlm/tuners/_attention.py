@@ -115,6 +115,17 @@ def patched_attention(block: nn.Module) -> ProjectedMultiheadAttention:
     return block.attn
 
 
+def route_attention(blocks) -> None:
+    """Run each block's frozen attention through :class:`ProjectedMultiheadAttention`, for tuners that do not
+    touch attention (rotations of the MLPs, prompts, adapters): open_clip's ``nn.MultiheadAttention``
+    (batch-first) transposes to sequence-first and runs the packed QKV projection as a batched matmul with
+    the weight broadcast over the sequence, forward and backward; the wrapper does one matmul per
+    projection. Same parameters, same function (up to rounding); ``blocks``: (name, block) pairs."""
+    for _, block in blocks:
+        if isinstance(getattr(block, "attn", None), nn.MultiheadAttention):
+            patched_attention(block)
+
+
 def unpatch_attention(root: nn.Module) -> None:
     """Put back the plain ``nn.MultiheadAttention`` wherever both projections carry no tuner any more."""
     for name, m in list(root.named_modules()):

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .common import TunerLayer, attach, blocks_of
+from ._attention import route_attention
+from .common import TunerLayer, attach, blocks_of, recompute_towers
 
 
 @dataclass
@@ -23,6 +24,7 @@ class AdapterConfig:
     where: tuple = ("attn", "mlp")
     towers: tuple = ("visual",)
     seed: int = 0  # down is Kaiming-uniform from this seed; up starts at 0
+    recompute: bool = False  # recompute each tuned block's activations in backward (open_clip's checkpointing)
 
 
 class Adapter(TunerLayer, nn.Module):
@@ -64,6 +66,9 @@ def apply_adapters(model: nn.Module, config: AdapterConfig | None = None) -> nn.
     blocks = blocks_of(model, cfg.towers)
 
     def patch():
+        route_attention(blocks)
+        if cfg.recompute:
+            recompute_towers(model, cfg.towers)
         for _, blk in blocks:
             dim = blk.ln_1.normalized_shape[0]
             dev = blk.ln_1.weight.device

@@ -62,6 +62,14 @@ def towers_of(model: nn.Module, towers) -> list[tuple[str, nn.Module]]:
     return out
 
 
+def recompute_towers(model: nn.Module, towers) -> None:
+    """Activation recomputation for the named towers, through open_clip's own ``grad_checkpointing``: each
+    block keeps only its input for backward and runs its forward again there (torch.utils.checkpoint,
+    non-reentrant). Trades one more forward of each block for the activations inside it."""
+    for _, transformer in towers_of(model, towers):
+        transformer.grad_checkpointing = True
+
+
 def blocks_of(model: nn.Module, towers) -> list[tuple[str, nn.Module]]:
     """(dotted name, ResidualAttentionBlock) of every block in the named towers."""
     return [(f"{prefix}.resblocks.{i}", blk) for prefix, tr in towers_of(model, towers)

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from ..ops.orth import block_rotate, cayley, n_params, orthogonal_linear
-from ._attention import patched_attention
+from ._attention import patched_attention, route_attention
 from .common import (TunerLayer, WrapsLinear, attach, blocks_of, bypassed, is_plain, load_tuners, merge,
-                     save_tuners, tuner_layers, unmerge, wrap_site)
+                     recompute_towers, save_tuners, tuner_layers, unmerge, wrap_site)
 
 
 @dataclass
@@ -32,6 +32,7 @@ class OrthConfig:
     attention: bool = False
     towers: tuple = ("visual", "text")
     neumann_terms: int | None = None  # None: exact Cayley transform
+    recompute: bool = False  # recompute each tuned block's activations in backward (open_clip's checkpointing)
 
 
 class OrthLinear(WrapsLinear, TunerLayer, nn.Module):
@@ -98,6 +99,9 @@ def apply_orth(model: nn.Module, config: OrthConfig | None = None) -> nn.Module:
         raise ValueError(f"apply_orth: {e} (use towers=('text',) for ResNet models)") from None
 
     def patch():
+        route_attention(blocks)
+        if cfg.recompute:
+            recompute_towers(model, cfg.towers)
         for where, blk in blocks:
             if cfg.mlp:
                 wrap_site(blk.mlp, "c_fc", lambda m: OrthLinear(m, cfg, f"{where}.mlp.c_fc"))

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .common import TunerLayer, attach
+from ._attention import route_attention
+from .common import TunerLayer, attach, blocks_of
 
 
 @dataclass
@@ -83,6 +84,7 @@ def apply_vpt(model: nn.Module, config: VPTConfig | None = None) -> nn.Module:
         raise ValueError("apply_vpt: the image encoder already carries prompts")
 
     def prompt():
+        route_attention(blocks_of(model, ("visual",)))
         visual.transformer = PromptedTransformer(visual.transformer, width, patch, cfg,
                                                  visual.class_embedding.device)
 
