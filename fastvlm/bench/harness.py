@@ -138,7 +138,6 @@ def peak_memory(fn: Callable[[], object], device, reset: Callable[[], object] | 
     behind (its gradients)."""
     if reset is not None:
         reset()
-    gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -318,6 +317,7 @@ def run_case(case: Case, device, reps: int) -> list[dict]:
     rows = []
     for c in calls.values():
         c.get("_release", lambda: None)()
+    gc.collect()  # what the timed calls left in reference cycles goes before any peak is measured
     for p, c in calls.items():
         mem = peak_memory(c["_mem"], device, reset=c.get("_release"))
         for m in metrics:
