@@ -755,8 +755,8 @@ def cmd_tune(args) -> int:
     else:
         epochs = args.epochs
     out = OutDir(args)
-    data = _resolve_data(args, args.shots, args.seed)
     _ensure_weights(args)
+    data = _resolve_data(args, args.shots, args.seed)
     _set_threads(args)
     out.create(epochs)
     note = out.resume_note(epochs)
