@@ -11,6 +11,7 @@ FASTVLM_TRACEBACK=1 shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -212,7 +213,7 @@ class OutDir:
     resumable state was saved; after success removes the training state."""
 
     def __init__(self, args):
-        self.args, self.path = args, args.out
+        self.args, self.path, self.legacy = args, args.out, False
         self.state = os.path.join(self.path, STATE)
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise UsageError(f"--out {self.path!r} is a file: give a folder (it is created when missing)")
@@ -250,6 +251,11 @@ class OutDir:
         return f"it holds {shown}"
 
     def _check_resume(self, saved) -> None:
+        if saved is None and os.path.exists(self.state):
+            _note(f"{self.path} has no run.json (written by an older fastvlm): its settings cannot be compared; "
+                  "resuming with the ones given")
+            self.legacy = True
+            return
         if saved is None:
             raise UsageError(f"--resume: {self.path!r} holds no fastvlm run to resume (no run.json): drop --resume to "
                              "start one")
@@ -278,7 +284,7 @@ class OutDir:
                     os.unlink(p)
         os.makedirs(self.path, exist_ok=True)
         self.before = set(os.listdir(self.path))
-        if not self.args.resume:
+        if not self.args.resume or self.legacy:
             run = {"command": f"fastvlm tune {self.args.method}", "epochs": epochs, "fastvlm": __version__,
                    "argv": self.args.argv, "settings": _settings(self.args)}
             with open(os.path.join(self.path, "run.json"), "w") as fh:
@@ -723,6 +729,27 @@ def run_pvp(args, out: OutDir, data) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a scheduler's stop, `kill`) ends a run like Ctrl-C: the state is kept and the resume command
+    printed, or what the run wrote is removed."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def _resumable(args) -> bool:
     return hasattr(args, "resume")
 
@@ -765,7 +792,8 @@ def cmd_tune(args) -> int:
     if epochs == 0:
         _note("--epochs 0: nothing is trained; the result is the starting point, evaluated")
     try:
-        rc = args.run(args, out, data)
+        with _sigterm_as_interrupt():
+            rc = args.run(args, out, data)
     except KeyboardInterrupt:
         raise CLIError(out.interrupted(), EXIT_INTERRUPTED) from None
     except UnreadableImage as e:

@@ -283,29 +283,47 @@ def test_runs_keep_work_and_say_what_they_mean(tmp_path, data):
     assert log.count("No pretrained weights loaded") == 1, log
 
 
-@pytest.mark.slow
-def test_ctrl_c_prints_one_line_and_keeps_the_state(tmp_path, data):
-    """A real SIGINT to `python -m fastvlm tune taskres` mid-training."""
-    out = tmp_path / "run"
-    argv = ["tune", "taskres", "--data", str(data / "split"), "--shots", "2", "--epochs", "1000000",
-            "--out", str(out), *MODEL]
-    p = subprocess.Popen([sys.executable, "-m", "fastvlm", *argv], cwd=ROOT, env=_env(tmp_path),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _stop_once_saved(argv, env, state, sig, after=0.0):
+    """Run `python -m fastvlm *argv`, send ``sig`` once ``state`` was written after time ``after``; (rc, stderr)."""
+    p = subprocess.Popen([sys.executable, "-m", "fastvlm", *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
-        while not (out / "train_state.pt").exists() and time.time() < deadline and p.poll() is None:
+        while time.time() < deadline and p.poll() is None:
+            if state.exists() and state.stat().st_mtime > after:
+                break
             time.sleep(0.2)
-        assert (out / "train_state.pt").exists(), "no epoch was saved"
-        p.send_signal(signal.SIGINT)
+        assert p.poll() is None and state.exists(), "no epoch was saved"
+        p.send_signal(sig)
         _, err = p.communicate(timeout=120)
     finally:
         if p.poll() is None:
             p.kill()
-    assert p.returncode == 130 and "Traceback" not in err, err
+    return p.returncode, err
+
+
+@pytest.mark.slow
+def test_ctrl_c_and_sigterm_print_one_line_and_keep_the_state(tmp_path, data):
+    """A real SIGINT to `python -m fastvlm tune taskres` mid-training; the printed command resumes it (and says
+    from which epoch), and SIGTERM stops that run the same way."""
+    out = tmp_path / "run"
+    argv = ["tune", "taskres", "--data", str(data / "split"), "--shots", "2", "--epochs", "1000000",
+            "--out", str(out), *MODEL]
+    state = out / "train_state.pt"
+    rc, err = _stop_once_saved(argv, _env(tmp_path), state, signal.SIGINT)
+    assert rc == 130 and "Traceback" not in err, err
     line = err.strip().splitlines()[-1]
-    assert re.fullmatch(r"fastvlm: interrupted; the resumable state \(\d+ epochs done\) is in .*train_state\.pt; "
-                        r"resume with: fastvlm tune taskres .* --resume", line), line
-    assert (out / "train_state.pt").exists() and (out / "run.json").exists()
+    m = re.fullmatch(r"fastvlm: interrupted; the resumable state \((\d+) epochs done\) is in (.*); resume with: "
+                     r"fastvlm (tune taskres .* --resume)", line)
+    assert m and m.group(2) == str(state), line
+    assert m.group(3) == " ".join(argv + ["--resume"])
+    done = int(m.group(1))
+    rc, err = _stop_once_saved(argv + ["--resume"], _env(tmp_path), state, signal.SIGTERM,
+                               after=state.stat().st_mtime)
+    assert rc == 130 and "Traceback" not in err, err
+    assert f"fastvlm: resuming from epoch {done + 1} of 1000000" in err
+    assert re.search(r"fastvlm: interrupted; the resumable state \(\d+ epochs done\)", err.strip().splitlines()[-1])
+    assert state.exists() and (out / "run.json").exists()
 
 
 def test_thread_rule():
