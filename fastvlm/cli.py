@@ -142,7 +142,7 @@ def _add_model_data(p: argparse.ArgumentParser, for_eval: bool = False) -> None:
     p.add_argument("--split", default=None, help="CoOp split_zhou_<Dataset>.json; paths relative to --data")
     p.add_argument("--dataset", default=None,
                    help="dataset name for the prompt templates, one of: " + ", ".join(sorted(DATASET_TEMPLATES))
-                        + " (default: the generic 'a photo of a {}.')")
+                        + (" (default: the checkpoint's)" if for_eval else " (default: the generic 'a photo of a {}.')"))
     if for_eval:
         p.add_argument("--shots", type=_nonneg, default=None,
                        help="default: the checkpoint's (a flat folder's test images are those it did not train on)")
@@ -867,8 +867,11 @@ def cmd_eval(args) -> int:
         setattr(args, opt, given if given is not None else saved if saved is not None else {"shots": 16, "seed": 1}[opt])
     args.model = args.model or cfg["model"]
     args.pretrained = args.pretrained or cfg["pretrained"]
-    if args.dataset is None and isinstance(cfg.get("templates"), str):
-        args.dataset = cfg["templates"]
+    saved_templates = cfg.get("templates")
+    if args.dataset is not None and args.dataset != saved_templates:
+        raise UsageError(f"--dataset {args.dataset} differs from the checkpoint's templates ({saved_templates!r}): the "
+                         "residual was trained on that classifier; drop --dataset")
+    args.dataset = saved_templates if isinstance(saved_templates, str) else None
     _check_common(args)
     _, test, names, what = _resolve_data(args, args.shots, args.seed)
     if names != cfg["classnames"]:
@@ -896,7 +899,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.orth import train_orth
     from .train.pvp import train_modules
 
-    p = _Parser(prog="fastvlm", description=__doc__.split("\n\n")[0],
+    p = _Parser(prog="fastvlm", description="Few-shot tuning of CLIP models (TaskRes, RMT masks, OrthCR rotations, "
+                "PVP modules) on fastvlm's fused ops, and their benchmarks.",
                 epilog="docs/cli.md describes every subcommand, the output folders and the exit statuses.")
     p.add_argument("--version", action="version", version=f"fastvlm {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
