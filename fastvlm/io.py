@@ -66,6 +66,20 @@ def save_train_state(path: str, state: dict) -> str:
     return atomic_write(path, write)
 
 
+def peek_train_state(path: str) -> dict:
+    """The counters of a saved training state ({'kind', 'epoch', 'step'}) without reading its tensors into
+    memory (the file is memory-mapped); {} when it is missing or unreadable."""
+    if not os.path.isfile(path):
+        return {}
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:
+        return {}
+    if not isinstance(state, dict) or state.get("fastvlm_train_state") != 1:
+        return {}
+    return {k: state.get(k) for k in ("kind", "epoch", "step")}
+
+
 def load_train_state(path: str, kind: str | None = None) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"training state {path!r} does not exist")

@@ -8,6 +8,8 @@ CLI demos, so everything runs on a CPU with no downloads.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 
 import open_clip
@@ -38,22 +40,197 @@ def _register() -> None:
 _register()
 
 
+class _OnceFilter(logging.Filter):
+    """Let open_clip's "No pretrained weights loaded ... initialized randomly" warning through once per
+    process: every random-init model build logs it, and a benchmark builds many."""
+
+    seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "No pretrained weights loaded" not in str(record.msg):
+            return True
+        if _OnceFilter.seen:
+            return False
+        _OnceFilter.seen = True
+        return True
+
+
+if not any(isinstance(f, _OnceFilter) for f in logging.getLogger().filters):
+    logging.getLogger().addFilter(_OnceFilter())  # open_clip logs it on the root logger
+
+
+class WeightsUnavailable(RuntimeError):
+    """A pretrained tag whose weights are neither cached nor downloadable (no network)."""
+
+
+def check_model_name(model: str) -> None:
+    """Refuse a name that is not an open_clip architecture, suggesting the nearest (case, '-', '_')."""
+    from .templates import nearest
+
+    names = open_clip.list_models()
+    if model in names:
+        return
+    guess = nearest(model, names)
+    hint = f"did you mean {guess!r}? " if guess else ""
+    raise ValueError(f"unknown model {model!r}: {hint}it must be an open_clip architecture "
+                     f"(open_clip.list_models(), e.g. ViT-B-16, ViT-B-32, RN50, {TINY})")
+
+
+def _tag(pretrained: str | None) -> str | None:
+    return None if pretrained in (None, "", "none", "None") else pretrained
+
+
+def check_pretrained(model: str, pretrained: str | None) -> str | None:
+    """Validate ``pretrained`` for ``model`` without loading anything: None/'none', an existing file, or a
+    known open_clip tag. Returns the local file holding a tag's weights when they are already cached (None
+    when a download is needed or nothing is to be loaded)."""
+    tag = _tag(pretrained)
+    if tag is None:
+        return None
+    if os.path.exists(tag):
+        if not os.path.isfile(tag):
+            raise ValueError(f"pretrained {tag!r} is a folder: give the checkpoint file inside it")
+        return tag
+    known = {t for m, t in open_clip.list_pretrained() if m == model}
+    if tag not in known and (os.sep in tag or tag.endswith((".pt", ".pth", ".bin", ".safetensors"))):
+        raise FileNotFoundError(f"pretrained checkpoint {tag!r} does not exist")
+    if tag not in known:
+        raise ValueError(f"pretrained must be a file or one of {sorted(known)} for {model} ('none': random weights), "
+                         f"got {tag!r}")
+    return cached_weights(open_clip.get_pretrained_cfg(model, tag))
+
+
+def cached_weights(cfg: dict) -> str | None:
+    """The local file of an open_clip pretrained config when it is already downloaded, else None. open_clip
+    prefers the Hugging Face hub (and a .safetensors twin of a .bin) and falls back to the URL in
+    ~/.cache/clip."""
+    if cfg.get("file"):
+        return cfg["file"] if os.path.isfile(cfg["file"]) else None
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            hub = ""
+    if hub:
+        repo, name = os.path.split(hub)
+        name = name or "open_clip_pytorch_model.bin"
+        names = [name[:-4] + ".safetensors"] if name.endswith((".bin", ".pth")) else []
+        if name == "open_clip_pytorch_model.bin":
+            names = ["open_clip_model.safetensors"]
+        for n in names + [name]:
+            hit = try_to_load_from_cache(repo, n)
+            if isinstance(hit, str) and os.path.isfile(hit):
+                return hit
+        return None
+    url = cfg.get("url", "")
+    if url:
+        path = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url))
+        return path if os.path.isfile(path) else None
+    return None
+
+
+def _download_host(cfg: dict) -> str:
+    if cfg.get("hf_hub"):
+        from urllib.parse import urlparse
+
+        try:
+            from huggingface_hub import constants
+
+            return urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+        except ImportError:
+            pass
+    from urllib.parse import urlparse
+
+    return urlparse(cfg.get("url", "")).hostname or "huggingface.co"
+
+
+def _reachable(host: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to host:443 opens within ``timeout`` s (name lookup included: it runs in a
+    thread so that a hanging resolver cannot stall the caller)."""
+    import socket
+    import threading
+
+    ok = []
+
+    def probe():
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 0.5)
+    return bool(ok)
+
+
+def ensure_weights_available(model: str, pretrained: str | None) -> None:
+    """Fail in seconds, not after open_clip's retries, when a tag's weights are not cached and cannot be
+    downloaded: the hub is offline (HF_HUB_OFFLINE) or its host does not answer."""
+    tag = _tag(pretrained)
+    if tag is None or check_pretrained(model, tag) is not None:
+        return
+    cfg = open_clip.get_pretrained_cfg(model, tag)
+    host = _download_host(cfg)
+    why = None
+    if cfg.get("hf_hub") and _hub_offline_env():
+        why = "the Hugging Face hub is set offline (HF_HUB_OFFLINE)"
+    elif not _reachable(host):
+        why = f"{host} cannot be reached"
+    if why:
+        raise WeightsUnavailable(
+            f"pretrained {tag!r}: the {model} weights are not in the local cache and {why}; give a local "
+            f"checkpoint file (--pretrained /path/to/weights.bin) or --pretrained none for random weights")
+
+
+def _hub_offline_env() -> bool:
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except ImportError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline(on: bool):
+    """Hub downloads answered from the cache alone (no request to check for a newer file) while ``on``."""
+    if not on:
+        yield
+        return
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    old = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = old
+
+
 def load_clip(model: str, pretrained: str | None = None, device: str | torch.device = "cpu"):
     """Return (model, preprocess_train, preprocess_eval, tokenizer), the model in eval mode.
 
     pretrained: None or 'none' for random init; a path to a local checkpoint file; otherwise an open_clip
-    pretrained tag (e.g. 'openai'), which open_clip downloads on first use.
+    pretrained tag (e.g. 'openai'), which open_clip downloads on first use (weights already in the cache
+    are read without any network request). A tag trained with QuickGELU (the OpenAI weights) builds the
+    architecture with QuickGELU, as the weights need.
     """
     if model not in open_clip.list_models():
         raise ValueError(f"model must be an open_clip architecture (open_clip.list_models()), got {model!r}")
-    tag = None if pretrained in (None, "", "none", "None") else pretrained
+    tag = _tag(pretrained)
+    cached = check_pretrained(model, tag) if tag is not None else None
+    kw = {}
     if tag is not None and not os.path.exists(tag):
-        known = {t for m, t in open_clip.list_pretrained() if m == model}
-        if tag not in known and (os.sep in tag or tag.endswith((".pt", ".bin", ".safetensors"))):
-            raise FileNotFoundError(f"pretrained checkpoint {tag!r} does not exist")
-        if tag not in known:
-            raise ValueError(f"pretrained must be a file or one of {sorted(known)} for {model}, got {tag!r}")
-    m, pre_train, pre_eval = open_clip.create_model_and_transforms(model, pretrained=tag, device=device)
+        if open_clip.get_pretrained_cfg(model, tag).get("quick_gelu", False):
+            kw["force_quick_gelu"] = True
+    with _hub_offline(cached is not None and not os.path.exists(tag or "")):
+        m, pre_train, pre_eval = open_clip.create_model_and_transforms(model, pretrained=tag, device=device, **kw)
     m.eval()
     return m, pre_train, pre_eval, open_clip.get_tokenizer(model)
 

@@ -30,7 +30,36 @@ DATASET_TEMPLATES = {
 DEFAULT_TEMPLATES = ["a photo of a {}."]
 
 
+def nearest(name: str, known) -> str | None:
+    """The entry of ``known`` closest to ``name``: an exact match ignoring case, '-' and '_' first, else the
+    closest spelling (difflib), else None."""
+    import difflib
+
+    def fold(s):
+        return s.lower().replace("-", "").replace("_", "")
+
+    known = list(known)
+    same = [k for k in known if fold(k) == fold(name)]
+    if same:
+        return same[0]
+    close = difflib.get_close_matches(fold(name), [fold(k) for k in known], n=1, cutoff=0.6)
+    return next(k for k in known if fold(k) == close[0]) if close else None
+
+
+def check_dataset(dataset: str | None) -> None:
+    """Refuse a dataset name with no templates, naming the known ones and the nearest."""
+    if dataset is None or dataset in DATASET_TEMPLATES:
+        return
+    guess = nearest(dataset, DATASET_TEMPLATES)
+    hint = f"did you mean {guess!r}? " if guess else ""
+    raise ValueError(f"unknown dataset {dataset!r}: {hint}known names (case matters): "
+                     f"{', '.join(sorted(DATASET_TEMPLATES))}; leave it out for the generic template "
+                     f"{DEFAULT_TEMPLATES[0]!r}")
+
+
 def templates_for(dataset: str | None) -> list[str]:
+    """The templates of a known dataset name, the generic one for None; an unknown name is refused."""
+    check_dataset(dataset)
     if dataset is None:
         return DEFAULT_TEMPLATES
-    return DATASET_TEMPLATES.get(dataset, DEFAULT_TEMPLATES)
+    return DATASET_TEMPLATES[dataset]

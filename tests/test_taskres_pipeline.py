@@ -138,7 +138,7 @@ def test_load_clip_paths(tmp_path, monkeypatch):
     seen = {}
     import open_clip
 
-    def fake(name, pretrained=None, device="cpu"):
+    def fake(name, pretrained=None, device="cpu", **kw):
         seen["args"] = (name, pretrained)
         return m, None, None
 
