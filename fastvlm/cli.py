@@ -654,7 +654,7 @@ def run_orth(args, out: OutDir, data) -> int:
 
     zs = evaluate("zero-shot evaluation")
     apply_orth(model, OrthConfig(block_size=args.block_size, attention=args.attention,
-                                 neumann_terms=args.neumann_terms))
+                                 neumann_terms=args.neumann_terms, recompute=args.recompute))
     recipe = OrthRecipe(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size or 32)
     size, mean, std = image_norm(model)
     loader = _loader(train, train_transform(size, mean, std), recipe.batch_size, args)
@@ -700,7 +700,8 @@ def run_pvp(args, out: OutDir, data) -> int:
     else:
         cfg = {"vpt": lambda: VPTConfig(tokens=args.tokens, deep=not args.shallow, seed=args.seed),
                "lora": lambda: LoRAConfig(rank=args.rank, alpha=args.lora_alpha, seed=args.seed),
-               "adapter": lambda: AdapterConfig(bottleneck=args.bottleneck, seed=args.seed)}[args.method]()
+               "adapter": lambda: AdapterConfig(bottleneck=args.bottleneck, seed=args.seed,
+                                                recompute=args.recompute)}[args.method]()
     apply_method(model, args.method, cfg)
     if args.init_from:
         load_pack(model, args.init_from, backbone=args.model)
@@ -929,6 +930,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--attention", action="store_true", help="rotate the attention projections too")
     t.add_argument("--neumann-terms", type=_positive, default=None, help="use the truncated series instead of exact")
     t.add_argument("--base-to-new", action="store_true", help="train on the base half of the classes, report both")
+    t.add_argument("--recompute", action="store_true",
+                   help="recompute each block's activations in backward: less memory, one more forward per step")
     t.set_defaults(func=cmd_tune, run=run_orth)
 
     options = {
@@ -936,7 +939,9 @@ def build_parser() -> argparse.ArgumentParser:
                 ("--shallow", dict(action="store_true", help="prompts in the first block only"))),
         "lora": (("--rank", dict(type=_positive, default=8, help="rank (default 8)")),
                  ("--lora-alpha", dict(type=float, default=16.0, help="alpha (default 16)"))),
-        "adapter": (("--bottleneck", dict(type=_positive, default=64, help="bottleneck width (default 64)")),),
+        "adapter": (("--bottleneck", dict(type=_positive, default=64, help="bottleneck width (default 64)")),
+                    ("--recompute", dict(action="store_true", help="recompute each block's activations in "
+                                         "backward: less memory, one more forward per step"))),
     }
     for method, text in (("vpt", "VPT: learnable prompt tokens in the image encoder"),
                          ("lora", "LoRA on the image encoder's attention projections"),

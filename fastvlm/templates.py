@@ -1,6 +1,6 @@
 """Prompt templates used by TaskRes/CoOp-style zero-shot classifiers."""
 
-#: the ImageNet ensemble: CoOp's 7 selected templates plus the plain one (8 templates, as METHODS.md says)
+#: the ImageNet ensemble: CoOp's 7 selected templates plus the plain one (8 templates, docs/methods.md §1)
 IMAGENET_TEMPLATES = [
     "itap of a {}.",
     "a bad photo of the {}.",

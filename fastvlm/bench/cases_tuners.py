@@ -10,7 +10,7 @@ from .harness import Case, Provider, warn_random_weights_once
 
 FAMILY = "tuners"
 OPS = ("tuner_step",)
-TUNERS = ("vpt", "lora", "adapter", "mask", "orth")
+TUNERS = ("vpt", "lora", "adapter", "adapter+recompute", "mask", "orth", "orth+recompute")
 
 
 def clip_batch(model_name: str, batch: int, device, seed=0):
@@ -31,15 +31,21 @@ def clip_batch(model_name: str, batch: int, device, seed=0):
 
 
 def _attach(name, model):
+    """``<tuner>`` or ``<tuner>+recompute`` (activation recomputation of the tuned blocks)."""
+    from ..tuners.adapter import AdapterConfig
     from ..tuners.mask import apply_masks
     from ..tuners.orth import OrthConfig, apply_orth
     from ..tuners.pack import apply_method
 
-    if name in ("vpt", "lora", "adapter"):
-        return apply_method(model, name)
-    if name == "mask":
+    tuner, _, option = name.partition("+")
+    recompute = option == "recompute"
+    if tuner == "adapter":
+        return apply_method(model, tuner, AdapterConfig(recompute=recompute))
+    if tuner in ("vpt", "lora"):
+        return apply_method(model, tuner)
+    if tuner == "mask":
         return apply_masks(model)
-    return apply_orth(model, OrthConfig(towers=("visual",)))
+    return apply_orth(model, OrthConfig(towers=("visual",), recompute=recompute))
 
 
 def step_case(model_name: str, batch: int, device, tuners=TUNERS) -> Case:

@@ -259,7 +259,9 @@ def grad_dropout(g_task, g_ref, ratio, seed, offset=0):
 
     Computed in g_task's precision: fp64 stays fp64 (torch path only), fp16/bf16 are computed in fp32; U is
     the fp32 stream, compared with P exactly (see fastvlm/ops/philox.py). ``ratio=0`` returns ``g_task``
-    exactly; elements whose signs agree (P = 1) are always kept.
+    exactly. Where the signs agree, P = 0.5 (1 + (|g_a| + |g_b|) / (|g_a| + |g_b| + 1e-8)) is just below 1, so
+    such elements are kept unless U lands in that gap: never for gradients well above 1e-8, but not always
+    for tiny ones (the formula's 1e-8, as published).
     """
     check_tensor("g_task", g_task)
     check_tensor("g_ref", g_ref)
@@ -274,9 +276,7 @@ def grad_dropout(g_task, g_ref, ratio, seed, offset=0):
     if g_task.numel() == 0:
         return g_task.clone()
     if on_triton:
-        from ..kernels import masked as km
-
-        return km.grad_dropout(g_task, g_ref, ratio, seed, offset)
+        return _backend.triton_kernels("masked", g_task).grad_dropout(g_task, g_ref, ratio, seed, offset)
     return grad_dropout_torch(g_task.contiguous(), g_ref.contiguous(), float(ratio), seed, offset)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..ops.masked import grad_dropout
+from ..functional import grad_dropout
 from .rmt import RMTRecipe, layer_seed, rmt_losses
 
 

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..ops.masked import GradSlot, _StraightThrough, binary_mask, grad_dropout, masked_linear_slotted
+from ..functional import grad_dropout
+from ..ops.masked import GradSlot, _StraightThrough, binary_mask, masked_linear_slotted  # the two-pass hand-off
 from ._attention import patched_attention, unpatch_attention
 from .common import (TunerLayer, WrapsLinear, attach, bypassed, load_tuners, register_codec, save_tuners,
                      tuner_layers, tuners_of, wrap_site)

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..ops.orth import block_rotate, cayley, n_params, orthogonal_linear
+from ..functional import block_rotate, cayley, orthogonal_linear
+from ..ops.orth import n_params
 from ._attention import patched_attention, route_attention
 from .common import (TunerLayer, WrapsLinear, attach, blocks_of, bypassed, is_plain, load_tuners, merge,
                      recompute_towers, save_tuners, tuner_layers, unmerge, wrap_site)
