@@ -60,7 +60,7 @@ def check_seed(name: str, v) -> int:
     """An integer of any kind (int, numpy integer, 0-d integer tensor) in [0, 2**62); returns it as int."""
     if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_floating_point() and v.dtype != torch.bool:
         v = int(v.item())
-    if isinstance(v, bool):
+    if isinstance(v, (bool, torch.Tensor)):  # a bool, or a tensor that is not one integer (bool tensors too)
         raise ValueError(f"{name} must be an int in [0, 2**62), got {v!r}")
     try:
         i = operator.index(v)

@@ -160,7 +160,7 @@ def test_seed_of_any_integer_kind(seed):
         assert torch.equal(got, s.grad)
 
 
-@pytest.mark.parametrize("seed", [1.0, True, -1, 2**62, torch.tensor(1.0), "3"])
+@pytest.mark.parametrize("seed", [1.0, True, -1, 2**62, torch.tensor(1.0), torch.tensor(True), torch.tensor([1, 2]), "3"])
 def test_seed_that_is_not_an_integer_is_refused(seed):
     g = torch.randn(4, 4)
     with pytest.raises(ValueError, match="seed must be an int in"):
