@@ -7,6 +7,7 @@ stopped by its time budget) are counted and the score is then partial.
 """
 
 import sys
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 from cosmic_ray.work_db import WorkDB, use_db
@@ -16,9 +17,10 @@ EQUIVALENT = Path(__file__).with_name("mutation_equivalent.txt")
 
 
 def equivalent_keys(module):
-    """{(line, operator, occurrence): reason} for ``module`` from the equivalent-mutant list, whose lines
-    read ``module:line:operator:occurrence  reason``."""
-    keys = {}
+    """[((line, operator pattern, occurrence pattern), reason)] for ``module`` from the equivalent-mutant list,
+    whose lines read ``module:line:operator:occurrence  reason``; operator and occurrence may be fnmatch
+    patterns (``core/ReplaceBinaryOperator_BitOr_*``, ``*``)."""
+    keys = []
     if EQUIVALENT.exists():
         for raw in EQUIVALENT.read_text().splitlines():
             if not raw.strip() or raw.startswith("#"):
@@ -26,8 +28,15 @@ def equivalent_keys(module):
             spec, _, reason = raw.partition(" ")
             mod, line, op, occ = spec.split(":")
             if mod == module:
-                keys[(int(line), op, int(occ))] = reason.strip()
+                keys.append(((int(line), op, occ), reason.strip()))
     return keys
+
+
+def equivalent(eq, line, op, occ):
+    for (l, o, c), why in eq:
+        if l == line and fnmatchcase(op, o) and fnmatchcase(str(occ), c):
+            return why
+    return None
 
 
 def main(db_path, module, tests, seconds, total_file=None):
@@ -38,9 +47,9 @@ def main(db_path, module, tests, seconds, total_file=None):
     killed, survived, excluded = [], [], []
     for item, result in done:
         m = item.mutations[0]
-        key = (m.start_pos[0], m.operator_name, m.occurrence)
-        if key in eq:
-            excluded.append((m, result, eq[key]))
+        why = equivalent(eq, m.start_pos[0], m.operator_name, m.occurrence)
+        if why is not None:
+            excluded.append((m, result, why))
         elif result.test_outcome == TestOutcome.SURVIVED:
             survived.append((m, result))
         else:
