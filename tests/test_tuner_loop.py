@@ -90,3 +90,40 @@ def test_progress_bar_is_named_after_the_method(method, name, capsys):
     _run(method, progress=True)
     err = capsys.readouterr().err
     assert f"{name}:" in err and "pvp" not in err
+
+
+def test_progress_counts_every_epochs_steps_and_starts_where_a_resumed_run_stopped(tmp_path, monkeypatch):
+    import tqdm.auto
+
+    from fastvlm.train.common import run_epochs
+
+    bars = []
+
+    class Recorder(tqdm.auto.tqdm):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            bars.append(self)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recorder)
+    w = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.SGD([w], lr=0.1)
+
+    def step(batch, i):
+        (w - batch).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        return {"loss": 1.0}, 1.0
+
+    data = [torch.ones(3)] * 4
+    state = str(tmp_path / "state.pt")
+
+    def run(epochs, on_epoch_end=None):
+        return run_epochs("demo", epochs=epochs, batches=lambda e: data, step=step, optimizer=opt,
+                          tensors={"w": w}, lr_at=lambda e: 0.1, checkpoint=state, progress=True,
+                          on_epoch_end=on_epoch_end)
+
+    run(2)  # two epochs done and saved
+    assert (bars[-1].total, bars[-1].n) == (8, 8)
+    run(5)  # resumed: epochs 3 to 5 of 5, the bar starts at the 8 steps already done
+    assert (bars[-1].total, bars[-1].n) == (20, 20)
+    assert bars[-1].desc.startswith("demo")

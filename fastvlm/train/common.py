@@ -160,7 +160,8 @@ def run_epochs(name: str, *, epochs: int, batches, step, optimizer, tensors: dic
     alone when given). lr_at(epoch) sets the learning rate of every parameter group before the epoch. With
     ``checkpoint`` (a path) the state of ``tensors`` (name -> trainable tensor), the optimizer, ``generators``
     and the counters is saved after every epoch and a run resumes from it when it exists;
-    ``on_epoch_end(epoch)`` is called after each save. The progress bar counts steps and is named ``name``."""
+    ``on_epoch_end(epoch)`` is called after each save. The progress bar counts steps and is named ``name``;
+    when the batches have a length it shows the steps of all epochs, a resumed run starting where it stopped."""
     from tqdm.auto import tqdm
 
     ckpt = Checkpointer(checkpoint, name, tensors, optimizer, list(generators))
@@ -171,7 +172,12 @@ def run_epochs(name: str, *, epochs: int, batches, step, optimizer, tensors: dic
             set_lr(optimizer, lr_at(epoch))
             sums, weight = {}, 0.0
             bar.set_postfix(epoch=f"{epoch + 1}/{epochs}")
-            for batch in batches(epoch):
+            epoch_batches = batches(epoch)
+            if bar.total is None and hasattr(epoch_batches, "__len__"):  # the true progress, also on resume
+                bar.total = len(epoch_batches) * epochs
+                bar.n = bar.last_print_n = start * len(epoch_batches)
+                bar.refresh()
+            for batch in epoch_batches:
                 t0 = time.perf_counter()
                 metrics, w = step(batch, step_index)
                 history.step_times.append(time.perf_counter() - t0)
