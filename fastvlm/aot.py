@@ -49,6 +49,31 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
+def source_ir(v, target: str = "sm_90a") -> str:
+    """The Triton IR of variant ``v`` as the front end emits it (before any lowering): what the kernel's
+    source asks for, e.g. the integer type of each pointer offset. Fast (no LLVM, no ptxas)."""
+    from triton._C.libtriton import ir
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler.compiler import make_backend
+
+    tgt = GPUTarget("cuda", TARGETS[target][0], 32)
+    backend = make_backend(tgt)
+    options = backend.parse_options(dict(v.options))
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    src = ASTSource(v.kernel, v.signature(), v.constexprs)
+    return str(src.make_ir(tgt, options, backend.get_codegen_implementation(options), backend.get_module_map(),
+                           context))
+
+
+def narrow_tile_offsets(v) -> int:
+    """How many 2-D tiles of pointers variant ``v`` forms with 32-bit offsets: each such offset is an
+    index times a stride that wraps past 2^31 (a transposed view of a [K, N] tensor with K x N >= 2^31)."""
+    return len(re.findall(r"tt\.addptr [^\n]*: tensor<\d+x\d+x!tt\.ptr<\w+>>, tensor<\d+x\d+xi32>", source_ir(v)))
+
+
 def compile_one(index: int, target: str) -> dict:
     """Compile variant ``index`` for ``target``; returns its report row."""
     import triton

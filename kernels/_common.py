@@ -161,6 +161,39 @@ def mm_tile(
     return acc
 
 
+#: rows of tiles swept together by a 1-D launch (grouped ordering): the GROUP_M row tiles of a group share
+#: each column tile's B operand while it is in L2
+GROUP_M = tl.constexpr(8)
+#: CUDA's launch limits: grid axis 0 takes up to 2^31 - 1 programs, axes 1 and 2 up to 65,535
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+def tile_grid(M: int, N: int, block_m: int, block_n: int) -> tuple:
+    """1-D launch grid of an (M, N) output tiled by (block_m, block_n): every tile on axis 0 (2^31 - 1
+    programs), so no dimension meets axis 1's limit of 65,535 (at 64-wide class tiles K = 21843 is 342
+    tiles; a 4.2M-class table would be 65,536 and fail on axis 1)."""
+    n = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    if n > GRID_LIMITS[0]:
+        raise ValueError(f"output of {M} x {N} needs {n} tiles of {block_m} x {block_n}, over the launch limit "
+                         f"of {GRID_LIMITS[0]} programs")
+    return (n,)
+
+
+@triton.jit
+def tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
+    """(row tile, column tile) of program ``pid`` in a 1-D grid of cdiv(M, BLOCK_M) x cdiv(N, BLOCK_N) tiles,
+    grouped: GROUP row tiles run column tile by column tile, so consecutive programs share B's tile."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP * num_n
+    group = pid // in_group
+    first_m = group * GROUP
+    size_m = tl.minimum(num_m - first_m, GROUP)
+    pid_m = first_m + (pid % in_group) % size_m
+    pid_n = (pid % in_group) // size_m
+    return pid_m, pid_n
+
+
 @triton.jit
 def matmul_kernel(
     a_ptr, sa_m, sa_k,
@@ -175,9 +208,8 @@ def matmul_kernel(
     ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
-    """C = alpha * A @ Bop (+ bias[None, :]) (+ C when ACCUMULATE), Bop as in mm_tile."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    """C = alpha * A @ Bop (+ bias[None, :]) (+ C when ACCUMULATE), Bop as in mm_tile. 1-D grid (tile_grid)."""
+    pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = mm_tile(a_ptr, sa_m, sa_k, b_ptr, sb_k, sb_n, b2_ptr, sb2_k, sb2_n, beta, ks_ptr,
@@ -205,7 +237,7 @@ def matmul(a, b, out, *, alpha=1.0, b2=None, beta=0.0, kscale=None, scores=None,
     N = b.shape[1]
     dot = dot if dot is not None else dot_dtype(a, b)
     cfg = mm_config(dot)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    grid = tile_grid(M, N, cfg["BLOCK_M"], cfg["BLOCK_N"])
     b2_ = b if b2 is None else b2
     matmul_kernel[grid](
         a, a.stride(0), a.stride(1),

@@ -99,10 +99,10 @@ def rotate_kernel(x_ptr, sx_m, sx_k, r_ptr, sr_r, sr_j, sr_c, out_ptr, so_m, so_
     j = tl.arange(0, BLOCK)
     m_ok = offs_m < M
     j_ok = j < b
-    col = blk * b + j
+    col = (blk * b + j).to(tl.int64)  # column offsets x strides reach 2^31 on transposed views
     m64 = offs_m.to(tl.int64)
     x = tl.load(x_ptr + m64[:, None] * sx_m + col[None, :] * sx_k, mask=m_ok[:, None] & j_ok[None, :], other=0.0)
-    rr = tl.load(r_ptr + blk.to(tl.int64) * sr_r + j[:, None] * sr_j + j[None, :] * sr_c,
+    rr = tl.load(r_ptr + (blk.to(tl.int64) * sr_r + j[:, None] * sr_j + j[None, :] * sr_c),
                  mask=j_ok[:, None] & j_ok[None, :], other=0.0)
     if DOT_DTYPE == tl.float32:
         y = tl.dot(x.to(tl.float32), rr.to(tl.float32), input_precision="ieee")
@@ -122,7 +122,7 @@ def rotate_grad_r_kernel(x_ptr, sx_m, sx_k, dy_ptr, sd_m, sd_k, dr_ptr, M, b,
     blk = tl.program_id(0)
     j = tl.arange(0, BLOCK)
     j_ok = j < b
-    col = blk * b + j
+    col = (blk * b + j).to(tl.int64)
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -155,9 +155,9 @@ def rotated_linear_fwd_kernel(x_ptr, sx_m, sx_k, r_ptr, w_ptr, sw_n, sw_k, bias_
     j_ok = j < b
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for blk in range(0, nb):
-        col = blk * b + j
+        col = (blk * b + j).to(tl.int64)
         x = tl.load(x_ptr + m64[:, None] * sx_m + col[None, :] * sx_k, mask=m_ok[:, None] & j_ok[None, :], other=0.0)
-        r = tl.load(r_ptr + blk * b * b + j[:, None] * b + j[None, :],  # nb*b*b is small: int32 is safe
+        r = tl.load(r_ptr + (blk.to(tl.int64) * b * b + j[:, None] * b + j[None, :]),
                     mask=j_ok[:, None] & j_ok[None, :], other=0.0)
         w = tl.load(w_ptr + col[:, None] * sw_k + n64[None, :] * sw_n, mask=j_ok[:, None] & n_ok[None, :], other=0.0)
         if DOT_DTYPE == tl.float32:
@@ -188,7 +188,7 @@ def rotated_linear_bwd_kernel(dy_ptr, sd_m, sd_n, x_ptr, sx_m, sx_k, r_ptr, w_pt
     m64 = offs_m.to(tl.int64)
     j = tl.arange(0, BLOCK)
     j_ok = j < b
-    col = blk * b + j
+    col = (blk * b + j).to(tl.int64)
     dxr = tl.zeros((BLOCK_M, BLOCK), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -201,7 +201,7 @@ def rotated_linear_bwd_kernel(dy_ptr, sd_m, sd_n, x_ptr, sx_m, sx_k, r_ptr, w_pt
         else:
             dxr = tl.dot(dy.to(DOT_DTYPE), w.to(DOT_DTYPE), dxr)
     jj = j_ok[:, None] & j_ok[None, :]
-    r_t = tl.load(r_ptr + blk.to(tl.int64) * b * b + j[None, :] * b + j[:, None], mask=jj, other=0.0)  # R^T
+    r_t = tl.load(r_ptr + (blk.to(tl.int64) * b * b + j[None, :] * b + j[:, None]), mask=jj, other=0.0)  # R^T
     x = tl.load(x_ptr + m64[:, None] * sx_m + col[None, :] * sx_k, mask=m_ok[:, None] & j_ok[None, :], other=0.0)
     if DOT_DTYPE == tl.float32:
         dx = tl.dot(dxr, r_t.to(tl.float32), input_precision="ieee")
@@ -212,7 +212,7 @@ def rotated_linear_bwd_kernel(dy_ptr, sd_m, sd_n, x_ptr, sx_m, sx_k, r_ptr, w_pt
     tl.store(dx_ptr + m64[:, None] * sdx_m + col[None, :] * sdx_k, dx.to(dx_ptr.dtype.element_ty),
              mask=m_ok[:, None] & j_ok[None, :])
     base = (pid_m.to(tl.int64) * nb + blk) * b * b
-    tl.store(drp_ptr + base + j[:, None] * b + j[None, :], dr, mask=jj)
+    tl.store(drp_ptr + (base + j[:, None] * b + j[None, :]), dr, mask=jj)
 
 
 declare(rotated_linear_bwd_kernel)

@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (HALF_AND_FULL, Variant, declare, dot_dtype, gpu_dot_dtype, matmul,
-                      matmul_variants, mm_config, mm_tile, tile_constexprs)
+from ._common import (GROUP_M, HALF_AND_FULL, Variant, declare, dot_dtype, gpu_dot_dtype, matmul,
+                      matmul_variants, mm_config, mm_tile, tile_constexprs, tile_grid, tile_ids)
 
 EPS = 1e-12
 ROW_BLOCK = dict(BLOCK_R=16, BLOCK_C=128, num_warps=4)
@@ -23,9 +23,10 @@ ROW_BLOCK = dict(BLOCK_R=16, BLOCK_C=128, num_warps=4)
 @triton.jit
 def _row_tile(a_ptr, sa_r, sa_c, b_ptr, sb_r, sb_c, beta, offs_r64, offs_c, m, HAS_B: tl.constexpr):
     """Rows of a + beta * b (fp32) for one (rows, columns) tile."""
-    v = tl.load(a_ptr + offs_r64[:, None] * sa_r + offs_c[None, :] * sa_c, mask=m, other=0.0).to(tl.float32)
+    c64 = offs_c.to(tl.int64)  # column offsets x strides reach 2^31 on transposed views
+    v = tl.load(a_ptr + offs_r64[:, None] * sa_r + c64[None, :] * sa_c, mask=m, other=0.0).to(tl.float32)
     if HAS_B:
-        v += beta * tl.load(b_ptr + offs_r64[:, None] * sb_r + offs_c[None, :] * sb_c, mask=m, other=0.0).to(tl.float32)
+        v += beta * tl.load(b_ptr + offs_r64[:, None] * sb_r + c64[None, :] * sb_c, mask=m, other=0.0).to(tl.float32)
     return v
 
 
@@ -65,12 +66,13 @@ def _logits_tile(f_ptr, sf_b, sf_d, t_ptr, st_k, st_d, x_ptr, sx_k, sx_d, alpha,
 def logits_kernel(f_ptr, sf_b, sf_d, t_ptr, st_k, st_d, x_ptr, sx_k, sx_d, alpha, rf_ptr, ru_ptr, scale,
                   out_ptr, so_b, so_k, B, K, D,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    offs_b = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_b, pid_k = tile_ids(tl.program_id(0), B, K, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_b = pid_b * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
     lg = _logits_tile(f_ptr, sf_b, sf_d, t_ptr, st_k, st_d, x_ptr, sx_k, sx_d, alpha, rf_ptr, ru_ptr, scale,
                       offs_b, offs_k, B, K, D, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE)
     m = (offs_b < B)[:, None] & (offs_k < K)[None, :]
-    tl.store(out_ptr + offs_b.to(tl.int64)[:, None] * so_b + offs_k[None, :] * so_k,
+    tl.store(out_ptr + offs_b.to(tl.int64)[:, None] * so_b + offs_k.to(tl.int64)[None, :] * so_k,
              lg.to(out_ptr.dtype.element_ty), mask=m)
 
 
@@ -82,8 +84,8 @@ def ce_partial_kernel(f_ptr, sf_b, sf_d, t_ptr, st_k, st_d, x_ptr, sx_k, sx_d, a
                       y_ptr, pmax_ptr, psum_ptr, ptgt_ptr, NKB, B, K, D,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """Per (row, class tile): max logit, sum exp(logit - max), and the target logit if it falls here."""
-    pid_k = tl.program_id(1)
-    offs_b = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_b, pid_k = tile_ids(tl.program_id(0), B, K, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_b = pid_b * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
     lg = _logits_tile(f_ptr, sf_b, sf_d, t_ptr, st_k, st_d, x_ptr, sx_k, sx_d, alpha, rf_ptr, ru_ptr, scale,
                       offs_b, offs_k, B, K, D, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE)
@@ -107,8 +109,9 @@ def ce_grad_kernel(f_ptr, sf_b, sf_d, t_ptr, st_k, st_d, x_ptr, sx_k, sx_d, alph
                    y_ptr, lse_ptr, w_ptr, g_ptr, sg_b, sg_k, B, K, D,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """G[b, k] = w[b] * (softmax(logits)[b, k] - [k == y[b]]) for one chunk of classes (t, x, ru offset)."""
-    offs_b = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_b, pid_k = tile_ids(tl.program_id(0), B, K, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_b = pid_b * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
     lg = _logits_tile(f_ptr, sf_b, sf_d, t_ptr, st_k, st_d, x_ptr, sx_k, sx_d, alpha, rf_ptr, ru_ptr, scale,
                       offs_b, offs_k, B, K, D, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE)
     b_ok = offs_b < B
@@ -118,7 +121,7 @@ def ce_grad_kernel(f_ptr, sf_b, sf_d, t_ptr, st_k, st_d, x_ptr, sx_k, sx_d, alph
     g = tl.exp(lg - lse[:, None]) - tl.where(offs_k[None, :] == y[:, None], 1.0, 0.0)
     g = g * w[:, None]
     m = b_ok[:, None] & (offs_k < K)[None, :]
-    tl.store(g_ptr + offs_b.to(tl.int64)[:, None] * sg_b + offs_k[None, :] * sg_k, g, mask=m)
+    tl.store(g_ptr + offs_b.to(tl.int64)[:, None] * sg_b + offs_k.to(tl.int64)[None, :] * sg_k, g, mask=m)
 
 
 declare(ce_grad_kernel, {"alpha": "fp32", "scale": "fp32"}, tensor_cores=True)
@@ -139,19 +142,19 @@ def norm_backward_kernel(dv_ptr, sdv_r, a_ptr, sa_r, sa_c, b_ptr, sb_r, sb_c, be
         offs_c = c0 + tl.arange(0, BLOCK_C)
         m = r_ok[:, None] & (offs_c < C)[None, :]
         v = _row_tile(a_ptr, sa_r, sa_c, b_ptr, sb_r, sb_c, beta, offs_r64, offs_c, m, HAS_B)
-        dv = tl.load(dv_ptr + offs_r64[:, None] * sdv_r + offs_c[None, :], mask=m, other=0.0)
+        dv = tl.load(dv_ptr + (offs_r64[:, None] * sdv_r + offs_c[None, :]), mask=m, other=0.0)
         dot += tl.sum(v * dv, axis=1)
     dot = dot * r
     for c0 in range(0, C, BLOCK_C):  # pass 2: write
         offs_c = c0 + tl.arange(0, BLOCK_C)
         m = r_ok[:, None] & (offs_c < C)[None, :]
         v = _row_tile(a_ptr, sa_r, sa_c, b_ptr, sb_r, sb_c, beta, offs_r64, offs_c, m, HAS_B)
-        dv = tl.load(dv_ptr + offs_r64[:, None] * sdv_r + offs_c[None, :], mask=m, other=0.0)
+        dv = tl.load(dv_ptr + (offs_r64[:, None] * sdv_r + offs_c[None, :]), mask=m, other=0.0)
         g = (dv - v * (r * dot)[:, None]) * r[:, None]
         if HAS_O1:
-            tl.store(o1_ptr + offs_r64[:, None] * so1_r + offs_c[None, :], (g * o1_scale).to(o1_ptr.dtype.element_ty), mask=m)
+            tl.store(o1_ptr + (offs_r64[:, None] * so1_r + offs_c[None, :]), (g * o1_scale).to(o1_ptr.dtype.element_ty), mask=m)
         if HAS_O2:
-            tl.store(o2_ptr + offs_r64[:, None] * so2_r + offs_c[None, :], (g * o2_scale).to(o2_ptr.dtype.element_ty), mask=m)
+            tl.store(o2_ptr + (offs_r64[:, None] * so2_r + offs_c[None, :]), (g * o2_scale).to(o2_ptr.dtype.element_ty), mask=m)
 
 
 declare(norm_backward_kernel, {"beta": "fp32", "o1_scale": "fp32", "o2_scale": "fp32"})
@@ -195,7 +198,7 @@ def forward(features, base, residual, alpha, scale, target=None, out_dtype=None)
     rf, ru = inv_norm(f), inv_norm(t, x, alpha)
     cfg = _tile_cfg(f, t, x)
     nkb = triton.cdiv(K, cfg["BLOCK_N"])
-    grid = (triton.cdiv(B, cfg["BLOCK_M"]), nkb)
+    grid = tile_grid(B, K, cfg["BLOCK_M"], cfg["BLOCK_N"])
     if target is None:
         out = torch.empty(B, K, device=f.device, dtype=out_dtype)
         logits_kernel[grid](*_tile_args(f, t, x, alpha, rf, ru, scale), out, out.stride(0), out.stride(1),
@@ -214,6 +217,17 @@ def backward_prologue(features, rf, scale):
     return None  # the kernels scale the features by rf on the fly
 
 
+def grad_dot_dtype(*tensors):
+    """The dot dtype of the backward's two matmuls whose A operand is the fp32 softmax gradient G. bf16
+    inputs: bf16 dots (bf16 has fp32's exponent range). fp16 inputs: fp32 dots, because G's entries are
+    w_b (p - onehot) ~ p / B, 1e-7 at B = 256, which fp16 (smallest normal 6.1e-5, smallest subnormal
+    6e-8) holds with a few bits or flushes to zero. The accumulators and scratch stay fp32 throughout; only
+    the gradients written out are fp16, where values below 6.1e-5 keep fewer than fp16's 11 significant
+    bits and values below 6e-8 are zero."""
+    dot = dot_dtype(*tensors)
+    return tl.float32 if dot == tl.float16 else dot
+
+
 def backward_chunk(rows, chunk, g, ce):
     """One class chunk (``rows``, ``chunk``: fastvlm.ops.residual's Rows and ClassChunk): G (the recomputed
     softmax gradient when g is None), d uhat = s G^T fhat into a chunk scratch, its normalisation backward
@@ -226,10 +240,10 @@ def backward_chunk(rows, chunk, g, ce):
         tgt, lse, w = ce
         g = torch.empty(B, Kc, device=f.device, dtype=torch.float32)
         cfg = _tile_cfg(f, tc, xc)
-        grid = (triton.cdiv(B, cfg["BLOCK_M"]), triton.cdiv(Kc, cfg["BLOCK_N"]))
+        grid = tile_grid(B, Kc, cfg["BLOCK_M"], cfg["BLOCK_N"])
         ce_grad_kernel[grid](*_tile_args(f, tc, xc, alpha, rf, ruc, scale), tgt, lse, w, g, g.stride(0),
                              g.stride(1), B, Kc, D, **cfg)
-    dot = dot_dtype(f, tc, xc)  # fp16/bf16 inputs: the fp32 G scratch is cast at load, tensor cores run
+    dot = grad_dot_dtype(f, tc, xc)
     if dt_c is not None or dx_c is not None:
         duh = torch.empty(Kc, D, device=f.device, dtype=torch.float32)
         matmul(g.t(), f, duh, alpha=scale, kscale=rf, dot=dot)
