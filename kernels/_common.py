@@ -8,6 +8,9 @@ TF32), so results match torch's default ``allow_tf32=False`` matmul.
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -49,6 +52,43 @@ def dot_dtype(*tensors: torch.Tensor):
     fp16 dots run as on a GPU."""
     d = gpu_dot_dtype(*(t.dtype for t in tensors))
     return tl.float32 if (interpreting() and d == tl.bfloat16) else d
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fused kernels or the composition
+# ---------------------------------------------------------------------------------------------------------
+
+#: families whose fused matmul kernels the ops can run instead of the composition (cuBLAS GEMMs + Triton
+#: epilogues); docs/kernels.md models why the composition is the default
+FUSED_ENV = "FASTVLM_FUSED"
+FUSIBLE = ("masked", "orth")
+_fused_override = None
+
+
+def fused(family: str) -> bool:
+    """True when ``family`` ("masked" or "orth") runs its fused matmul kernel: ``FASTVLM_FUSED`` (a
+    comma-separated list of families, or ``all``; read at every call) or :func:`fused_kernels` says so."""
+    if _fused_override is not None:
+        return family in _fused_override
+    names = {n.strip() for n in os.environ.get(FUSED_ENV, "").lower().split(",") if n.strip()}
+    bad = names - set(FUSIBLE) - {"all"}
+    if bad:
+        raise ValueError(f"{FUSED_ENV} must name families among {FUSIBLE} or 'all', got {sorted(bad)}")
+    return family in names or "all" in names
+
+
+@contextlib.contextmanager
+def fused_kernels(*families: str):
+    """Inside the block, exactly ``families`` run their fused kernels (none given: the composition)."""
+    global _fused_override
+    bad = set(families) - set(FUSIBLE)
+    if bad:
+        raise ValueError(f"families must be among {FUSIBLE}, got {sorted(bad)}")
+    old, _fused_override = _fused_override, tuple(families)
+    try:
+        yield
+    finally:
+        _fused_override = old
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (GROUP_M, HALF_AND_FULL, Variant, declare, dot_dtype, gpu_dot_dtype, matmul,
+from ._common import (GROUP_M, HALF_AND_FULL, Variant, declare, dot_dtype, fused, gpu_dot_dtype, matmul,
                       matmul_variants, mm_config, mm_tile, tile_constexprs, tile_grid, tile_ids)
 
 DROP_BLOCK = dict(BLOCK=1024, num_warps=4)

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import HALF_AND_FULL, Variant, declare, dot_dtype, gpu_dot_dtype
+from ._common import HALF_AND_FULL, Variant, declare, dot_dtype, fused, gpu_dot_dtype
 
 
 #: largest block size the kernels take (one block's tiles live in registers); larger blocks run in torch
@@ -153,11 +153,12 @@ def rotated_linear_fwd_kernel(x_ptr, sx_m, sx_k, r_ptr, w_ptr, sw_n, sw_k, bias_
     m64, n64 = offs_m.to(tl.int64), offs_n.to(tl.int64)
     j = tl.arange(0, BLOCK)
     j_ok = j < b
+    j64 = j.to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for blk in range(0, nb):
         col = (blk * b + j).to(tl.int64)
         x = tl.load(x_ptr + m64[:, None] * sx_m + col[None, :] * sx_k, mask=m_ok[:, None] & j_ok[None, :], other=0.0)
-        r = tl.load(r_ptr + (blk.to(tl.int64) * b * b + j[:, None] * b + j[None, :]),
+        r = tl.load(r_ptr + (blk * b * b + j64[:, None] * b + j64[None, :]),
                     mask=j_ok[:, None] & j_ok[None, :], other=0.0)
         w = tl.load(w_ptr + col[:, None] * sw_k + n64[None, :] * sw_n, mask=j_ok[:, None] & n_ok[None, :], other=0.0)
         if DOT_DTYPE == tl.float32:
