@@ -2,8 +2,11 @@
 
 Every kernel casts to fp32 right after each load, so the same code is right in the interpreter (which runs
 bf16 arithmetic and bf16 ``tl.dot`` wrongly) and on a GPU. On a GPU, fp16/bf16 operands are fed to
-``tl.dot`` in their own dtype (tensor cores, fp32 accumulation); fp32 operands use IEEE fp32 dots (no
-TF32), so results match torch's default ``allow_tf32=False`` matmul.
+``tl.dot`` in their own dtype (tensor cores, fp32 accumulation); fp32 operands follow
+``torch.get_float32_matmul_precision()`` as torch's own matmuls do: "highest" runs IEEE fp32 dots, "high"
+tf32x3 (three TF32 products, about fp32's accuracy), "medium" one TF32 product (10-bit mantissa). The
+choice is a constexpr of each launch (``PRECISION``), so ``fastvlm kernels`` compiles all three; the
+interpreter ignores it.
 """
 
 from __future__ import annotations
@@ -45,6 +48,21 @@ def gpu_dot_dtype(*dtypes: torch.dtype):
     if dts == {torch.bfloat16}:
         return tl.bfloat16
     return tl.float32
+
+
+#: torch.get_float32_matmul_precision() -> tl.dot's input_precision for fp32 operands
+FP32_PRECISION = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
+
+
+def dot_precision(dot) -> str:
+    """``PRECISION`` of a launch whose tl.dot runs in ``dot``: for fp32, what torch's float32 matmul
+    precision asks for; fp16/bf16 dots ignore it ("ieee" by convention, so one variant each)."""
+    return FP32_PRECISION[torch.get_float32_matmul_precision()] if dot == tl.float32 else "ieee"
+
+
+def precisions(dot) -> tuple:
+    """Every PRECISION a launch with this dot dtype can take (what ``fastvlm kernels`` compiles)."""
+    return tuple(FP32_PRECISION.values()) if dot == tl.float32 else ("ieee",)
 
 
 def dot_dtype(*tensors: torch.Tensor):
@@ -110,10 +128,13 @@ def declare(kernel, scalars: dict | None = None, tensor_cores: bool = False) -> 
 class Variant:
     """One compilable configuration: the kernel, its constexprs, the dtype behind each pointer argument
     (fp32 where not named) and the launch options (num_warps, num_stages). Scalar types and the tensor-core
-    requirement come from the kernel's :func:`declare`."""
+    requirement come from the kernel's :func:`declare`. ``spec``: the integer arguments of one real launch
+    (name -> value), which ``fastvlm kernels`` specialises as Triton does at run time; ``label`` names it."""
 
-    def __init__(self, kernel, constexprs: dict, options: dict | None = None, ptrs: dict | None = None):
+    def __init__(self, kernel, constexprs: dict, options: dict | None = None, ptrs: dict | None = None,
+                 spec: dict | None = None, label: str = ""):
         self.kernel, self.constexprs, self.ptrs, self.options = kernel, constexprs, ptrs or {}, options or {}
+        self.spec, self.label = spec or {}, label
 
     @property
     def name(self) -> str:
@@ -140,7 +161,7 @@ class Variant:
         flags = " ".join(f"{k}={_short(v)}" for k, v in self.constexprs.items())
         ptrs = ",".join(sorted({_TYPE[v] for v in self.ptrs.values()})) or "fp32"
         opts = " ".join(f"{k}={v}" for k, v in self.options.items())
-        return f"{ptrs} {flags} {opts}"
+        return f"{ptrs} {flags} {opts}" + (f" @ {self.label}" if self.label else "")
 
 
 def _short(v):
@@ -165,6 +186,7 @@ def mm_tile(
     offs_m, offs_n, M, N, K,
     HAS_B2: tl.constexpr, HAS_KSCALE: tl.constexpr, HAS_BMASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """acc[m, n] = sum_k A[m, k] * Bop[k, n] for one (BLOCK_M, BLOCK_N) tile, fp32 accumulation, where
 
@@ -195,7 +217,7 @@ def mm_tile(
             ks = tl.load(ks_ptr + offs_k, mask=k_ok, other=0.0)
             b = b * ks[:, None]
         if DOT_DTYPE == tl.float32:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
         else:
             acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc)
     return acc
@@ -247,6 +269,7 @@ def matmul_kernel(
     HAS_B2: tl.constexpr, HAS_KSCALE: tl.constexpr, HAS_BMASK: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """C = alpha * A @ Bop (+ bias[None, :]) (+ C when ACCUMULATE), Bop as in mm_tile. 1-D grid (tile_grid)."""
     pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -254,7 +277,7 @@ def matmul_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = mm_tile(a_ptr, sa_m, sa_k, b_ptr, sb_k, sb_n, b2_ptr, sb2_k, sb2_n, beta, ks_ptr,
                   mk_ptr, smk_k, smk_n, threshold, offs_m, offs_n, M, N, K,
-                  HAS_B2, HAS_KSCALE, HAS_BMASK, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE)
+                  HAS_B2, HAS_KSCALE, HAS_BMASK, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION)
     acc = acc * alpha
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
@@ -269,10 +292,11 @@ declare(matmul_kernel, {"beta": "fp32", "threshold": "fp32", "alpha": "fp32"}, t
 
 
 def matmul(a, b, out, *, alpha=1.0, b2=None, beta=0.0, kscale=None, scores=None, threshold=0.0, bias=None,
-           accumulate=False, dot=None):
+           accumulate=False, dot=None, precision=None):
     """Launch ``out = alpha * a @ Bop + bias (+ out)``, ``Bop = (b + beta*b2) * kscale[:, None] * (scores >
     threshold)``; a: [M, K], b/b2/scores: [K, N] (any strides: pass transposed views), bias: [N].
-    ``dot``: the tl.dot dtype (default: from a and b, see dot_dtype)."""
+    ``dot``: the tl.dot dtype (default: from a and b, see dot_dtype); ``precision``: its input precision
+    for fp32 dots (default: dot_precision)."""
     M, K = a.shape
     N = b.shape[1]
     dot = dot if dot is not None else dot_dtype(a, b)
@@ -290,7 +314,7 @@ def matmul(a, b, out, *, alpha=1.0, b2=None, beta=0.0, kscale=None, scores=None,
         M, N, K,
         HAS_B2=b2 is not None, HAS_KSCALE=kscale is not None, HAS_BMASK=scores is not None,
         HAS_BIAS=bias is not None, ACCUMULATE=accumulate,
-        DOT_DTYPE=dot,
+        DOT_DTYPE=dot, PRECISION=precision if precision is not None else dot_precision(dot),
         **cfg,
     )
     return out
@@ -301,12 +325,13 @@ def matmul_variants(flag_sets, dtypes=HALF_AND_FULL):
     out = []
     for dt in dtypes:
         for flags, ptrs, dot in flag_sets:
-            out.append(Variant(matmul_kernel, *tile_constexprs(dot(dt), flags), ptrs=ptrs(dt)))
+            for prec in precisions(dot(dt)):
+                out.append(Variant(matmul_kernel, *tile_constexprs(dot(dt), flags, precision=prec), ptrs=ptrs(dt)))
     return out
 
 
-def tile_constexprs(dot, extra: dict, heavy_epilogue: bool = False):
+def tile_constexprs(dot, extra: dict, heavy_epilogue: bool = False, precision: str = "ieee"):
     """(constexprs, launch options) of a tiled-matmul kernel for this dot dtype: the launchers' policy."""
     cfg = mm_config(dot, heavy_epilogue)
     opts = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
-    return {**extra, **cfg, "DOT_DTYPE": dot}, opts
+    return {**extra, **cfg, "DOT_DTYPE": dot, "PRECISION": precision}, opts

@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (GROUP_M, HALF_AND_FULL, Variant, declare, dot_dtype, fused, gpu_dot_dtype, matmul,
-                      matmul_variants, mm_config, mm_tile, tile_constexprs, tile_grid, tile_ids)
+from ._common import (GROUP_M, HALF_AND_FULL, Variant, declare, dot_dtype, dot_precision, fused, gpu_dot_dtype,
+                      matmul, matmul_variants, mm_config, mm_tile, precisions, tile_constexprs, tile_grid, tile_ids)
 
 DROP_BLOCK = dict(BLOCK=1024, num_warps=4)
 
@@ -30,7 +30,7 @@ def dropout_keep_scale(ga, gb, u, ratio):
 def score_grad_kernel(dy_ptr, sdy_m, sdy_n, x_ptr, sx_m, sx_k, w_ptr, sw_n, sw_k, ref_ptr, sr_n, sr_k,
                       s_ptr, ss_n, ss_k, add_scale, out_ptr, so_n, so_k, ratio, seed, N, K, M,
                       DROPOUT: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr,
-                      BLOCK_TOKENS: tl.constexpr, DOT_DTYPE: tl.constexpr):
+                      BLOCK_TOKENS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """dS[n, k] = (sum_m dy[m, n] x[m, k]) * W[n, k] (+ add_scale * S[n, k]), dropped against ref[n, k]
     with U(seed, n*K + k). out may be ref itself: each element is read before it is written. A tile is
     BLOCK_OUT output features (rows of dS) x BLOCK_IN input features, reduced over the M tokens
@@ -40,7 +40,7 @@ def score_grad_kernel(dy_ptr, sdy_m, sdy_n, x_ptr, sx_m, sx_k, w_ptr, sw_n, sw_k
     offs_k = pid_k * BLOCK_IN + tl.arange(0, BLOCK_IN)  # cols of dS
     acc = mm_tile(dy_ptr, sdy_n, sdy_m, x_ptr, sx_m, sx_k, x_ptr, 0, 0, 0.0, x_ptr,
                   x_ptr, 0, 0, 0.0, offs_n, offs_k, N, K, M,
-                  False, False, False, BLOCK_OUT, BLOCK_IN, BLOCK_TOKENS, DOT_DTYPE)
+                  False, False, False, BLOCK_OUT, BLOCK_IN, BLOCK_TOKENS, DOT_DTYPE, PRECISION)
     n64 = offs_n.to(tl.int64)
     k64 = offs_k.to(tl.int64)  # column offsets x strides reach 2^31 on transposed views
     m = (offs_n < N)[:, None] & (offs_k < K)[None, :]
@@ -105,6 +105,7 @@ def grad_scores(dy2, x2, weight, ref_grad, ratio, seed, dtype, scores=None, add_
                             scores if scores is not None else weight, *(scores if scores is not None else weight).stride(),
                             float(add_scale), out, out.stride(0), out.stride(1), float(ratio), int(seed), N, K, M,
                             DROPOUT=ref_grad is not None, HAS_ADD=scores is not None, DOT_DTYPE=dot,
+                            PRECISION=dot_precision(dot),
                             **score_grad_tile(cfg))
     return out
 
@@ -140,10 +141,12 @@ def variants():
     for d in HALF_AND_FULL:
         for dropout in (False, True):
             for has_add in (False, True):
-                tile, opts = tile_constexprs(gpu_dot_dtype(d), {"DROPOUT": dropout, "HAS_ADD": has_add},
-                                             heavy_epilogue=dropout)
-                out.append(Variant(score_grad_kernel, score_grad_tile(tile), opts,
-                                   {"dy_ptr": d, "x_ptr": d, "w_ptr": d, "ref_ptr": f32, "s_ptr": f32, "out_ptr": f32}))
+                for prec in precisions(gpu_dot_dtype(d)):
+                    tile, opts = tile_constexprs(gpu_dot_dtype(d), {"DROPOUT": dropout, "HAS_ADD": has_add},
+                                                 heavy_epilogue=dropout, precision=prec)
+                    out.append(Variant(score_grad_kernel, score_grad_tile(tile), opts,
+                                       {"dy_ptr": d, "x_ptr": d, "w_ptr": d, "ref_ptr": f32, "s_ptr": f32,
+                                        "out_ptr": f32}))
         out.append(Variant(grad_dropout_kernel, {"BLOCK": DROP_BLOCK["BLOCK"]}, {"num_warps": DROP_BLOCK["num_warps"]},
                            {"ga_ptr": d, "gb_ptr": d, "out_ptr": d}))
     return out

@@ -32,7 +32,7 @@ CHECK = r"""
 import sys, torch, triton.language as tl
 from fastvlm import aot
 from fastvlm.kernels._common import Variant, matmul_kernel
-flags = dict(HAS_B2=False, HAS_KSCALE=False, HAS_BMASK=False, HAS_BIAS=False, ACCUMULATE=False)
+flags = dict(HAS_B2=False, HAS_KSCALE=False, HAS_BMASK=False, HAS_BIAS=False, ACCUMULATE=False, PRECISION="ieee")
 spill = Variant(matmul_kernel, {**flags, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "DOT_DTYPE": tl.float32},
                 {"num_warps": 4, "num_stages": 3})
 bad = Variant(matmul_kernel, {**flags, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 8, "DOT_DTYPE": tl.float16},
