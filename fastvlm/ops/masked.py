@@ -136,8 +136,9 @@ class GradSlot:
 
 
 def masked_linear_forward(x2, weight, scores, bias, threshold):
-    """``x2 @ (W * [S > tau]).T + bias`` for 2-D x2 [M, K]. The torch path builds W * [S > tau] as a
-    temporary (only x, W and S are kept for backward); the kernel masks W's tiles as they load."""
+    """``x2 @ (W * [S > tau]).T + bias`` for 2-D x2 [M, K]. Both paths build W * [S > tau] as a temporary
+    (only x, W and S are kept for backward); the fused kernel (``FASTVLM_FUSED=masked``) masks W's tiles as
+    they load instead (docs/kernels.md: modelled slower than cuBLAS on the masked copy)."""
     kernels = _backend.triton_kernels("masked", x2)
     if kernels is not None:
         if kernels.fused("masked"):
