@@ -8,11 +8,10 @@ target's shared memory, or a matrix-multiplying kernel at fp16/bf16 does not use
 
 The configurations come from each kernel module's ``variants()``, built from the same policy (block
 sizes, warps, stages, dot dtype) the launchers use, so what is compiled here is what would run there.
-Pointers are compiled 16-byte aligned (torch's allocations are), as Triton specialises them at run time.
-The variants' integer arguments are compiled unspecialised (they stand for every shape); the realistic
+The variants are compiled unspecialised (they stand for every shape and alignment); the realistic
 launches (``realistic_variants``: the issue's shapes) are compiled with the specialisation Triton applies
-to their integers at run time (==1 constants, divisible-by-16 hints), so their registers and shared memory
-are those of what runs. Blocks per SM come from registers, shared memory and warps (``blocks_per_sm``).
+at run time (16-byte aligned pointers, ==1 constants, divisible-by-16 hints), so their registers and shared
+memory are those of what runs. Blocks per SM come from registers, shared memory and warps (``blocks_per_sm``).
 After the table: the cost model's projection for an H100 SXM (modelled, never measured; docs/kernels.md).
 """
 
@@ -103,13 +102,13 @@ def _tool(name: str) -> str:
 
 
 def specialisation(v) -> tuple:
-    """(signature, constexprs, attrs) of variant ``v`` as Triton's launcher specialises a launch: every
-    pointer 16-byte aligned (torch's allocations are), and for the integer arguments of ``v.spec`` (a real
-    launch's values) those equal to 1 compiled as constants and those divisible by 16 marked so. Without a
-    spec the integers stay unspecialised: the variant then stands for every shape."""
+    """(signature, constexprs, attrs) of variant ``v`` as Triton's launcher specialises a launch: with
+    ``v.spec`` (a real launch's integer values), every pointer 16-byte aligned (torch's allocations are),
+    integers equal to 1 compiled as constants and those divisible by 16 marked so. Without a spec nothing is
+    specialised: the variant then stands for every shape and alignment."""
     sig, consts, attrs = v.signature(), dict(v.constexprs), {}
     for i, a in enumerate(v.kernel.arg_names):
-        if sig[a].startswith("*"):
+        if sig[a].startswith("*") and v.spec:
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif a in v.spec and sig[a] == "i32":
             if v.spec[a] == 1:

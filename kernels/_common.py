@@ -4,9 +4,10 @@ Every kernel casts to fp32 right after each load, so the same code is right in t
 bf16 arithmetic and bf16 ``tl.dot`` wrongly) and on a GPU. On a GPU, fp16/bf16 operands are fed to
 ``tl.dot`` in their own dtype (tensor cores, fp32 accumulation); fp32 operands follow
 ``torch.get_float32_matmul_precision()`` as torch's own matmuls do: "highest" runs IEEE fp32 dots, "high"
-tf32x3 (three TF32 products, about fp32's accuracy), "medium" one TF32 product (10-bit mantissa). The
-choice is a constexpr of each launch (``PRECISION``), so ``fastvlm kernels`` compiles all three; the
-interpreter ignores it.
+and "medium" TF32 products (10-bit mantissa; torch's "high" allows TF32 too). Triton's tf32x3 (three TF32
+products) spills in eight of the fp32 configurations on sm_80/sm_90a (``fastvlm kernels``), so "high" does
+not take it. The choice is a constexpr of each launch (``PRECISION``), so ``fastvlm kernels`` compiles each;
+the interpreter ignores it.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def gpu_dot_dtype(*dtypes: torch.dtype):
 
 
 #: torch.get_float32_matmul_precision() -> tl.dot's input_precision for fp32 operands
-FP32_PRECISION = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
+FP32_PRECISION = {"highest": "ieee", "high": "tf32", "medium": "tf32"}
 
 
 def dot_precision(dot) -> str:
@@ -62,7 +63,7 @@ def dot_precision(dot) -> str:
 
 def precisions(dot) -> tuple:
     """Every PRECISION a launch with this dot dtype can take (what ``fastvlm kernels`` compiles)."""
-    return tuple(FP32_PRECISION.values()) if dot == tl.float32 else ("ieee",)
+    return tuple(dict.fromkeys(FP32_PRECISION.values())) if dot == tl.float32 else ("ieee",)
 
 
 def dot_dtype(*tensors: torch.Tensor):
