@@ -8,8 +8,11 @@ target's shared memory, or a matrix-multiplying kernel at fp16/bf16 does not use
 
 The configurations come from each kernel module's ``variants()``, built from the same policy (block
 sizes, warps, stages, dot dtype) the launchers use, so what is compiled here is what would run there.
-Integer arguments are compiled unspecialised (Triton may additionally specialise divisible-by-16 strides at
-run time).
+The variants are compiled unspecialised (they stand for every shape and alignment); the realistic
+launches (``realistic_variants``: the issue's shapes) are compiled with the specialisation Triton applies
+at run time (16-byte aligned pointers, ==1 constants, divisible-by-16 hints), so their registers and shared
+memory are those of what runs. Blocks per SM come from registers, shared memory and warps (``blocks_per_sm``).
+After the table: the cost model's projection for an H100 SXM (modelled, never measured; docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -35,11 +38,60 @@ def kernel_families() -> list[str]:
 
 
 def all_variants():
-    """(family, Variant) for every launch configuration of every family's ``variants()``."""
+    """(family, Variant) for every launch configuration of every family's ``variants()``, then the realistic
+    launches (:func:`realistic_variants`) specialised as they run."""
     out = []
     for family in kernel_families():
         mod = importlib.import_module(f"{__package__}.kernels.{family}")
         out += [(family, v) for v in mod.variants()]
+    return out + realistic_variants()
+
+
+def _pick(family, name, **want):
+    import torch
+
+    mod = importlib.import_module(f"{__package__}.kernels.{family}")
+    for v in mod.variants():
+        ptr = next(iter(v.ptrs.values()), torch.float32)
+        if v.name == name and all((ptr if k == "dtype" else v.constexprs.get(k)) == x for k, x in want.items()):
+            return v
+    raise LookupError(f"no {name} variant with {want}")
+
+
+def realistic_variants():
+    """The launches that run on the Triton path at the issue's shapes (tokens 1576 / 6304 through the CLIP
+    linears, TaskRes B = 256 x K = 1000 / 21843 x D = 512 / 1024, rotation blocks 16 / 32 / 64), each with
+    its integer arguments, one per distinct run-time specialisation (sizes and strides equal to 1 or
+    divisible by 16)."""
+    import torch
+
+    from .kernels._common import Variant
+
+    launches = []
+    bf16, f32 = torch.bfloat16, torch.float32
+    for M, K, N in LINEAR_SHAPES:
+        for drop in (False, True):
+            v = _pick("masked", "score_grad_kernel", dtype=bf16, DROPOUT=drop, HAS_ADD=False)
+            launches.append(("masked", v, f"{M}x{K}->{N}", dict(
+                sdy_m=N, sdy_n=1, sx_m=K, sx_k=1, sw_n=K, sw_k=1, sr_n=K, sr_k=1, ss_n=K, ss_k=1, so_n=K, so_k=1,
+                N=N, K=K, M=M)))
+        for b in (16, 32, 64):
+            v = _pick("orth", "rotate_kernel", dtype=bf16, BLOCK=b)
+            launches.append(("orth", v, f"{M}x{K} b={b}", dict(sx_m=K, sx_k=1, sr_r=b * b, sr_j=b, sr_c=1, so_m=K,
+                                                             so_k=1, M=M, b=b)))
+    for B, K, D in RESIDUAL_SHAPES:
+        for name in ("ce_partial_kernel", "ce_grad_kernel"):
+            v = _pick("residual", name, dtype=f32, PRECISION="ieee")
+            ints = dict(sf_b=D, sf_d=1, st_k=D, st_d=1, sx_k=D, sx_d=1, B=B, K=K, D=D)
+            ints.update(NKB=-(-K // 64)) if name == "ce_partial_kernel" else ints.update(sg_b=K, sg_k=1)
+            launches.append(("residual", v, f"B={B} K={K} D={D}", ints))
+    out, seen = [], set()
+    for family, v, label, ints in launches:
+        ints = {k: x for k, x in ints.items() if k in v.kernel.arg_names}
+        key = (v.name, v.describe(), tuple(sorted((k, x == 1, x % 16 == 0) for k, x in ints.items())))
+        if key not in seen:
+            seen.add(key)
+            out.append((family, Variant(v.kernel, v.constexprs, v.options, v.ptrs, ints, label)))
     return out
 
 
@@ -47,6 +99,62 @@ def _tool(name: str) -> str:
     import triton
 
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def specialisation(v) -> tuple:
+    """(signature, constexprs, attrs) of variant ``v`` as Triton's launcher specialises a launch: with
+    ``v.spec`` (a real launch's integer values), every pointer 16-byte aligned (torch's allocations are),
+    integers equal to 1 compiled as constants and those divisible by 16 marked so. Without a spec nothing is
+    specialised: the variant then stands for every shape and alignment."""
+    sig, consts, attrs = v.signature(), dict(v.constexprs), {}
+    for i, a in enumerate(v.kernel.arg_names):
+        if sig[a].startswith("*") and v.spec:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif a in v.spec and sig[a] == "i32":
+            if v.spec[a] == 1:
+                sig[a], consts[a] = "constexpr", 1
+            elif v.spec[a] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, consts, attrs
+
+
+def source_ir(v, target: str = "sm_90a") -> str:
+    """The Triton IR of variant ``v`` as the front end emits it (before any lowering): what the kernel's
+    source asks for, e.g. the integer type of each pointer offset. Fast (no LLVM, no ptxas)."""
+    from triton._C.libtriton import ir
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler.compiler import make_backend
+
+    tgt = GPUTarget("cuda", TARGETS[target][0], 32)
+    backend = make_backend(tgt)
+    options = backend.parse_options(dict(v.options))
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    src = ASTSource(v.kernel, v.signature(), v.constexprs)
+    return str(src.make_ir(tgt, options, backend.get_codegen_implementation(options), backend.get_module_map(),
+                           context))
+
+
+def narrow_tile_offsets(v) -> int:
+    """How many 2-D tiles of pointers variant ``v`` forms with 32-bit offsets: each such offset is an
+    index times a stride that wraps past 2^31 (a transposed view of a [K, N] tensor with K x N >= 2^31)."""
+    return len(re.findall(r"tt\.addptr [^\n]*: tensor<\d+x\d+x!tt\.ptr<\w+>>, tensor<\d+x\d+xi32>", source_ir(v)))
+
+
+#: per SM: registers, shared memory, resident threads and blocks (sm_80 = A100, sm_90a = H100)
+SM_LIMITS = {"sm_80": (65536, 167936, 2048, 32), "sm_90a": (65536, 233472, 2048, 32)}
+
+
+def blocks_per_sm(regs: int, smem: int, warps: int, target: str) -> int:
+    """Blocks of this kernel resident on one SM: registers (allocated per warp in units of 256), shared
+    memory (+1 KiB the driver reserves per block), threads and the block limit, the smallest."""
+    reg_file, smem_sm, threads, max_blocks = SM_LIMITS[target]
+    per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    by_regs = reg_file // (per_warp * warps)
+    by_smem = smem_sm // (smem + 1024)
+    return max(0, min(by_regs, by_smem, threads // (32 * warps), max_blocks))
 
 
 def compile_one(index: int, target: str) -> dict:
@@ -59,7 +167,7 @@ def compile_one(index: int, target: str) -> dict:
     cap, smem_max = TARGETS[target]
     row = {"family": family, "kernel": v.name, "config": v.describe(), "target": target}
     try:
-        k = triton.compile(ASTSource(v.kernel, v.signature(), v.constexprs), target=GPUTarget("cuda", cap, 32),
+        k = triton.compile(ASTSource(v.kernel, *specialisation(v)), target=GPUTarget("cuda", cap, 32),
                            options=dict(v.options))
     except Exception as e:  # the compiler's own message, first line
         row.update(ok=False, error=str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__)
@@ -73,7 +181,8 @@ def compile_one(index: int, target: str) -> dict:
     regs, stack, static_smem, local = (int(g) for g in m.groups()) if m else (-1, 0, 0, 0)
     smem = int(k.metadata.shared) + static_smem
     tc = bool(re.search(r"\bH(G)?MMA\b", sass))
-    row.update(ok=True, regs=regs, spill_bytes=local + stack, shared_bytes=smem, tensor_cores=tc)
+    row.update(ok=True, regs=regs, spill_bytes=local + stack, shared_bytes=smem, tensor_cores=tc,
+               blocks_per_sm=blocks_per_sm(regs, smem, v.options.get("num_warps", 4), target))
     problems = []
     if local + stack:
         problems.append("spills")
@@ -99,17 +208,18 @@ def run(targets=("sm_80", "sm_90a"), jobs: int | None = None, only: str | None =
 
 def print_report(rows: list[dict], file=None) -> None:
     file = file or sys.stdout
-    hdr = f"{'kernel':22} {'target':7} {'regs':>4} {'spill':>5} {'smem':>7} {'TC':>3}  {'status':14} config"
+    hdr = f"{'kernel':22} {'target':7} {'regs':>4} {'spill':>5} {'smem':>7} {'blk/SM':>6} {'TC':>3}  {'status':14} config"
     print(hdr, file=file)
     print("-" * len(hdr), file=file)
     for r in rows:
         if not r["ok"]:
-            print(f"{r['kernel']:22} {r['target']:7} {'':>4} {'':>5} {'':>7} {'':>3}  {'FAILED':14} {r['config']}  "
+            print(f"{r['kernel']:22} {r['target']:7} {'':>4} {'':>5} {'':>7} {'':>6} {'':>3}  {'FAILED':14} {r['config']}  "
                   f"({r['error']})", file=file)
             continue
         status = "ok" if not r["problems"] else ",".join(r["problems"])
         print(f"{r['kernel']:22} {r['target']:7} {r['regs']:>4} {r['spill_bytes']:>5} {r['shared_bytes']:>7} "
-              f"{'yes' if r['tensor_cores'] else 'no':>3}  {status:14} {r['config']}", file=file)
+              f"{r['blocks_per_sm']:>6} {'yes' if r['tensor_cores'] else 'no':>3}  {status:14} {r['config']}",
+              file=file)
     bad = [r for r in rows if not r["ok"] or r["problems"]]
     print(f"{len(rows)} kernel configurations compiled, {len(bad)} with problems", file=file)
 
@@ -118,8 +228,12 @@ def main(args) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":  # re-run without the interpreter
         env = {**os.environ, "TRITON_INTERPRET": "0"}
         return subprocess.call([sys.executable, "-m", "fastvlm.cli", *args.argv], env=env)
+    if getattr(args, "projection", False):
+        print_projection()
+        return 0
     rows = run(tuple(args.target), args.jobs, args.only)
     print_report(rows)
+    print_projection()
     if args.csv:
         import csv
 
@@ -136,9 +250,151 @@ def add_parser(sub) -> None:
     p.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: CPU count)")
     p.add_argument("--only", default=None, help="only kernels whose name contains this")
     p.add_argument("--csv", default=None, help="also write the report as CSV")
+    p.add_argument("--projection", action="store_true",
+                   help="only print the cost model's projection (H100 SXM, modelled: nothing is measured)")
     p.set_defaults(func=main)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    ns = argparse.Namespace(target=["sm_80", "sm_90a"], jobs=None, only=None, csv=None, argv=sys.argv[1:])
+    ns = argparse.Namespace(target=["sm_80", "sm_90a"], jobs=None, only=None, csv=None, projection=False,
+                            argv=sys.argv[1:])
     sys.exit(main(ns))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the cost model: a projection for an H100 SXM, never a measurement
+# ---------------------------------------------------------------------------------------------------------
+
+#: dense peaks of an H100 SXM by the dtype the matmul runs in (fp32: FMA on the CUDA cores), FLOP/s
+PEAK_FLOPS = {"fp32": 67e12, "tf32": 495e12, "bf16": 989e12, "fp16": 989e12}
+HBM_BYTES_PER_S = 3.35e12
+#: L2 bandwidth: an assumption (about 3x HBM), not a datasheet figure
+L2_BYTES_PER_S = 10e12
+#: the output tile the unfused composition's cuBLAS GEMMs are modelled with
+CUBLAS_TILE = (128, 256)
+BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2}
+
+
+class Cost:
+    """Modelled work of one kernel or composition: FLOPs (recompute included) at a dtype's peak, bytes from
+    HBM (each tensor once: what the tiling re-reads is assumed to hit L2) and bytes from L2 (everything the
+    tiles load, re-reads included). ``time_s`` is the projection: the slowest of the three rates, plus
+    ``launches`` x 3 us of launch overhead for the whole chain (kernels don't overlap)."""
+
+    LAUNCH_S = 3e-6
+
+    def __init__(self, flops=0.0, hbm=0.0, l2=0.0, dtype="bf16", launches=1):
+        self.flops, self.hbm, self.l2, self.dtype, self.launches = float(flops), float(hbm), float(l2), dtype, launches
+
+    def __add__(self, other: "Cost") -> "Cost":
+        """Two kernels run one after the other: their times add (the sum's dtype is kept only for display)."""
+        out = Cost(self.flops + other.flops, self.hbm + other.hbm, self.l2 + other.l2, self.dtype,
+                   self.launches + other.launches)
+        out._time = self.time_s + other.time_s
+        return out
+
+    @property
+    def time_s(self) -> float:
+        if hasattr(self, "_time"):
+            return self._time
+        return max(self.flops / PEAK_FLOPS[self.dtype], self.hbm / HBM_BYTES_PER_S,
+                   self.l2 / L2_BYTES_PER_S) + self.launches * self.LAUNCH_S
+
+    def row(self) -> dict:
+        return {"flops": self.flops, "hbm_bytes": self.hbm, "l2_bytes": self.l2, "time_us": self.time_s * 1e6}
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def tiled_matmul(M, N, K, *, a_bytes, b_bytes, out_bytes, tile, dtype, extra_flops=0.0, launches=1):
+    """C [M, N] = A [M, K] @ B [K, N] tiled by ``tile`` = (BM, BN): A is loaded once per column tile and B
+    (``b_bytes`` per element: every tensor the B side loads, e.g. a weight and its fp32 scores) once per row
+    tile; from HBM each tensor once. ``extra_flops``: work recomputed in the loop (e.g. a rotation)."""
+    bm, bn = tile
+    l2 = M * K * a_bytes * _cdiv(N, bn) + K * N * b_bytes * _cdiv(M, bm) + M * N * out_bytes
+    hbm = M * K * a_bytes + K * N * b_bytes + M * N * out_bytes
+    return Cost(2.0 * M * N * K + extra_flops, hbm, l2, dtype, launches)
+
+
+def gemm(M, N, K, dtype, out_bytes=None):
+    """A cuBLAS GEMM of operands in ``dtype`` (its tile: CUBLAS_TILE)."""
+    e = BYTES[dtype]
+    return tiled_matmul(M, N, K, a_bytes=e, b_bytes=e, out_bytes=e if out_bytes is None else out_bytes,
+                        tile=CUBLAS_TILE, dtype=dtype)
+
+
+def elementwise(n, bytes_per_element, dtype="fp32", launches=1):
+    """A memory-bound pass over n elements moving ``bytes_per_element`` (reads + writes) each."""
+    b = n * bytes_per_element
+    return Cost(0.0, b, b, dtype, launches)
+
+
+def masked_costs(M, N, K, dtype="bf16"):
+    """{path: Cost} of masked_linear's forward y = x @ (W*[S>tau]).T (M tokens, K -> N), the fused kernel
+    (64x64 tiles, W and the fp32 scores on the B side) and the composition (one pass builds W*[S>tau] in x's
+    dtype, then a cuBLAS GEMM). The dx matmul has the same shape with N and K swapped."""
+    e = BYTES[dtype]
+    fused = tiled_matmul(M, N, K, a_bytes=e, b_bytes=e + 4, out_bytes=e, tile=(64, 64), dtype=dtype)
+    comp = elementwise(N * K, 4 + e + e, dtype) + gemm(M, N, K, dtype)
+    return {"fused": fused, "composition": comp}
+
+
+def orth_costs(M, N, K, b, dtype="bf16"):
+    """{path: Cost} of orthogonal_linear's forward y = (x @ blockdiag(R)) @ W^T: the fused kernel (x @ R
+    recomputed for every 32-column output tile, 64-row tiles) and the composition (the rotate kernel writes
+    x @ blockdiag(R) once, then a cuBLAS GEMM)."""
+    e = BYTES[dtype]
+    bn = 32
+    fused = tiled_matmul(M, N, K, a_bytes=e, b_bytes=e, out_bytes=e, tile=(64, bn), dtype=dtype,
+                         extra_flops=2.0 * M * K * b * _cdiv(N, bn))
+    rotate = Cost(2.0 * M * K * b, 2 * M * K * e, 2 * M * K * e, dtype)
+    return {"fused": fused, "composition": rotate + gemm(M, N, K, dtype)}
+
+
+def residual_ce_costs(B, K, D, dtype="fp32"):
+    """{path: Cost} of the residual cross-entropy's forward: the fused path (a norm pass over t and x, then
+    64-row tiles (32 classes at fp32, 64 at fp16/bf16) that combine t + alpha x as they load and reduce the log-sum-exp, no B x K tensor) and the
+    composition (u = t + alpha x, its normalisation, a cuBLAS GEMM writing fp32 logits, a log-softmax
+    pass). fp32 inputs run fp32 dots (``torch.get_float32_matmul_precision() == "highest"``)."""
+    e = BYTES[dtype]
+    bn = 32 if e == 4 else 64  # the launchers' tiles (kernels/_common.py: MM_FP32, MM_HALF)
+    norm = elementwise(K * D, 2 * e, dtype)
+    fused = norm + tiled_matmul(B, K, D, a_bytes=e, b_bytes=2 * e, out_bytes=12.0 / bn, tile=(64, bn),
+                                dtype=dtype)
+    comp = (elementwise(K * D, 3 * e, dtype) + elementwise(K * D, 2 * e, dtype)
+            + gemm(B, K, D, dtype, out_bytes=4) + elementwise(B * K, 4, dtype))
+    return {"fused": fused, "composition": comp}
+
+
+#: the shapes of issue's realistic list: (tokens, in, out) for the linears, (B, K, D) for TaskRes
+LINEAR_SHAPES = [(t, k, n) for t in (1576, 6304) for k, n in ((768, 2304), (768, 768), (768, 3072), (3072, 768),
+                                                              (1024, 3072))]
+RESIDUAL_SHAPES = [(256, k, d) for k in (1000, 21843) for d in (512, 1024)]
+
+
+def projection_table(dtype="bf16") -> list[dict]:
+    """Per op and shape: modelled time of the fused kernel and of the composition, and which the ops
+    dispatch to (a projection for an H100 SXM, not a measurement)."""
+    rows = []
+    for tokens, k, n in LINEAR_SHAPES:
+        for op, costs, chosen in (("masked_linear fwd", masked_costs(tokens, n, k, dtype), "composition"),
+                                  ("orthogonal_linear fwd b=32", orth_costs(tokens, n, k, 32, dtype), "composition")):
+            rows.append({"op": op, "shape": f"{tokens}x{k}->{n}", "dtype": dtype, "chosen": chosen,
+                         **{f"{p}_us": c.time_s * 1e6 for p, c in costs.items()}})
+    for B, K, D in RESIDUAL_SHAPES:
+        costs = residual_ce_costs(B, K, D, "fp32")
+        rows.append({"op": "residual_ce fwd", "shape": f"B={B} K={K} D={D}", "dtype": "fp32", "chosen": "fused",
+                     **{f"{p}_us": c.time_s * 1e6 for p, c in costs.items()}})
+    return rows
+
+
+def print_projection(file=None) -> None:
+    """The projection table (docs/kernels.md): modelled times, labelled as such."""
+    file = file or sys.stdout
+    print("\nPROJECTION for an H100 SXM from the cost model (fastvlm/aot.py), not a measurement:", file=file)
+    print(f"{'op':28} {'shape':22} {'dtype':5} {'fused us':>9} {'comp. us':>9}  dispatch", file=file)
+    for r in projection_table():
+        print(f"{r['op']:28} {r['shape']:22} {r['dtype']:5} {r['fused_us']:>9.1f} {r['composition_us']:>9.1f}  "
+              f"{r['chosen']}", file=file)

@@ -2,11 +2,18 @@
 
 Every kernel casts to fp32 right after each load, so the same code is right in the interpreter (which runs
 bf16 arithmetic and bf16 ``tl.dot`` wrongly) and on a GPU. On a GPU, fp16/bf16 operands are fed to
-``tl.dot`` in their own dtype (tensor cores, fp32 accumulation); fp32 operands use IEEE fp32 dots (no
-TF32), so results match torch's default ``allow_tf32=False`` matmul.
+``tl.dot`` in their own dtype (tensor cores, fp32 accumulation); fp32 operands follow
+``torch.get_float32_matmul_precision()`` as torch's own matmuls do: "highest" runs IEEE fp32 dots, "high"
+and "medium" TF32 products (10-bit mantissa; torch's "high" allows TF32 too). Triton's tf32x3 (three TF32
+products) spills in eight of the fp32 configurations on sm_80/sm_90a (``fastvlm kernels``), so "high" does
+not take it. The choice is a constexpr of each launch (``PRECISION``), so ``fastvlm kernels`` compiles each;
+the interpreter ignores it.
 """
 
 from __future__ import annotations
+
+import contextlib
+import os
 
 import torch
 import triton
@@ -44,11 +51,63 @@ def gpu_dot_dtype(*dtypes: torch.dtype):
     return tl.float32
 
 
+#: torch.get_float32_matmul_precision() -> tl.dot's input_precision for fp32 operands
+FP32_PRECISION = {"highest": "ieee", "high": "tf32", "medium": "tf32"}
+
+
+def dot_precision(dot) -> str:
+    """``PRECISION`` of a launch whose tl.dot runs in ``dot``: for fp32, what torch's float32 matmul
+    precision asks for; fp16/bf16 dots ignore it ("ieee" by convention, so one variant each)."""
+    return FP32_PRECISION[torch.get_float32_matmul_precision()] if dot == tl.float32 else "ieee"
+
+
+def precisions(dot) -> tuple:
+    """Every PRECISION a launch with this dot dtype can take (what ``fastvlm kernels`` compiles)."""
+    return tuple(dict.fromkeys(FP32_PRECISION.values())) if dot == tl.float32 else ("ieee",)
+
+
 def dot_dtype(*tensors: torch.Tensor):
     """gpu_dot_dtype of the operands; in the interpreter bf16 dots run as fp32 (its bf16 tl.dot is wrong),
     fp16 dots run as on a GPU."""
     d = gpu_dot_dtype(*(t.dtype for t in tensors))
     return tl.float32 if (interpreting() and d == tl.bfloat16) else d
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fused kernels or the composition
+# ---------------------------------------------------------------------------------------------------------
+
+#: families whose fused matmul kernels the ops can run instead of the composition (cuBLAS GEMMs + Triton
+#: epilogues); docs/kernels.md models why the composition is the default
+FUSED_ENV = "FASTVLM_FUSED"
+FUSIBLE = ("masked", "orth")
+_fused_override = None
+
+
+def fused(family: str) -> bool:
+    """True when ``family`` ("masked" or "orth") runs its fused matmul kernel: ``FASTVLM_FUSED`` (a
+    comma-separated list of families, or ``all``; read at every call) or :func:`fused_kernels` says so."""
+    if _fused_override is not None:
+        return family in _fused_override
+    names = {n.strip() for n in os.environ.get(FUSED_ENV, "").lower().split(",") if n.strip()}
+    bad = names - set(FUSIBLE) - {"all"}
+    if bad:
+        raise ValueError(f"{FUSED_ENV} must name families among {FUSIBLE} or 'all', got {sorted(bad)}")
+    return family in names or "all" in names
+
+
+@contextlib.contextmanager
+def fused_kernels(*families: str):
+    """Inside the block, exactly ``families`` run their fused kernels (none given: the composition)."""
+    global _fused_override
+    bad = set(families) - set(FUSIBLE)
+    if bad:
+        raise ValueError(f"families must be among {FUSIBLE}, got {sorted(bad)}")
+    old, _fused_override = _fused_override, tuple(families)
+    try:
+        yield
+    finally:
+        _fused_override = old
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -70,10 +129,13 @@ def declare(kernel, scalars: dict | None = None, tensor_cores: bool = False) -> 
 class Variant:
     """One compilable configuration: the kernel, its constexprs, the dtype behind each pointer argument
     (fp32 where not named) and the launch options (num_warps, num_stages). Scalar types and the tensor-core
-    requirement come from the kernel's :func:`declare`."""
+    requirement come from the kernel's :func:`declare`. ``spec``: the integer arguments of one real launch
+    (name -> value), which ``fastvlm kernels`` specialises as Triton does at run time; ``label`` names it."""
 
-    def __init__(self, kernel, constexprs: dict, options: dict | None = None, ptrs: dict | None = None):
+    def __init__(self, kernel, constexprs: dict, options: dict | None = None, ptrs: dict | None = None,
+                 spec: dict | None = None, label: str = ""):
         self.kernel, self.constexprs, self.ptrs, self.options = kernel, constexprs, ptrs or {}, options or {}
+        self.spec, self.label = spec or {}, label
 
     @property
     def name(self) -> str:
@@ -100,7 +162,7 @@ class Variant:
         flags = " ".join(f"{k}={_short(v)}" for k, v in self.constexprs.items())
         ptrs = ",".join(sorted({_TYPE[v] for v in self.ptrs.values()})) or "fp32"
         opts = " ".join(f"{k}={v}" for k, v in self.options.items())
-        return f"{ptrs} {flags} {opts}"
+        return f"{ptrs} {flags} {opts}" + (f" @ {self.label}" if self.label else "")
 
 
 def _short(v):
@@ -125,6 +187,7 @@ def mm_tile(
     offs_m, offs_n, M, N, K,
     HAS_B2: tl.constexpr, HAS_KSCALE: tl.constexpr, HAS_BMASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """acc[m, n] = sum_k A[m, k] * Bop[k, n] for one (BLOCK_M, BLOCK_N) tile, fp32 accumulation, where
 
@@ -155,10 +218,43 @@ def mm_tile(
             ks = tl.load(ks_ptr + offs_k, mask=k_ok, other=0.0)
             b = b * ks[:, None]
         if DOT_DTYPE == tl.float32:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
         else:
             acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc)
     return acc
+
+
+#: rows of tiles swept together by a 1-D launch (grouped ordering): the GROUP_M row tiles of a group share
+#: each column tile's B operand while it is in L2
+GROUP_M = tl.constexpr(8)
+#: CUDA's launch limits: grid axis 0 takes up to 2^31 - 1 programs, axes 1 and 2 up to 65,535
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+def tile_grid(M: int, N: int, block_m: int, block_n: int) -> tuple:
+    """1-D launch grid of an (M, N) output tiled by (block_m, block_n): every tile on axis 0 (2^31 - 1
+    programs), so no dimension meets axis 1's limit of 65,535 (at 64-wide class tiles K = 21843 is 342
+    tiles; a 4.2M-class table would be 65,536 and fail on axis 1)."""
+    n = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    if n > GRID_LIMITS[0]:
+        raise ValueError(f"output of {M} x {N} needs {n} tiles of {block_m} x {block_n}, over the launch limit "
+                         f"of {GRID_LIMITS[0]} programs")
+    return (n,)
+
+
+@triton.jit
+def tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
+    """(row tile, column tile) of program ``pid`` in a 1-D grid of cdiv(M, BLOCK_M) x cdiv(N, BLOCK_N) tiles,
+    grouped: GROUP row tiles run column tile by column tile, so consecutive programs share B's tile."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP * num_n
+    group = pid // in_group
+    first_m = group * GROUP
+    size_m = tl.minimum(num_m - first_m, GROUP)
+    pid_m = first_m + (pid % in_group) % size_m
+    pid_n = (pid % in_group) // size_m
+    return pid_m, pid_n
 
 
 @triton.jit
@@ -174,15 +270,15 @@ def matmul_kernel(
     HAS_B2: tl.constexpr, HAS_KSCALE: tl.constexpr, HAS_BMASK: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """C = alpha * A @ Bop (+ bias[None, :]) (+ C when ACCUMULATE), Bop as in mm_tile."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    """C = alpha * A @ Bop (+ bias[None, :]) (+ C when ACCUMULATE), Bop as in mm_tile. 1-D grid (tile_grid)."""
+    pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = mm_tile(a_ptr, sa_m, sa_k, b_ptr, sb_k, sb_n, b2_ptr, sb2_k, sb2_n, beta, ks_ptr,
                   mk_ptr, smk_k, smk_n, threshold, offs_m, offs_n, M, N, K,
-                  HAS_B2, HAS_KSCALE, HAS_BMASK, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE)
+                  HAS_B2, HAS_KSCALE, HAS_BMASK, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION)
     acc = acc * alpha
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
@@ -197,15 +293,16 @@ declare(matmul_kernel, {"beta": "fp32", "threshold": "fp32", "alpha": "fp32"}, t
 
 
 def matmul(a, b, out, *, alpha=1.0, b2=None, beta=0.0, kscale=None, scores=None, threshold=0.0, bias=None,
-           accumulate=False, dot=None):
+           accumulate=False, dot=None, precision=None):
     """Launch ``out = alpha * a @ Bop + bias (+ out)``, ``Bop = (b + beta*b2) * kscale[:, None] * (scores >
     threshold)``; a: [M, K], b/b2/scores: [K, N] (any strides: pass transposed views), bias: [N].
-    ``dot``: the tl.dot dtype (default: from a and b, see dot_dtype)."""
+    ``dot``: the tl.dot dtype (default: from a and b, see dot_dtype); ``precision``: its input precision
+    for fp32 dots (default: dot_precision)."""
     M, K = a.shape
     N = b.shape[1]
     dot = dot if dot is not None else dot_dtype(a, b)
     cfg = mm_config(dot)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    grid = tile_grid(M, N, cfg["BLOCK_M"], cfg["BLOCK_N"])
     b2_ = b if b2 is None else b2
     matmul_kernel[grid](
         a, a.stride(0), a.stride(1),
@@ -218,7 +315,7 @@ def matmul(a, b, out, *, alpha=1.0, b2=None, beta=0.0, kscale=None, scores=None,
         M, N, K,
         HAS_B2=b2 is not None, HAS_KSCALE=kscale is not None, HAS_BMASK=scores is not None,
         HAS_BIAS=bias is not None, ACCUMULATE=accumulate,
-        DOT_DTYPE=dot,
+        DOT_DTYPE=dot, PRECISION=precision if precision is not None else dot_precision(dot),
         **cfg,
     )
     return out
@@ -229,12 +326,13 @@ def matmul_variants(flag_sets, dtypes=HALF_AND_FULL):
     out = []
     for dt in dtypes:
         for flags, ptrs, dot in flag_sets:
-            out.append(Variant(matmul_kernel, *tile_constexprs(dot(dt), flags), ptrs=ptrs(dt)))
+            for prec in precisions(dot(dt)):
+                out.append(Variant(matmul_kernel, *tile_constexprs(dot(dt), flags, precision=prec), ptrs=ptrs(dt)))
     return out
 
 
-def tile_constexprs(dot, extra: dict, heavy_epilogue: bool = False):
+def tile_constexprs(dot, extra: dict, heavy_epilogue: bool = False, precision: str = "ieee"):
     """(constexprs, launch options) of a tiled-matmul kernel for this dot dtype: the launchers' policy."""
     cfg = mm_config(dot, heavy_epilogue)
     opts = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
-    return {**extra, **cfg, "DOT_DTYPE": dot}, opts
+    return {**extra, **cfg, "DOT_DTYPE": dot, "PRECISION": precision}, opts

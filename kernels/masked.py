@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (HALF_AND_FULL, Variant, declare, dot_dtype, gpu_dot_dtype, matmul,
-                      matmul_variants, mm_config, mm_tile, tile_constexprs)
+from ._common import (GROUP_M, HALF_AND_FULL, Variant, declare, dot_dtype, dot_precision, fused, gpu_dot_dtype,
+                      matmul, matmul_variants, mm_config, mm_tile, precisions, tile_constexprs, tile_grid, tile_ids)
 
 DROP_BLOCK = dict(BLOCK=1024, num_warps=4)
 
@@ -33,27 +33,29 @@ def dropout_keep_scale(ga, gb, u, ratio):
 def score_grad_kernel(dy_ptr, sdy_m, sdy_n, x_ptr, sx_m, sx_k, w_ptr, sw_n, sw_k, ref_ptr, sr_n, sr_k,
                       s_ptr, ss_n, ss_k, add_scale, out_ptr, so_n, so_k, ratio, seed, N, K, M,
                       DROPOUT: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr,
-                      BLOCK_TOKENS: tl.constexpr, DOT_DTYPE: tl.constexpr):
+                      BLOCK_TOKENS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """dS[n, k] = (sum_m dy[m, n] x[m, k]) * W[n, k] (+ add_scale * S[n, k]), dropped against ref[n, k]
     with U(seed, n*K + k). out may be ref itself: each element is read before it is written. A tile is
     BLOCK_OUT output features (rows of dS) x BLOCK_IN input features, reduced over the M tokens
     BLOCK_TOKENS at a time."""
-    offs_n = tl.program_id(0) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)  # rows of dS
-    offs_k = tl.program_id(1) * BLOCK_IN + tl.arange(0, BLOCK_IN)  # cols of dS
+    pid_n, pid_k = tile_ids(tl.program_id(0), N, K, BLOCK_OUT, BLOCK_IN, GROUP_M)
+    offs_n = pid_n * BLOCK_OUT + tl.arange(0, BLOCK_OUT)  # rows of dS
+    offs_k = pid_k * BLOCK_IN + tl.arange(0, BLOCK_IN)  # cols of dS
     acc = mm_tile(dy_ptr, sdy_n, sdy_m, x_ptr, sx_m, sx_k, x_ptr, 0, 0, 0.0, x_ptr,
                   x_ptr, 0, 0, 0.0, offs_n, offs_k, N, K, M,
-                  False, False, False, BLOCK_OUT, BLOCK_IN, BLOCK_TOKENS, DOT_DTYPE)
+                  False, False, False, BLOCK_OUT, BLOCK_IN, BLOCK_TOKENS, DOT_DTYPE, PRECISION)
     n64 = offs_n.to(tl.int64)
+    k64 = offs_k.to(tl.int64)  # column offsets x strides reach 2^31 on transposed views
     m = (offs_n < N)[:, None] & (offs_k < K)[None, :]
-    w = tl.load(w_ptr + n64[:, None] * sw_n + offs_k[None, :] * sw_k, mask=m, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + n64[:, None] * sw_n + k64[None, :] * sw_k, mask=m, other=0.0).to(tl.float32)
     g = acc * w
     if HAS_ADD:  # the gradient of c * ||S||_2 (add_scale = c / ||S||), so dropout sees all of g_a
-        g += add_scale * tl.load(s_ptr + n64[:, None] * ss_n + offs_k[None, :] * ss_k, mask=m, other=0.0).to(tl.float32)
+        g += add_scale * tl.load(s_ptr + n64[:, None] * ss_n + k64[None, :] * ss_k, mask=m, other=0.0).to(tl.float32)
     if DROPOUT:
-        gb = tl.load(ref_ptr + n64[:, None] * sr_n + offs_k[None, :] * sr_k, mask=m, other=0.0).to(tl.float32)
-        u = tl.rand(seed, n64[:, None] * K + offs_k[None, :])
+        gb = tl.load(ref_ptr + n64[:, None] * sr_n + k64[None, :] * sr_k, mask=m, other=0.0).to(tl.float32)
+        u = tl.rand(seed, n64[:, None] * K + k64[None, :])
         g = g * dropout_keep_scale(g, gb, u, ratio)
-    tl.store(out_ptr + n64[:, None] * so_n + offs_k[None, :] * so_k, g.to(out_ptr.dtype.element_ty), mask=m)
+    tl.store(out_ptr + n64[:, None] * so_n + k64[None, :] * so_k, g.to(out_ptr.dtype.element_ty), mask=m)
 
 
 declare(score_grad_kernel, {"add_scale": "fp32", "ratio": "fp32", "seed": "i64"}, tensor_cores=True)
@@ -99,13 +101,14 @@ def grad_scores(dy2, x2, weight, ref_grad, ratio, seed, dtype, scores=None, add_
     out = torch.empty(N, K, device=x2.device, dtype=dtype) if out is None else out
     dot = dot_dtype(dy2, x2)
     cfg = mm_config(dot, heavy_epilogue=ref_grad is not None)
-    grid = (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_N"]))
+    grid = tile_grid(N, K, cfg["BLOCK_M"], cfg["BLOCK_N"])
     ref = ref_grad if ref_grad is not None else weight
     score_grad_kernel[grid](dy2, dy2.stride(0), dy2.stride(1), x2, x2.stride(0), x2.stride(1),
                             weight, weight.stride(0), weight.stride(1), ref, ref.stride(0), ref.stride(1),
                             scores if scores is not None else weight, *(scores if scores is not None else weight).stride(),
                             float(add_scale), out, out.stride(0), out.stride(1), float(ratio), int(seed), N, K, M,
                             DROPOUT=ref_grad is not None, HAS_ADD=scores is not None, DOT_DTYPE=dot,
+                            PRECISION=dot_precision(dot),
                             **score_grad_tile(cfg))
     return out
 
@@ -141,10 +144,12 @@ def variants():
     for d in HALF_AND_FULL:
         for dropout in (False, True):
             for has_add in (False, True):
-                tile, opts = tile_constexprs(gpu_dot_dtype(d), {"DROPOUT": dropout, "HAS_ADD": has_add},
-                                             heavy_epilogue=dropout)
-                out.append(Variant(score_grad_kernel, score_grad_tile(tile), opts,
-                                   {"dy_ptr": d, "x_ptr": d, "w_ptr": d, "ref_ptr": f32, "s_ptr": f32, "out_ptr": f32}))
+                for prec in precisions(gpu_dot_dtype(d)):
+                    tile, opts = tile_constexprs(gpu_dot_dtype(d), {"DROPOUT": dropout, "HAS_ADD": has_add},
+                                                 heavy_epilogue=dropout, precision=prec)
+                    out.append(Variant(score_grad_kernel, score_grad_tile(tile), opts,
+                                       {"dy_ptr": d, "x_ptr": d, "w_ptr": d, "ref_ptr": f32, "s_ptr": f32,
+                                        "out_ptr": f32}))
         out.append(Variant(grad_dropout_kernel, {"BLOCK": DROP_BLOCK["BLOCK"]}, {"num_warps": DROP_BLOCK["num_warps"]},
                            {"ga_ptr": d, "gb_ptr": d, "out_ptr": d}))
     return out

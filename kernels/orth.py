@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import HALF_AND_FULL, Variant, declare, dot_dtype, gpu_dot_dtype
+from ._common import HALF_AND_FULL, Variant, declare, dot_dtype, dot_precision, fused, gpu_dot_dtype, precisions
 
 
 #: largest block size the kernels take (one block's tiles live in registers); larger blocks run in torch
@@ -73,7 +73,7 @@ declare(cayley_fwd_kernel)
 
 
 @triton.jit
-def cayley_bwd_kernel(r_ptr, g_ptr, dq_ptr, b, BLOCK: tl.constexpr):
+def cayley_bwd_kernel(r_ptr, g_ptr, dq_ptr, b, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
     blk = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, BLOCK)
     cols = tl.arange(0, BLOCK)
@@ -83,7 +83,7 @@ def cayley_bwd_kernel(r_ptr, g_ptr, dq_ptr, b, BLOCK: tl.constexpr):
     eye = tl.where(rows[:, None] == cols[None, :], 1.0, 0.0)
     ainv_t = (tl.load(r_ptr + offs_t, mask=inside, other=0.0).to(tl.float32) + eye) * 0.5  # A^-T
     g = tl.load(g_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-    dq = 2.0 * tl.dot(tl.dot(ainv_t, g, input_precision="ieee"), ainv_t, input_precision="ieee")
+    dq = 2.0 * tl.dot(tl.dot(ainv_t, g, input_precision=PRECISION), ainv_t, input_precision=PRECISION)
     tl.store(dq_ptr + offs, dq, mask=inside)
 
 
@@ -92,20 +92,20 @@ declare(cayley_bwd_kernel)
 
 @triton.jit
 def rotate_kernel(x_ptr, sx_m, sx_k, r_ptr, sr_r, sr_j, sr_c, out_ptr, so_m, so_k, M, b,
-                  BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, DOT_DTYPE: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """One (row tile, block) of out = x @ blockdiag(R); pass R's strides swapped for blockdiag(R)^T."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     blk = tl.program_id(1)
     j = tl.arange(0, BLOCK)
     m_ok = offs_m < M
     j_ok = j < b
-    col = blk * b + j
+    col = (blk * b + j).to(tl.int64)  # column offsets x strides reach 2^31 on transposed views
     m64 = offs_m.to(tl.int64)
     x = tl.load(x_ptr + m64[:, None] * sx_m + col[None, :] * sx_k, mask=m_ok[:, None] & j_ok[None, :], other=0.0)
-    rr = tl.load(r_ptr + blk.to(tl.int64) * sr_r + j[:, None] * sr_j + j[None, :] * sr_c,
+    rr = tl.load(r_ptr + (blk.to(tl.int64) * sr_r + j[:, None] * sr_j + j[None, :] * sr_c),
                  mask=j_ok[:, None] & j_ok[None, :], other=0.0)
     if DOT_DTYPE == tl.float32:
-        y = tl.dot(x.to(tl.float32), rr.to(tl.float32), input_precision="ieee")
+        y = tl.dot(x.to(tl.float32), rr.to(tl.float32), input_precision=PRECISION)
     else:
         y = tl.dot(x.to(DOT_DTYPE), rr.to(DOT_DTYPE))
     tl.store(out_ptr + m64[:, None] * so_m + col[None, :] * so_k, y.to(out_ptr.dtype.element_ty),
@@ -117,12 +117,12 @@ declare(rotate_kernel, tensor_cores=True)
 
 @triton.jit
 def rotate_grad_r_kernel(x_ptr, sx_m, sx_k, dy_ptr, sd_m, sd_k, dr_ptr, M, b,
-                         BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, DOT_DTYPE: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """dR[r, j, c] = sum_m x[m, r*b + j] dy[m, r*b + c] (fp32)."""
     blk = tl.program_id(0)
     j = tl.arange(0, BLOCK)
     j_ok = j < b
-    col = blk * b + j
+    col = (blk * b + j).to(tl.int64)
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -131,7 +131,7 @@ def rotate_grad_r_kernel(x_ptr, sx_m, sx_k, dy_ptr, sd_m, sd_k, dr_ptr, M, b,
         x = tl.load(x_ptr + m64[:, None] * sx_m + col[None, :] * sx_k, mask=mk, other=0.0)
         dy = tl.load(dy_ptr + m64[:, None] * sd_m + col[None, :] * sd_k, mask=mk, other=0.0)
         if DOT_DTYPE == tl.float32:
-            acc = tl.dot(tl.trans(x.to(tl.float32)), dy.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(tl.trans(x.to(tl.float32)), dy.to(tl.float32), acc, input_precision=PRECISION)
         else:
             acc = tl.dot(tl.trans(x.to(DOT_DTYPE)), dy.to(DOT_DTYPE), acc)
     offs = blk.to(tl.int64) * b * b + j[:, None] * b + j[None, :]
@@ -144,7 +144,7 @@ declare(rotate_grad_r_kernel, tensor_cores=True)
 @triton.jit
 def rotated_linear_fwd_kernel(x_ptr, sx_m, sx_k, r_ptr, w_ptr, sw_n, sw_k, bias_ptr, out_ptr, so_m, so_n,
                               M, N, nb, b, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                              BLOCK: tl.constexpr, DOT_DTYPE: tl.constexpr):
+                              BLOCK: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """out = (x @ blockdiag(R)) @ W^T + bias, rotating each block of x in registers on its way into the
     linear's accumulator: the rotated x (M x K) is never written or read back. R: [nb, b, b] contiguous."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -153,16 +153,17 @@ def rotated_linear_fwd_kernel(x_ptr, sx_m, sx_k, r_ptr, w_ptr, sw_n, sw_k, bias_
     m64, n64 = offs_m.to(tl.int64), offs_n.to(tl.int64)
     j = tl.arange(0, BLOCK)
     j_ok = j < b
+    j64 = j.to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for blk in range(0, nb):
-        col = blk * b + j
+        col = (blk * b + j).to(tl.int64)
         x = tl.load(x_ptr + m64[:, None] * sx_m + col[None, :] * sx_k, mask=m_ok[:, None] & j_ok[None, :], other=0.0)
-        r = tl.load(r_ptr + blk * b * b + j[:, None] * b + j[None, :],  # nb*b*b is small: int32 is safe
+        r = tl.load(r_ptr + (blk * b * b + j64[:, None] * b + j64[None, :]),
                     mask=j_ok[:, None] & j_ok[None, :], other=0.0)
         w = tl.load(w_ptr + col[:, None] * sw_k + n64[None, :] * sw_n, mask=j_ok[:, None] & n_ok[None, :], other=0.0)
         if DOT_DTYPE == tl.float32:
-            xr = tl.dot(x.to(tl.float32), r.to(tl.float32), input_precision="ieee")
-            acc = tl.dot(xr, w.to(tl.float32), acc, input_precision="ieee")
+            xr = tl.dot(x.to(tl.float32), r.to(tl.float32), input_precision=PRECISION)
+            acc = tl.dot(xr, w.to(tl.float32), acc, input_precision=PRECISION)
         else:
             xr = tl.dot(x.to(DOT_DTYPE), r.to(DOT_DTYPE))
             acc = tl.dot(xr.to(DOT_DTYPE), w.to(DOT_DTYPE), acc)
@@ -178,7 +179,7 @@ declare(rotated_linear_fwd_kernel)
 @triton.jit
 def rotated_linear_bwd_kernel(dy_ptr, sd_m, sd_n, x_ptr, sx_m, sx_k, r_ptr, w_ptr, sw_n, sw_k, dx_ptr, sdx_m,
                               sdx_k, drp_ptr, M, N, nb, b, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                              BLOCK: tl.constexpr, DOT_DTYPE: tl.constexpr):
+                              BLOCK: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """For one (row tile, block): dxr = dy @ W[:, blk] in registers, then dx = dxr @ R_blk^T and this row
     tile's share of dR_blk = x_blk^T @ dxr (summed over row tiles afterwards: deterministic, no atomics)."""
     pid_m = tl.program_id(0)
@@ -188,7 +189,7 @@ def rotated_linear_bwd_kernel(dy_ptr, sd_m, sd_n, x_ptr, sx_m, sx_k, r_ptr, w_pt
     m64 = offs_m.to(tl.int64)
     j = tl.arange(0, BLOCK)
     j_ok = j < b
-    col = blk * b + j
+    col = (blk * b + j).to(tl.int64)
     dxr = tl.zeros((BLOCK_M, BLOCK), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -197,22 +198,22 @@ def rotated_linear_bwd_kernel(dy_ptr, sd_m, sd_n, x_ptr, sx_m, sx_k, r_ptr, w_pt
         dy = tl.load(dy_ptr + m64[:, None] * sd_m + n64[None, :] * sd_n, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
         w = tl.load(w_ptr + n64[:, None] * sw_n + col[None, :] * sw_k, mask=n_ok[:, None] & j_ok[None, :], other=0.0)
         if DOT_DTYPE == tl.float32:
-            dxr = tl.dot(dy.to(tl.float32), w.to(tl.float32), dxr, input_precision="ieee")
+            dxr = tl.dot(dy.to(tl.float32), w.to(tl.float32), dxr, input_precision=PRECISION)
         else:
             dxr = tl.dot(dy.to(DOT_DTYPE), w.to(DOT_DTYPE), dxr)
     jj = j_ok[:, None] & j_ok[None, :]
-    r_t = tl.load(r_ptr + blk.to(tl.int64) * b * b + j[None, :] * b + j[:, None], mask=jj, other=0.0)  # R^T
+    r_t = tl.load(r_ptr + (blk.to(tl.int64) * b * b + j[None, :] * b + j[:, None]), mask=jj, other=0.0)  # R^T
     x = tl.load(x_ptr + m64[:, None] * sx_m + col[None, :] * sx_k, mask=m_ok[:, None] & j_ok[None, :], other=0.0)
     if DOT_DTYPE == tl.float32:
-        dx = tl.dot(dxr, r_t.to(tl.float32), input_precision="ieee")
-        dr = tl.dot(tl.trans(x.to(tl.float32)), dxr, input_precision="ieee")
+        dx = tl.dot(dxr, r_t.to(tl.float32), input_precision=PRECISION)
+        dr = tl.dot(tl.trans(x.to(tl.float32)), dxr, input_precision=PRECISION)
     else:
         dx = tl.dot(dxr.to(DOT_DTYPE), r_t.to(DOT_DTYPE))
         dr = tl.dot(tl.trans(x.to(DOT_DTYPE)), dxr.to(DOT_DTYPE))
     tl.store(dx_ptr + m64[:, None] * sdx_m + col[None, :] * sdx_k, dx.to(dx_ptr.dtype.element_ty),
              mask=m_ok[:, None] & j_ok[None, :])
     base = (pid_m.to(tl.int64) * nb + blk) * b * b
-    tl.store(drp_ptr + base + j[:, None] * b + j[None, :], dr, mask=jj)
+    tl.store(drp_ptr + (base + j[:, None] * b + j[None, :]), dr, mask=jj)
 
 
 declare(rotated_linear_bwd_kernel)
@@ -250,6 +251,7 @@ def rotated_linear(x2, rmat, weight, bias):
     rotated_linear_fwd_kernel[grid](x2, x2.stride(0), x2.stride(1), rr, weight, weight.stride(0), weight.stride(1),
                                     bias if bias is not None else weight, out, out.stride(0), out.stride(1),
                                     M, N, nb, b, HAS_BIAS=bias is not None, BLOCK=BLOCK, DOT_DTYPE=dot,
+                                    PRECISION=dot_precision(dot),
                                     num_warps=fused_warps(BLOCK, dot), **tile)
     return out
 
@@ -263,7 +265,8 @@ def rotated_linear_backward(dy2, x2, rmat, weight):
     rotated_linear_bwd_kernel[(n_mt, nb)](dy2, dy2.stride(0), dy2.stride(1), x2, x2.stride(0), x2.stride(1),
                                           rr, weight, weight.stride(0), weight.stride(1),
                                           dx, dx.stride(0), dx.stride(1), partial, M, N, nb, b, BLOCK=BLOCK,
-                                          DOT_DTYPE=dot, num_warps=fused_warps(BLOCK, dot), **tile)
+                                          DOT_DTYPE=dot, PRECISION=dot_precision(dot),
+                                          num_warps=fused_warps(BLOCK, dot), **tile)
     return dx, partial.sum(dim=0)
 
 
@@ -281,7 +284,8 @@ def cayley_backward(rmat, g):
     r, b, _ = rmat.shape
     out = torch.empty(r, b, b, device=rmat.device, dtype=torch.float32)
     BLOCK = block_pad(b)
-    cayley_bwd_kernel[(r,)](rmat.contiguous(), g.contiguous(), out, b, BLOCK=BLOCK, num_warps=cayley_bwd_warps(BLOCK))
+    cayley_bwd_kernel[(r,)](rmat.contiguous(), g.contiguous(), out, b, BLOCK=BLOCK,
+                            PRECISION=dot_precision(tl.float32), num_warps=cayley_bwd_warps(BLOCK))
     return out
 
 
@@ -300,7 +304,7 @@ def rotate(x2, rmat, transpose=False):
     bm = rotate_block_m(BLOCK, dot)
     grid = (triton.cdiv(M, bm), nb)
     rotate_kernel[grid](x2, x2.stride(0), x2.stride(1), rmat, s_r, s_j, s_c, out, out.stride(0), out.stride(1), M, b,
-                        BLOCK_M=bm, BLOCK=BLOCK, DOT_DTYPE=dot, num_warps=_warps(BLOCK))
+                        BLOCK_M=bm, BLOCK=BLOCK, DOT_DTYPE=dot, PRECISION=dot_precision(dot), num_warps=_warps(BLOCK))
     return out
 
 
@@ -311,6 +315,7 @@ def rotate_grad_r(x2, dy2, nb, b):
     dot = dot_dtype(x2, dy2)
     rotate_grad_r_kernel[(nb,)](x2, x2.stride(0), x2.stride(1), dy2, dy2.stride(0), dy2.stride(1), out, M, b,
                                 BLOCK_M=rotate_block_m(BLOCK, dot), BLOCK=BLOCK, DOT_DTYPE=dot,
+                                PRECISION=dot_precision(dot),
                                 num_warps=_warps(BLOCK))
     return out
 
@@ -323,18 +328,20 @@ def variants():
         w = _warps(BLOCK)
         out.append(Variant(cayley_fwd_kernel, {"BLOCK": BLOCK}, {"num_warps": CAYLEY_FWD_WARPS},
                            {"q_ptr": f32, "r_ptr": f32}))
-        out.append(Variant(cayley_bwd_kernel, {"BLOCK": BLOCK}, {"num_warps": cayley_bwd_warps(BLOCK)},
-                           {"r_ptr": f32, "g_ptr": f32, "dq_ptr": f32}))
-        for d in HALF_AND_FULL:
+        for prec in precisions(tl.float32):
+            out.append(Variant(cayley_bwd_kernel, {"BLOCK": BLOCK, "PRECISION": prec},
+                               {"num_warps": cayley_bwd_warps(BLOCK)}, {"r_ptr": f32, "g_ptr": f32, "dq_ptr": f32}))
+        for d, prec in ((d, p) for d in HALF_AND_FULL for p in precisions(gpu_dot_dtype(d))):
             dot = gpu_dot_dtype(d)
-            c = {"BLOCK_M": rotate_block_m(BLOCK, dot), "BLOCK": BLOCK, "DOT_DTYPE": dot}
+            c = {"BLOCK_M": rotate_block_m(BLOCK, dot), "BLOCK": BLOCK, "DOT_DTYPE": dot, "PRECISION": prec}
             out.append(Variant(rotate_kernel, c, {"num_warps": w}, {"x_ptr": d, "r_ptr": d, "out_ptr": d}))
             out.append(Variant(rotate_grad_r_kernel, c, {"num_warps": w}, {"x_ptr": d, "dy_ptr": d, "dr_ptr": f32}))
             fw, ft = {"num_warps": fused_warps(BLOCK, dot)}, fused_tile(BLOCK, dot)
             for has_bias in (False, True):
                 out.append(Variant(rotated_linear_fwd_kernel, {"HAS_BIAS": has_bias, "BLOCK": BLOCK, "DOT_DTYPE": dot,
-                                                               **ft}, fw,
+                                                               "PRECISION": prec, **ft}, fw,
                                    {"x_ptr": d, "r_ptr": d, "w_ptr": d, "bias_ptr": d, "out_ptr": d}))
-            out.append(Variant(rotated_linear_bwd_kernel, {"BLOCK": BLOCK, "DOT_DTYPE": dot, **ft}, fw,
+            out.append(Variant(rotated_linear_bwd_kernel, {"BLOCK": BLOCK, "DOT_DTYPE": dot, "PRECISION": prec, **ft},
+                               fw,
                                {"dy_ptr": d, "x_ptr": d, "r_ptr": d, "w_ptr": d, "dx_ptr": d, "drp_ptr": f32}))
     return out

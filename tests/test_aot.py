@@ -32,7 +32,7 @@ CHECK = r"""
 import sys, torch, triton.language as tl
 from fastvlm import aot
 from fastvlm.kernels._common import Variant, matmul_kernel
-flags = dict(HAS_B2=False, HAS_KSCALE=False, HAS_BMASK=False, HAS_BIAS=False, ACCUMULATE=False)
+flags = dict(HAS_B2=False, HAS_KSCALE=False, HAS_BMASK=False, HAS_BIAS=False, ACCUMULATE=False, PRECISION="ieee")
 spill = Variant(matmul_kernel, {**flags, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "DOT_DTYPE": tl.float32},
                 {"num_warps": 4, "num_stages": 3})
 bad = Variant(matmul_kernel, {**flags, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 8, "DOT_DTYPE": tl.float16},
@@ -91,3 +91,36 @@ def test_launchers_choose_only_enumerated_configurations(monkeypatch):
         ok = any(v.name == name and all(kw.get(k) == val for k, val in v.constexprs.items())
                  and all(kw.get(k, val) == val for k, val in v.options.items()) for v in variants)
         assert ok, f"launch of {name} with {kw} is not among the compiled variants"
+
+
+def test_blocks_per_sm_from_registers_shared_memory_and_threads():
+    from fastvlm import aot
+
+    # 167 registers x 8 warps: 5,376 per warp (units of 256) x 8 = 43,008 of 65,536: one block per SM
+    assert aot.blocks_per_sm(167, 25600, 8, "sm_90a") == 1
+    # 72 registers x 4 warps = 9,216: 7 by registers (shared memory would allow 12, threads 16)
+    assert aot.blocks_per_sm(72, 17408, 4, "sm_90a") == 7
+    # 100 KiB of shared memory: 2 on sm_90a (228 KiB), 1 on sm_80 (164 KiB)
+    assert aot.blocks_per_sm(32, 100 * 1024, 4, "sm_90a") == 2 and aot.blocks_per_sm(32, 100 * 1024, 4, "sm_80") == 1
+
+
+def test_realistic_launches_are_specialised_as_triton_does_at_run_time():
+    """Strides equal to 1 become constants, sizes and strides divisible by 16 carry the hint, every pointer
+    is 16-byte aligned; the unspecialised variants keep their integers free."""
+    from fastvlm import aot
+
+    real = [v for _, v in aot.realistic_variants()]
+    names = {v.name for v in real}
+    assert {"score_grad_kernel", "rotate_kernel", "ce_partial_kernel", "ce_grad_kernel"} <= names
+    v = next(v for v in real if v.name == "score_grad_kernel" and v.label.startswith("6304"))
+    sig, consts, attrs = aot.specialisation(v)
+    args = v.kernel.arg_names
+    assert sig["sdy_n"] == "constexpr" and consts["sdy_n"] == 1 and sig["sx_k"] == "constexpr"
+    assert attrs[(args.index("sdy_m"),)] == [["tt.divisibility", 16]]  # 2304
+    assert attrs[(args.index("M"),)] == [["tt.divisibility", 16]]  # 6304 = 16 x 394
+    assert attrs[(args.index("dy_ptr"),)] == [["tt.divisibility", 16]]
+    v1576 = next(v for v in real if v.name == "score_grad_kernel" and v.label.startswith("1576"))
+    assert (args.index("M"),) not in aot.specialisation(v1576)[2]  # 1576 = 16 x 98.5
+    plain = next(v for _, v in aot.all_variants() if v.name == "score_grad_kernel" and not v.spec)
+    sig, _, attrs = aot.specialisation(plain)
+    assert sig["sdy_n"] == "i32" and not attrs

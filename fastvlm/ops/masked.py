@@ -138,11 +138,15 @@ class GradSlot:
 
 
 def masked_linear_forward(x2, weight, scores, bias, threshold):
-    """``x2 @ (W * [S > tau]).T + bias`` for 2-D x2 [M, K]. The torch path builds W * [S > tau] as a
-    temporary (only x, W and S are kept for backward); the kernel masks W's tiles as they load."""
+    """``x2 @ (W * [S > tau]).T + bias`` for 2-D x2 [M, K]. Both paths build W * [S > tau] as a temporary
+    (only x, W and S are kept for backward); the fused kernel (``FASTVLM_FUSED=masked``) masks W's tiles as
+    they load instead (docs/kernels.md: modelled slower than cuBLAS on the masked copy)."""
     kernels = _backend.triton_kernels("masked", x2)
     if kernels is not None:
-        return kernels.forward(x2, weight, scores, bias, threshold)
+        if kernels.fused("masked"):
+            return kernels.forward(x2, weight, scores, bias, threshold)
+        # W * [S > tau] in x's dtype, then one cuBLAS GEMM: the fused kernel re-reads W and S per row tile
+        return F.linear(x2, masked_weight(weight, scores, threshold, x2.dtype), bias)
     return _backend.linear(x2, masked_weight(weight, scores, threshold, x2.dtype), bias)
 
 
@@ -157,8 +161,10 @@ def masked_linear_backward(dy2, x2, weight, scores, threshold, needs, ref_grad=N
     kernels = _backend.triton_kernels("masked", x2)
     dx = ds = db = None
     if need_x:
-        if kernels is not None:
+        if kernels is not None and kernels.fused("masked"):
             dx = kernels.grad_input(dy2, weight, scores, threshold, x2.dtype)
+        elif kernels is not None:  # rebuilt, not kept from forward: no N x K buffer between the passes
+            dx = (dy2 @ masked_weight(weight, scores, threshold, dy2.dtype)).to(x2.dtype)
         else:
             dx = _backend.linear(dy2, masked_weight(weight, scores, threshold, dy2.dtype).t())
     if need_s:

@@ -476,10 +476,11 @@ def _orthogonal_linear(x, weight, params, bias, block_size, neumann_terms):
     K, N = weight.shape[1], weight.shape[0]
     r = cayley(params, block_size, neumann_terms)
     training = torch.is_grad_enabled() and params.requires_grad
-    fused = _kernels(x, block_size) is not None  # Triton: the rotation fused into the matmul
+    kernels = _kernels(x, block_size)
+    fused = kernels is not None  # Triton: rotate x (rotate kernel, or inside the matmul when fused)
     exact = neumann_terms is None
     side = rotation_side(x.numel() // K, N, block_size, training, orthogonal=exact, fused=fused)
-    if side == "input" and fused:
+    if side == "input" and fused and kernels.fused("orth"):
         side = "fused"
     x2 = x.reshape(-1, K)
     if compiling():
