@@ -428,9 +428,11 @@ def rotation_side(m_rows: int, n_out: int, block_size: int = 32, training: bool 
                   fused: bool = False) -> str:
     """Which side to rotate, by cost. Forward alone: x (M*K*b flops) or the weight (N*K*b), the cheaper.
 
-    While the rotation trains: ``fused`` (Triton) rotates x inside the matmul both ways, so no rotated copy
-    of x is stored (the kernel recomputes x @ R per output tile: its cost on a GPU is a model, not measured). Otherwise, with an orthogonal R (the exact transform), the weight side gets the
-    rotation's gradient from dx (see WeightRotatedLinear) and both sides cost the same matmuls; what differs
+    While the rotation trains on Triton (``fused``): the input side, x rotated once by the rotate kernel and
+    then one GEMM (or inside the matmul when the fused kernels are asked for, ``FASTVLM_FUSED``; see
+    docs/kernels.md for the modelled costs). Otherwise, with an orthogonal R (the exact transform), the
+    weight side gets the rotation's gradient from dx (see orthogonal_linear_backward) and both sides cost
+    the same matmuls; what differs
     is memory traffic: the input side rotates x, rotates dx back and reads x and dx for dR (about 6*M*K
     elements), the weight side rotates W twice and reads x and dx (4*N*K + 2*M*K). So: the weight side when
     N < M. A series R is not orthogonal: the weight side's backward then needs dW' = dy^T x, a whole extra
