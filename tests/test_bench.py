@@ -96,6 +96,7 @@ def _tiny_family_cases():
         cases_orth.linear_case(10, 32, 12, 16, CPU, providers=("fastvlm", "naive-dense", "peft-exact")),
         cases_orth.cayley_case(2, 16, CPU, providers=("fastvlm", "naive-solve")),
         cases_tuners.step_case("fastvlm-tiny-vit", 2, CPU),
+        cases_tuners.step_case("fastvlm-tiny-vit", 2, CPU, tuners=cases_tuners.RECOMPUTE, op="tuner_step_recompute"),
     ]
 
 

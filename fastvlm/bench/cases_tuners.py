@@ -9,8 +9,10 @@ import torch
 from .harness import Case, Provider, warn_random_weights_once
 
 FAMILY = "tuners"
-OPS = ("tuner_step",)
-TUNERS = ("vpt", "lora", "adapter", "adapter+recompute", "mask", "orth", "orth+recompute")
+OPS = ("tuner_step", "tuner_step_recompute")
+TUNERS = ("vpt", "lora", "adapter", "mask", "orth")
+#: the tuners with activation recomputation, each beside its plain step (the tuner_step_recompute case)
+RECOMPUTE = ("adapter", "adapter+recompute", "orth", "orth+recompute")
 
 
 def clip_batch(model_name: str, batch: int, device, seed=0):
@@ -48,7 +50,7 @@ def _attach(name, model):
     return apply_orth(model, OrthConfig(towers=("visual",), recompute=recompute))
 
 
-def step_case(model_name: str, batch: int, device, tuners=TUNERS) -> Case:
+def step_case(model_name: str, batch: int, device, tuners=TUNERS, op: str = "tuner_step") -> Case:
     import torch.nn.functional as F
 
     counts = {}
@@ -77,14 +79,15 @@ def step_case(model_name: str, batch: int, device, tuners=TUNERS) -> Case:
             return step
         return setup
 
-    unknown = [t for t in tuners if t not in TUNERS]
+    unknown = [t for t in tuners if t not in TUNERS + RECOMPUTE]
     if unknown:
-        raise ValueError(f"tuners must be among {TUNERS}, got {unknown}")
-    return Case("tuner_step", dict(model=model_name, batch=batch),
+        raise ValueError(f"tuners must be among {TUNERS + RECOMPUTE}, got {unknown}")
+    return Case(op, dict(model=model_name, batch=batch),
                 [Provider("frozen", provider("frozen"))] + [Provider(n, provider(n)) for n in tuners],
                 baseline="frozen", kind="step", size=batch, extra={"trainable": counts})
 
 
 def cases(device, quick: bool, full: bool) -> list[Case]:
     model_name, batch = ("ViT-B-32", 4) if quick else ("ViT-B-16", 8)
-    return [step_case(model_name, batch, device)]
+    return [step_case(model_name, batch, device),
+            step_case(model_name, batch, device, tuners=RECOMPUTE, op="tuner_step_recompute")]
