@@ -719,9 +719,14 @@ def part_kernels(dev, dry: bool, save=lambda res: None, dtype: str = "float32") 
     dtypes = [getattr(torch, dtype)]
     variants = aot.all_variants()
     problems, done = [], []
+    from .kernels._common import FUSIBLE, fused_kernels
+
     with _LaunchRecorder() as rec:
         for i, dt in enumerate(dtypes):
             _drive_ops(dev, dt, problems, done, blocks=(3, 32) if dry else (3, 16, 32, 64))
+            if not dry:  # the fused masked/orth kernels too (FASTVLM_FUSED): configurations the ops can choose
+                with fused_kernels(*FUSIBLE):
+                    _drive_ops(dev, dt, problems, done, blocks=(3, 16, 32, 64))
             res = _kernel_report(variants, rec.launches, dtypes[: i + 1], problems, done)
             save(res)
     print(f"{res['variants_launched']} of {res['variants']} variants launched, {res['launches']} launches, "

@@ -55,8 +55,9 @@ def test_dry_run_targets_are_not_run_but_measured(dry_run):
 def test_dry_run_runs_kernels_and_op_tests(dry_run):
     _, out, report, summary = dry_run
     k = report["parts"]["kernels"]
-    # fp32, blocks padded to 16 and 32: every such launch is among the compiled variants
-    assert k["variants_launched"] >= 30 and k["unlisted"] == [] and k["problems"] == []
+    # fp32, blocks padded to 16 and 32, the default (composition) paths: every such launch is among the
+    # compiled variants (the fused masked/orth kernels are driven on a GPU only, under FASTVLM_FUSED)
+    assert k["variants_launched"] >= 20 and k["unlisted"] == [] and k["problems"] == []
     rows = (out / "kernels.csv").read_text().splitlines()
     assert len(rows) == k["variants"] + 1
     o = report["parts"]["optests"]
