@@ -529,6 +529,15 @@ def _note(text: str) -> None:
     print(f"fastvlm: {text}", file=sys.stderr)
 
 
+def _zero_shot_start(args, names, test):
+    """The image tuners' start: the model, its eval transform, the normalised zero-shot classifier, and the
+    zero-shot top-1 on the test set (the figure every tune prints beside the tuned one)."""
+    model, _, pre_eval, tok = _load_model(args)
+    cls = _zero_shot_classifier(model, tok, names, args)
+    f, y = _features(model, test, pre_eval, args, "zero-shot evaluation")
+    return model, pre_eval, cls, _cosine_top1(f, y, cls)
+
+
 def _load_model(args):
     from .models import load_clip
     from .train.common import seed_everything
@@ -594,10 +603,7 @@ def run_mask(args, out: OutDir, data) -> int:
     from .tuners.mask import MaskConfig, apply_masks, export_masks, sparsity
 
     train, test, names, what = data
-    model, _, pre_eval, tok = _load_model(args)
-    cls = _zero_shot_classifier(model, tok, names, args)
-    f, y = _features(model, test, pre_eval, args, "zero-shot evaluation")
-    zs = _cosine_top1(f, y, cls)
+    model, pre_eval, cls, zs = _zero_shot_start(args, names, test)
     apply_masks(model, MaskConfig(mlp=args.mlp))
     recipe = RMTRecipe(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size or 32, drop_ratio=args.drop_ratio,
                        seed=args.seed)
@@ -691,10 +697,7 @@ def run_pvp(args, out: OutDir, data) -> int:
     from .tuners.vpt import VPTConfig
 
     train, test, names, what = data
-    model, _, pre_eval, tok = _load_model(args)
-    cls = _zero_shot_classifier(model, tok, names, args)
-    f, y = _features(model, test, pre_eval, args, "zero-shot evaluation")
-    zs = _cosine_top1(f, y, cls)
+    model, pre_eval, cls, zs = _zero_shot_start(args, names, test)
     if args.init_from:
         _, cfg = config_of_pack(args.init_from)
     else:
