@@ -202,8 +202,18 @@ def run(targets=("sm_80", "sm_90a"), jobs: int | None = None, only: str | None =
     env_ok = os.environ.get("TRITON_INTERPRET", "0") != "1"
     if not env_ok:
         raise RuntimeError("fastvlm kernels must run with TRITON_INTERPRET unset (the interpreter replaces the compiler)")
-    with ProcessPoolExecutor(max_workers=jobs) as ex:
-        return list(ex.map(compile_one, *zip(*work))) if work else []
+    if not work:
+        return []
+    from tqdm.auto import tqdm
+
+    # a cold compile takes tens of seconds to minutes: a bar on stderr, the report stays on stdout
+    with ProcessPoolExecutor(max_workers=jobs) as ex, \
+            tqdm(total=len(work), desc="compiling kernels", unit="kernel", leave=False, file=sys.stderr) as bar:
+        rows = []
+        for row in ex.map(compile_one, *zip(*work)):
+            rows.append(row)
+            bar.update(1)
+        return rows
 
 
 def print_report(rows: list[dict], file=None) -> None:

@@ -124,3 +124,12 @@ def test_realistic_launches_are_specialised_as_triton_does_at_run_time():
     plain = next(v for _, v in aot.all_variants() if v.name == "score_grad_kernel" and not v.spec)
     sig, _, attrs = aot.specialisation(plain)
     assert sig["sdy_n"] == "i32" and not attrs
+
+
+def test_compiling_shows_progress_on_stderr_and_the_report_on_stdout():
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    out = subprocess.run([sys.executable, "-m", "fastvlm.cli", "kernels", "--only", "cayley_fwd", "--target", "sm_80"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "compiling kernels" in out.stderr and "3/3" in out.stderr  # b padded to 16, 32, 64: three variants
+    assert "compiling kernels" not in out.stdout and "3 kernel configurations compiled" in out.stdout
