@@ -239,3 +239,71 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one interface over the model families fastvlm patches
+# ---------------------------------------------------------------------------------------------------------
+#
+# The recipes, the TaskRes classifier and the command line use a model only through these three functions,
+# so they run on every family the tuners patch: an open_clip CLIP (``encode_image`` / ``encode_text``), a
+# Hugging Face ``transformers`` CLIPModel or SiglipModel (``get_image_features`` / ``get_text_features``),
+# and a timm image model (``forward``: its pooled features with ``num_classes=0``, else its head's output;
+# an image encoder alone, no text tower).
+
+
+def _is_hf(model) -> bool:
+    return hasattr(model, "get_image_features") and hasattr(model, "config")
+
+
+def _is_timm(model) -> bool:
+    return hasattr(model, "forward_features") and hasattr(model, "pretrained_cfg")
+
+
+def _features(out):
+    """transformers 5 returns a ``BaseModelOutputWithPooling`` whose ``pooler_output`` holds the projected
+    features; earlier releases return the tensor itself."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def encode_image(model, images: torch.Tensor) -> torch.Tensor:
+    """The image embeddings [B, D] of ``images`` [B, 3, H, W] (not normalised)."""
+    if hasattr(model, "encode_image"):
+        return model.encode_image(images)
+    if _is_hf(model):
+        return _features(model.get_image_features(pixel_values=images))
+    if _is_timm(model):
+        return model(images)
+    raise TypeError(f"cannot encode images with a {type(model).__name__}: expected an open_clip CLIP, a "
+                    "transformers CLIPModel/SiglipModel or a timm model")
+
+
+def encode_text(model, tokens: torch.Tensor) -> torch.Tensor:
+    """The text embeddings [B, D] of ``tokens`` [B, L] (not normalised)."""
+    if hasattr(model, "encode_text"):
+        return model.encode_text(tokens)
+    if _is_hf(model) and hasattr(model, "get_text_features"):
+        return _features(model.get_text_features(input_ids=tokens))
+    raise TypeError(f"a {type(model).__name__} has no text encoder: text classifiers (TaskRes, the zero-shot "
+                    "head) need an open_clip CLIP or a transformers CLIPModel/SiglipModel")
+
+
+def image_norm(model):
+    """(image size, mean, std) of the model's preprocessing."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    if _is_hf(model):
+        size = model.config.vision_config.image_size
+        mean, std = OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+        if type(model).__name__.startswith("Siglip"):
+            mean = std = (0.5, 0.5, 0.5)  # SigLIP's processors normalise to [-1, 1]
+        return size, mean, std
+    if _is_timm(model):
+        cfg = model.pretrained_cfg
+        size = getattr(getattr(model, "patch_embed", None), "img_size", None) or cfg.get("input_size", (3, 224))[-1]
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        return size, tuple(cfg.get("mean", OPENAI_DATASET_MEAN)), tuple(cfg.get("std", OPENAI_DATASET_STD))
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    return size, getattr(model.visual, "image_mean", None) or OPENAI_DATASET_MEAN, \
+        getattr(model.visual, "image_std", None) or OPENAI_DATASET_STD

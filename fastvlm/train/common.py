@@ -12,6 +12,8 @@ import time
 import numpy as np
 import torch
 
+from ..models import image_norm  # noqa: F401  (re-exported: the recipes and the CLI import it from here)
+
 
 def seed_everything(seed: int) -> torch.Generator:
     random.seed(seed)
@@ -46,13 +48,14 @@ def evaluate_model(model, classifier: torch.Tensor, samples, transform, batch_si
     import torch.nn.functional as F
 
     from ..data import ImageDataset
+    from ..models import encode_image
 
     was = model.training
     model.eval()
     loader = torch.utils.data.DataLoader(ImageDataset(samples, transform), batch_size=batch_size)
     correct = total = 0
     for img, y in loader:
-        logits = scale * F.normalize(model.encode_image(img.to(device)), dim=-1) @ classifier.T
+        logits = scale * F.normalize(encode_image(model, img.to(device)), dim=-1) @ classifier.T
         correct += int((logits.argmax(1).cpu() == y).sum())
         total += y.numel()
     model.train(was)
@@ -66,16 +69,6 @@ def train_loader(samples, transform, batch_size: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(ImageDataset(samples, transform), batch_size=batch_size, shuffle=True,
                                        generator=g, drop_last=False)
-
-
-def image_norm(model):
-    """(image size, mean, std) of an open_clip model's preprocessing."""
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
-    size = model.visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else size
-    return size, getattr(model.visual, "image_mean", None) or OPENAI_DATASET_MEAN, \
-        getattr(model.visual, "image_std", None) or OPENAI_DATASET_STD
 
 
 def train_transform(image_size: int, mean, std):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..models import encode_image, encode_text
 from ..tuners.orth import bypass_rotations, rotated_layers
 from .common import loader_generator, run_epochs, warmup_cosine
 
@@ -52,11 +53,11 @@ def cutout(images: torch.Tensor, ratio: float = 0.5, generator: torch.Generator 
 
 def text_classifier(model, tokens: torch.Tensor) -> torch.Tensor:
     """Normalised text features of one prompt per class, through the (possibly rotated) text encoder."""
-    return F.normalize(model.encode_text(tokens), dim=-1)
+    return F.normalize(encode_text(model, tokens), dim=-1)
 
 
 def _logits(model, images, cls, scale):
-    return scale * F.normalize(model.encode_image(images), dim=-1) @ cls.T
+    return scale * F.normalize(encode_image(model, images), dim=-1) @ cls.T
 
 
 def orthcr_loss(model, images, labels, tokens, recipe: OrthRecipe, generator=None) -> tuple[torch.Tensor, dict]:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models import encode_image
 from .common import loader_generator, run_epochs, warmup_cosine
 
 
@@ -60,7 +61,7 @@ def train_modules(model, params, head: nn.Module, loader, recipe: PVPRecipe, dev
     def step(batch, _):
         images, labels = batch
         images, labels = images.to(device), labels.to(device)
-        loss = F.cross_entropy(head(model.encode_image(images)), labels)
+        loss = F.cross_entropy(head(encode_image(model, images)), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -80,7 +81,7 @@ def evaluate_head_on_images(model, head, samples, transform, batch_size=64, devi
     model.eval()
     correct = total = 0
     for img, y in torch.utils.data.DataLoader(ImageDataset(samples, transform), batch_size=batch_size):
-        correct += int((head(model.encode_image(img.to(device))).argmax(1).cpu() == y).sum())
+        correct += int((head(encode_image(model, img.to(device))).argmax(1).cpu() == y).sum())
         total += y.numel()
     model.train(was)
     return 100.0 * correct / max(1, total)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..models import encode_image
 from ..tuners.mask import bypass_masks, gradient_dropout, score_parameters
 from .common import loader_generator, run_epochs, warmup_cosine
 
@@ -34,7 +35,7 @@ class RMTRecipe:
 
 def clip_logits(model, images, classifier, scale=100.0):
     """``scale * norm(encode_image(images)) @ classifier.T`` (classifier rows already normalised)."""
-    return scale * F.normalize(model.encode_image(images), dim=-1) @ classifier.T
+    return scale * F.normalize(encode_image(model, images), dim=-1) @ classifier.T
 
 
 def layer_seed(seed: int, step: int, index: int) -> int:

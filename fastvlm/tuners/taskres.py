@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .. import functional as FV
+from ..models import encode_text
 from ..templates import templates_for
 from .common import TunerLayer, attach, config_from_dict, load_tuners, save_tuners
 
@@ -104,7 +105,7 @@ def build_base_classifier(model, tokenizer, classnames: list[str], templates: li
     rows = []
     for name in classnames:
         prompts = [tpl.format(name.replace("_", " ")) for tpl in templates]
-        feats = [model.encode_text(tokenizer(prompts[i:i + batch_size]).to(device)).float()
+        feats = [encode_text(model, tokenizer(prompts[i:i + batch_size]).to(device)).float()
                  for i in range(0, len(prompts), batch_size)]
         rows.append(torch.cat(feats).mean(dim=0))
     model.train(was_training)
