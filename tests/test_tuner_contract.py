@@ -5,7 +5,7 @@ that changes model state restores it when its body raises."""
 import pytest
 import torch
 
-from fastvlm.tuners.common import Tuners, bypass, merge, tuner_layers, tuners_of, unmerge
+from fastvlm.tuners.common import Tuners, bypass, merge, save_tuners, tuner_layers, tuners_of, unmerge
 
 from .test_tuner_pairs import KINDS, apply_kind, base_classifier, images, perturb, tiny_model
 
@@ -161,3 +161,23 @@ def test_loop_state_is_saved_before_an_interrupt(tmp_path):
     st = load_train_state(str(tmp_path / "s.pt"), "taskres")
     assert st["epoch"] == 1 and len(st["history"]) == 2 and len(st["step_times"]) == 4
     assert torch.equal(st["tensors"]["residual"], head.residual.detach())
+
+
+def test_loading_a_taskres_residual_keeps_the_models_config_in_step(tmp_path):
+    """load_residual replaces the head's config with the file's; the model's registry must follow, else a
+    model-wide save after the load writes the old alpha beside the new residual."""
+    from fastvlm.tuners.common import read_tuners
+    from fastvlm.tuners.taskres import TaskResConfig, TaskResHead, apply_taskres
+
+    base = base_classifier()
+    source = TaskResHead(base, TaskResConfig(alpha=1.0, logit_scale=50.0))
+    with torch.no_grad():
+        source.residual.normal_()
+    path = source.save(str(tmp_path / "head.safetensors"))
+    model = tiny_model()
+    head = apply_taskres(model, base)  # alpha 0.5 by default
+    head.load_residual(path)
+    assert tuners_of(model).config("taskres") is head.config
+    assert (head.config.alpha, head.config.logit_scale) == (1.0, 50.0)
+    _, meta = read_tuners(save_tuners(model, str(tmp_path / "model.safetensors")))
+    assert meta["tuners"]["taskres"]["config"] == {"alpha": 1.0, "logit_scale": 50.0}

@@ -18,7 +18,7 @@ from torch import nn
 from .. import functional as FV
 from ..models import encode_text
 from ..templates import templates_for
-from .common import TunerLayer, attach, config_from_dict, load_tuners, save_tuners
+from .common import TunerLayer, attach, config_from_dict, load_tuners, save_tuners, tuners_of
 
 
 @dataclass
@@ -62,6 +62,9 @@ class TaskResHead(TunerLayer, nn.Module):
         """The residual and the config of a file written by :meth:`save`; returns the file's metadata."""
         meta = load_tuners(self, path, kinds=["taskres"], what="checkpoint")
         self.config = config_from_dict(TaskResConfig, meta["tuners"]["taskres"]["config"])
+        registry = self.__dict__.get("_registry")  # the model's, when attached by apply_taskres
+        if registry is not None:
+            registry.entries[self.kind].config = self.config
         return meta
 
 
@@ -75,6 +78,7 @@ def apply_taskres(model: nn.Module, base: torch.Tensor, config: TaskResConfig | 
         model.taskres = TaskResHead(base.to(device), cfg)
 
     attach(model, patch, "taskres", cfg)
+    model.taskres.__dict__["_registry"] = tuners_of(model)  # so load_residual keeps the model's config in step
     return model.taskres
 
 
