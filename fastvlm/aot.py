@@ -194,6 +194,24 @@ def compile_one(index: int, target: str) -> dict:
     return row
 
 
+def die_with_parent() -> None:
+    """Worker initializer: ask Linux to send this process SIGTERM when its parent dies (prctl
+    PR_SET_PDEATHSIG), so compile workers never outlive a ``fastvlm kernels`` killed mid-run (a pool's
+    workers otherwise finish their compiles as orphans). Does nothing where prctl is not available."""
+    import ctypes
+    import signal
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os._exit(1)
+
+
 def run(targets=("sm_80", "sm_90a"), jobs: int | None = None, only: str | None = None) -> list[dict]:
     variants = all_variants()
     idx = [i for i, (_, v) in enumerate(variants) if only is None or only in v.name]
@@ -207,7 +225,7 @@ def run(targets=("sm_80", "sm_90a"), jobs: int | None = None, only: str | None =
     from tqdm.auto import tqdm
 
     # a cold compile takes tens of seconds to minutes: a bar on stderr, the report stays on stdout
-    with ProcessPoolExecutor(max_workers=jobs) as ex, \
+    with ProcessPoolExecutor(max_workers=jobs, initializer=die_with_parent) as ex, \
             tqdm(total=len(work), desc="compiling kernels", unit="kernel", leave=False, file=sys.stderr) as bar:
         rows = []
         for row in ex.map(compile_one, *zip(*work)):

@@ -133,3 +133,36 @@ def test_compiling_shows_progress_on_stderr_and_the_report_on_stdout():
     assert out.returncode == 0, out.stderr[-2000:]
     assert "compiling kernels" in out.stderr and "3/3" in out.stderr  # b padded to 16, 32, 64: three variants
     assert "compiling kernels" not in out.stdout and "3 kernel configurations compiled" in out.stdout
+
+
+def test_compile_workers_die_with_their_parent(tmp_path):
+    """A killed ``fastvlm kernels`` leaves no compile worker behind: the pool's initializer asks the kernel to
+    end each worker when its parent dies."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from fastvlm.aot import die_with_parent\n"
+        "ex = ProcessPoolExecutor(max_workers=1, initializer=die_with_parent)\n"
+        "print(ex.submit(os.getpid).result(), flush=True)\n"
+        "ex.submit(time.sleep, 120)\n"
+        "time.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    worker = int(parent.stdout.readline())
+    os.kill(worker, 0)  # alive
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(worker, signal.SIGKILL)
+    raise AssertionError(f"worker {worker} outlived its killed parent")
