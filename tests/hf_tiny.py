@@ -50,3 +50,26 @@ def features(model, images, tokens):
 
     with torch.no_grad():
         return encode_image(model, images), encode_text(model, tokens)
+
+
+def clip_tokenizer(context_length: int = 16):
+    """transformers' CLIPTokenizer with the OpenAI CLIP vocabulary, built offline from open_clip's bundled BPE
+    file (the same byte-level BPE: vocabulary and merges in rank order; only the special tokens are spelt
+    ``<|startoftext|>`` / ``<|endoftext|>`` there)."""
+    from open_clip.tokenizer import SimpleTokenizer
+    from transformers import CLIPTokenizer
+
+    bpe = SimpleTokenizer()
+    vocab = dict(bpe.encoder)
+    vocab["<|startoftext|>"] = vocab.pop("<start_of_text>")
+    vocab["<|endoftext|>"] = vocab.pop("<end_of_text>")
+    merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
+    return CLIPTokenizer(vocab=vocab, merges=[tuple(m) for m in merges], model_max_length=context_length)
+
+
+def save_tiny_clip(folder, tokenizer: bool = True, seed: int = 0) -> str:
+    """A random-init tiny CLIPModel saved with save_pretrained (and its tokenizer beside it)."""
+    tiny_clip(seed).save_pretrained(folder)
+    if tokenizer:
+        clip_tokenizer().save_pretrained(folder)
+    return str(folder)
