@@ -161,7 +161,8 @@ def test_lora_export_with_per_layer_ranks_uses_peft_patterns(tmp_path):
 LORA_CONFIGS = {
     "plain": dict(r=4, lora_alpha=8),
     "rslora": dict(r=4, lora_alpha=8, use_rslora=True),  # scale alpha / sqrt(r) = 4, not alpha / r = 2
-    "patterns": dict(r=4, lora_alpha=8, rank_pattern={"fc2": 2}, alpha_pattern={"q_proj": 3}),
+    # lora_dropout acts in training only: the eval outputs match without it
+    "patterns": dict(r=4, lora_alpha=8, rank_pattern={"fc2": 2}, alpha_pattern={"q_proj": 3}, lora_dropout=0.1),
 }
 
 
@@ -189,7 +190,7 @@ def test_lora_import_gives_peft_outputs(tmp_path, case):
 
 @pytest.mark.parametrize("case", ["exact", "series5", "series3", "shared"])
 def test_oft_import_gives_peft_outputs(tmp_path, case):
-    kw = {"exact": dict(use_cayley_neumann=False), "series5": dict(use_cayley_neumann=True),
+    kw = {"exact": dict(use_cayley_neumann=False, module_dropout=0.1), "series5": dict(use_cayley_neumann=True),
           "series3": dict(use_cayley_neumann=True, num_cayley_neumann_terms=3),
           "shared": dict(use_cayley_neumann=False, block_share=True)}[case]
     source = _peft_model(peft.OFTConfig(oft_block_size=16, target_modules=list(TARGETS), init_weights=False, **kw))
@@ -215,6 +216,30 @@ def test_import_into_layers_the_model_already_carries(tmp_path):
     assert {n: p for n, p in model.named_parameters()} == before  # same parameter objects, no new layers
     for (n, a), (m, b) in zip(tuner_layers(exported, "lora"), tuner_layers(model, "lora")):
         assert n == m and torch.equal(a.lora.A, b.lora.A) and torch.equal(a.lora.B, b.lora.B)
+
+
+def test_imported_layers_bypass_and_merge_like_any_tuner(tmp_path):
+    """Layers attached by import_peft are registered tuners: bypass gives the base model, merge gives the
+    adapter's outputs from plain linear layers, and the tuner file round-trips them."""
+    from fastvlm.tuners.common import bypass, load_tuners, merge, save_tuners
+
+    source = _peft_model(peft.OFTConfig(oft_block_size=16, target_modules=list(MLP), init_weights=False,
+                                        use_cayley_neumann=False))
+    source.save_pretrained(str(tmp_path / "adapter"))
+    images, tokens = _inputs()
+    want, base = features(source, images, tokens), features(tiny_clip(), images, tokens)
+    model = tiny_clip()
+    import_peft(model, str(tmp_path / "adapter"))
+    save_tuners(model, str(tmp_path / "orth.safetensors"))
+    with bypass(model):
+        for f, b in zip(features(model, images, tokens), base):
+            assert torch.equal(f, b)
+    merge(model, "orth")
+    assert_same_features(features(model, images, tokens), want, base)
+    again = tiny_clip()
+    attach_layers(again, "orth", MLP, lambda m: OrthLinear(m, OrthConfig(block_size=16)))
+    load_tuners(again, str(tmp_path / "orth.safetensors"))
+    assert_same_features(features(again, images, tokens), want, base)
 
 
 # ---------------------------------------------------------------------------------------------------------
