@@ -513,11 +513,25 @@ def _cosine_top1(features, labels, classifier) -> float:
     return _top1(F.normalize(features, dim=-1) @ F.normalize(classifier.detach().float().cpu(), dim=-1).T, labels)
 
 
+def _weight_files(args) -> list:
+    """(name, size, mtime) of the local files the weights come from (an hf: folder's, a checkpoint file), so
+    that a feature cache of weights saved again under the same name is not reused."""
+    from .models import hf_folder, weight_files
+
+    folder = hf_folder(args.model)
+    if folder:
+        paths = [os.path.join(folder, "config.json"), *weight_files(folder)]
+    else:
+        paths = [args.pretrained] if args.pretrained and os.path.isfile(args.pretrained) else []
+    return [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths]
+
+
 def _cached_features(model, samples, transform, path, args, desc="caching image features"):
     """Image features of ``samples``, read from ``path`` when it was made from the same model and images."""
     from .io import load_checkpoint, save_checkpoint
 
-    key = hashlib.sha256(json.dumps([args.model, args.pretrained, [s[0] for s in samples]]).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([args.model, args.pretrained, _weight_files(args),
+                                     [s[0] for s in samples]]).encode()).hexdigest()
     if os.path.exists(path):
         try:
             t, cfg = load_checkpoint(path, kind="features")

@@ -280,9 +280,22 @@ def check_hf_folder(folder: str) -> str:
     if model_type not in HF_MODEL_TYPES:
         raise ValueError(f"hf:{folder} holds a {model_type!r} model, not a CLIP-style one: hf: loads "
                          f"model_type {sorted(HF_MODEL_TYPES)} ({', '.join(HF_MODEL_TYPES.values())})")
-    if not any(os.path.isfile(os.path.join(folder, w)) for w in _WEIGHTS):
+    if not weight_files(folder):
         raise ValueError(f"hf:{folder} has a config.json but no weights ({', '.join(_WEIGHTS[::2])})")
     return model_type
+
+
+def weight_files(folder: str) -> list[str]:
+    """The weight files of an hf: folder that exist: single files, or shard indexes and their shards."""
+    names = list(_WEIGHTS)
+    for index in _WEIGHTS[1::2]:
+        path = os.path.join(folder, index)
+        if os.path.isfile(path):
+            import json
+
+            with open(path) as fh:
+                names += sorted(set(json.load(fh).get("weight_map", {}).values()))
+    return [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))]
 
 
 def load_hf_clip(folder: str, device: str | torch.device = "cpu"):

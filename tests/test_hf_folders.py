@@ -135,3 +135,32 @@ def test_command_line_tunes_and_evaluates_taskres_on_a_folder(folders, tmp_path)
     one_error_line(r[5], 2, "--model", "no config.json")
     one_error_line(r[6], 2, "--pretrained 'none'", "hf: folder holds its own weights")
     assert not os.path.exists(f"{t}/x")
+
+
+def test_feature_cache_is_not_reused_for_weights_saved_again(tmp_path):
+    """The command line's feature cache is keyed by the model's name and its files' size and time: weights
+    saved again into the same hf: folder are encoded again, not read from the old cache."""
+    from argparse import Namespace
+
+    from fastvlm.cli import _cached_features
+
+    from .synthetic import make_image_folder
+
+    make_image_folder(tmp_path / "data", classes=2, per_class=2)
+    from fastvlm.data import image_folder
+
+    samples = image_folder(str(tmp_path / "data"))
+    folder = save_tiny_clip(tmp_path / "m", tokenizer=False, seed=0)
+    args = Namespace(model="hf:" + folder, pretrained=None, batch_size=None, device="cpu", workers=0,
+                     no_progress=True)
+    cache = str(tmp_path / "features.safetensors")
+    first, _, pre_eval, _ = load_clip(args.model)
+    f0, _ = _cached_features(first, samples, pre_eval, cache, args)
+    assert torch.equal(_cached_features(None, samples, pre_eval, cache, args)[0], f0)  # read back: no model used
+    save_tiny_clip(tmp_path / "m", tokenizer=False, seed=1)
+    second = load_clip(args.model)[0]
+    f1, _ = _cached_features(second, samples, pre_eval, cache, args)
+    assert (f1 - f0).abs().max() > 1e-3
+    images = torch.stack([pre_eval(Image.open(p).convert("RGB")) for p, *_ in samples])
+    with torch.no_grad():
+        torch.testing.assert_close(f1, encode_image(second, images), atol=1e-6, rtol=0)
