@@ -74,7 +74,8 @@ def check_model_name(model: str) -> None:
     guess = nearest(model, names)
     hint = f"did you mean {guess!r}? " if guess else ""
     raise ValueError(f"unknown model {model!r}: {hint}it must be an open_clip architecture "
-                     f"(open_clip.list_models(), e.g. ViT-B-16, ViT-B-32, RN50, {TINY})")
+                     f"(open_clip.list_models(), e.g. ViT-B-16, ViT-B-32, RN50, {TINY}) or hf:<folder>, a "
+                     "transformers CLIPModel/SiglipModel saved with save_pretrained")
 
 
 def _tag(pretrained: str | None) -> str | None:

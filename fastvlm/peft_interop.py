@@ -189,6 +189,8 @@ def read_adapter(source, adapter_name: str = "default"):
         where = f"the PeftModel's adapter {adapter_name!r}"
     else:
         folder = os.fspath(source)
+        if adapter_name != "default":  # peft saves every adapter but "default" in a subfolder of its name
+            folder = os.path.join(folder, adapter_name)
         if not os.path.isfile(os.path.join(folder, CONFIG_FILE)):
             raise FileNotFoundError(f"source {folder!r} is not a peft adapter folder (no {CONFIG_FILE})")
         config = PeftConfig.from_pretrained(folder)
@@ -284,9 +286,10 @@ def _oft_values(config, name: str, t: dict, linear) -> tuple[torch.Tensor, int, 
 
 @torch.no_grad()
 def import_peft(model: nn.Module, source, adapter_name: str = "default") -> list[str]:
-    """Load a peft LoRA or OFT adapter (a folder, or a ``PeftModel`` and its ``adapter_name``) into fastvlm
-    layers of ``model``, the plain base model (not wrapped by peft), so that it computes what the adapter
-    computes on that model. Returns the names of the layers filled.
+    """Load a peft LoRA or OFT adapter (a folder, or a ``PeftModel``) into fastvlm layers of ``model``, the
+    plain base model (not wrapped by peft), so that it computes what the adapter computes on that model.
+    ``adapter_name``: which of the PeftModel's adapters; in a folder, peft saves every adapter but "default"
+    in a subfolder of its name. Returns the names of the layers filled.
 
     When the model already carries fastvlm layers of the kind ("lora" / "orth"), they must sit on exactly
     the adapter's modules with the same shapes and scale (block size and series for rotations); their

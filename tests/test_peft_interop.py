@@ -206,6 +206,25 @@ def test_oft_import_gives_peft_outputs(tmp_path, case):
     assert layer.params.shape == (128 // 16, 120)
 
 
+def test_import_picks_the_named_adapter(tmp_path):
+    """A PeftModel with two adapters: adapter_name picks one, from the object and from the folder (where peft
+    saves an adapter other than "default" in its own subfolder)."""
+    source = _peft_model(peft.LoraConfig(r=4, lora_alpha=8, target_modules=["fc1"], init_lora_weights=False))
+    source.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=8, target_modules=["q_proj"],
+                                                init_lora_weights=False))
+    source.save_pretrained(str(tmp_path / "a"))
+    source.set_adapter("other")
+    images, tokens = _inputs()
+    want, base = features(source, images, tokens), features(tiny_clip(), images, tokens)
+    for src in (source, str(tmp_path / "a")):
+        model = tiny_clip()
+        names = import_peft(model, src, adapter_name="other")
+        assert all(n.endswith("q_proj") for n in names) and len(names) == 4
+        assert_same_features(features(model, images, tokens), want, base)
+    with pytest.raises(ValueError, match="adapter_name 'third' is not in the PeftModel"):
+        import_peft(tiny_clip(), source, adapter_name="third")
+
+
 def test_import_into_layers_the_model_already_carries(tmp_path):
     """fastvlm layers already on the adapter's modules (however they were attached) are filled in place."""
     exported, _ = _fastvlm_lora()
