@@ -122,7 +122,11 @@ def test_command_line_tunes_and_evaluates_taskres_on_a_folder(folders, tmp_path)
         tune + ["--model", f"hf:{data}", "--out", f"{t}/x"],  # 5: an image folder, not a model
         ["eval", "--checkpoint", f"{t}/run", "--data", data, "--pretrained", "none"],  # 6
     ]
+    image_tuners = {"mask": "RMT", "orth": "OrthCR", "lora": "lora"} if _tuners_take_target_modules() else {}
+    one_epoch = ["--data", data, "--shots", "2", "--epochs", "1", "--batch-size", "4", "--no-progress"]
+    cases += [["tune", m, "--model", hf, *one_epoch, "--out", f"{t}/{m}"] for m in image_tuners]  # 7...
     r, _ = drive(tmp_path, cases)
+    assert len(r) == len(cases)
     assert r[0]["rc"] == 0 and "TaskRes top-1" in r[0]["out"], r[0]
     run = json.load(open(f"{t}/run/run.json"))["settings"]
     assert run["model"] == "hf:" + os.path.abspath(folders["tok"]) and run["pretrained"] is None
@@ -135,6 +139,17 @@ def test_command_line_tunes_and_evaluates_taskres_on_a_folder(folders, tmp_path)
     one_error_line(r[5], 2, "--model", "no config.json")
     one_error_line(r[6], 2, "--pretrained 'none'", "hf: folder holds its own weights")
     assert not os.path.exists(f"{t}/x")
+    for res, label in zip(r[7:], image_tuners.values()):  # once the tuners have Hugging Face presets
+        assert res["rc"] == 0 and f"->  {label} top-1" in res["out"], res
+
+
+def _tuners_take_target_modules() -> bool:
+    """Whether the image tuners attach by module name (their presets cover transformers models)."""
+    import inspect
+
+    from fastvlm.tuners.lora import apply_lora
+
+    return "target_modules" in inspect.signature(apply_lora).parameters
 
 
 def test_feature_cache_is_not_reused_for_weights_saved_again(tmp_path):
