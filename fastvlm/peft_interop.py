@@ -59,7 +59,8 @@ _FREE = {"peft_type", "peft_version", "task_type", "base_model_name_or_path", "r
 _FREE_LORA = _FREE | {"r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout",
                       "init_lora_weights"}
 _FREE_OFT = _FREE | {"r", "oft_block_size", "use_cayley_neumann", "num_cayley_neumann_terms", "module_dropout",
-                     "init_weights", "eps"}
+                     "init_weights", "eps",  # eps acts with coft only, which must be False
+                     "block_share"}  # imported by repeating the one shared block
 _PLAIN_INITS = (True, False, "gaussian")  # LoRA inits that leave the base weights alone
 
 
@@ -135,7 +136,9 @@ def export_peft(model: nn.Module, folder: str, kind: str | None = None,
                 base_model_name_or_path: str | None = None) -> str:
     """Write the model's LoRA (kind "lora") or rotation (kind "orth") layers as a peft adapter folder that
     ``peft.PeftModel.from_pretrained(base_model, folder)`` loads onto the same base model with the same
-    outputs. ``kind``: None when the model carries one of the two. Returns the folder.
+    outputs. ``kind``: None when the model carries one of the two. ``base_model_name_or_path`` (recorded in
+    the config, for peft's AutoPeftModel): by default the model's ``config._name_or_path`` when it has one.
+    Returns the folder.
 
     Rotations go to OFT with ``oft_block_size = b``: the exact transform as ``use_cayley_neumann=False`` and
     the parameters negated, ``neumann_terms=k`` as ``num_cayley_neumann_terms = k + 2`` as they are. Every
@@ -164,7 +167,8 @@ def export_peft(model: nn.Module, folder: str, kind: str | None = None,
         config = OFTConfig(r=0, oft_block_size=b, target_modules=names, use_cayley_neumann=n is not None,
                            **({"num_cayley_neumann_terms": n} if n is not None else {}), module_dropout=0.0,
                            coft=False, block_share=False, bias="none")
-    config.base_model_name_or_path = base_model_name_or_path
+    config.base_model_name_or_path = base_model_name_or_path or \
+        getattr(getattr(model, "config", None), "_name_or_path", None) or None
     os.makedirs(folder, exist_ok=True)
     config.save_pretrained(folder)
     save_file(tensors, os.path.join(folder, WEIGHTS_FILE), metadata={"format": "pt"})
@@ -234,8 +238,6 @@ def check_importable(config) -> None:
         if f.name in free or not hasattr(default, f.name):
             continue
         got, want = getattr(config, f.name), getattr(default, f.name)
-        if f.name == "block_share" and peft_type == "OFT":
-            continue  # imported by repeating the one shared block
         empty = (None, {}, [], ())  # peft writes an unset pattern or list as either
         if got != want and not (got in empty and want in empty):
             raise ValueError(f"peft setting {f.name}={got!r} has no fastvlm counterpart (only {want!r} imports "
