@@ -128,15 +128,16 @@ def _cuda() -> bool:
 def _add_model_data(p: argparse.ArgumentParser, for_eval: bool = False) -> None:
     from .templates import DATASET_TEMPLATES
 
+    hf = ", or hf:<folder> (a transformers CLIPModel/SiglipModel folder written by save_pretrained)"
     if for_eval:
-        p.add_argument("--model", default=None, help="open_clip architecture (default: the checkpoint's)")
+        p.add_argument("--model", default=None, help=f"open_clip architecture{hf} (default: the checkpoint's)")
         p.add_argument("--pretrained", default=None, help="open_clip pretrained tag, a local checkpoint file, or "
-                       "'none' (default: the checkpoint's)")
+                       "'none' (default: the checkpoint's; not with hf:)")
     else:
-        p.add_argument("--model", default="ViT-B-16", help="open_clip architecture (default: ViT-B-16)")
-        p.add_argument("--pretrained", default="openai",
+        p.add_argument("--model", default="ViT-B-16", help=f"open_clip architecture{hf} (default: ViT-B-16)")
+        p.add_argument("--pretrained", default=None,
                        help="open_clip pretrained tag, a local checkpoint file, or 'none' for random weights "
-                            "(default: openai; downloaded on first use, read from the cache after)")
+                            "(default: openai; downloaded on first use, read from the cache after; not with hf:)")
     p.add_argument("--data", required=True,
                    help="image folder (root/<class>/<img>, or with train/ and test/), or a CoOp split json")
     p.add_argument("--split", default=None, help="CoOp split_zhou_<Dataset>.json; paths relative to --data")
@@ -375,8 +376,9 @@ def _pack_folder(path: str, option: str) -> str:
 
 
 def _check_common(args) -> None:
-    """Checks that need no model: names, device, pretrained weights (known tag, cached or downloadable)."""
-    from .models import check_model_name, check_pretrained
+    """Checks that need no model: names (an hf: folder: what it holds), device, pretrained weights (known tag,
+    cached or downloadable)."""
+    from .models import HF_PREFIX, check_hf_folder, check_model_name, check_pretrained, hf_folder
     from .templates import check_dataset
 
     try:
@@ -386,7 +388,16 @@ def _check_common(args) -> None:
     _check_device(args.device)
     if args.workers is None:
         args.workers = default_workers(available_cpus())
-    if args.model is not None:
+    if args.model is not None and hf_folder(args.model) is not None:
+        if args.pretrained is not None:
+            raise UsageError(f"--pretrained {args.pretrained!r} with --model {args.model}: an hf: folder holds its "
+                             "own weights; drop --pretrained")
+        try:
+            check_hf_folder(hf_folder(args.model))
+        except (ValueError, FileNotFoundError) as e:
+            raise UsageError(f"--model: {e}") from None
+        args.model = HF_PREFIX + os.path.abspath(hf_folder(args.model))  # as run.json and checkpoints keep it
+    elif args.model is not None:
         try:
             check_model_name(args.model)
         except ValueError as e:
@@ -502,11 +513,25 @@ def _cosine_top1(features, labels, classifier) -> float:
     return _top1(F.normalize(features, dim=-1) @ F.normalize(classifier.detach().float().cpu(), dim=-1).T, labels)
 
 
+def _weight_files(args) -> list:
+    """(name, size, mtime) of the local files the weights come from (an hf: folder's, a checkpoint file), so
+    that a feature cache of weights saved again under the same name is not reused."""
+    from .models import hf_folder, weight_files
+
+    folder = hf_folder(args.model)
+    if folder:
+        paths = [os.path.join(folder, "config.json"), *weight_files(folder)]
+    else:
+        paths = [args.pretrained] if args.pretrained and os.path.isfile(args.pretrained) else []
+    return [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths]
+
+
 def _cached_features(model, samples, transform, path, args, desc="caching image features"):
     """Image features of ``samples``, read from ``path`` when it was made from the same model and images."""
     from .io import load_checkpoint, save_checkpoint
 
-    key = hashlib.sha256(json.dumps([args.model, args.pretrained, [s[0] for s in samples]]).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([args.model, args.pretrained, _weight_files(args),
+                                     [s[0] for s in samples]]).encode()).hexdigest()
     if os.path.exists(path):
         try:
             t, cfg = load_checkpoint(path, kind="features")
@@ -761,8 +786,12 @@ def _resumable(args) -> bool:
 def cmd_tune(args) -> int:
     from .data import UnreadableImage
 
+    from .models import hf_folder
+
     if not _resumable(args):
         args.resume = False
+    if args.pretrained is None and hf_folder(args.model) is None:
+        args.pretrained = "openai"  # the default; None stays for hf: folders, which hold their weights
     _check_common(args)
     if getattr(args, "init_from", None):
         args.init_from_given = args.init_from
@@ -851,7 +880,7 @@ def _taskres_checkpoint(path: str) -> str:
 
 def cmd_eval(args) -> int:
     from .io import load_checkpoint
-    from .models import load_clip
+    from .models import hf_folder, load_clip
     from .train.taskres import evaluate_head
     from .tuners.taskres import TaskResHead, build_base_classifier, taskres_config_of
 
@@ -871,7 +900,8 @@ def cmd_eval(args) -> int:
                              f"are those not drawn for training, so eval uses the checkpoint's; drop --{opt}")
         setattr(args, opt, given if given is not None else saved if saved is not None else {"shots": 16, "seed": 1}[opt])
     args.model = args.model or cfg["model"]
-    args.pretrained = args.pretrained or cfg["pretrained"]
+    if args.pretrained is None and hf_folder(args.model) is None:  # an hf: folder holds its weights
+        args.pretrained = cfg["pretrained"]
     saved_templates = cfg.get("templates")
     if args.dataset is not None and args.dataset != saved_templates:
         raise UsageError(f"--dataset {args.dataset} differs from the checkpoint's templates ({saved_templates!r}): the "

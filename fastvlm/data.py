@@ -197,6 +197,8 @@ def cache_features(model, samples: list[Sample], transform, batch_size: int = 64
     """Run the frozen image encoder once over ``samples``: (features [N, D] fp32, labels [N])."""
     from tqdm.auto import tqdm
 
+    from .models import encode_image
+
     if not samples:
         raise ValueError("no images to encode")
     loader = torch.utils.data.DataLoader(ImageDataset(samples, transform), batch_size=batch_size,
@@ -205,7 +207,7 @@ def cache_features(model, samples: list[Sample], transform, batch_size: int = 64
     was_training = model.training
     model.eval()
     for img, y in tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch"):
-        feats.append(model.encode_image(img.to(device)).float().cpu())
+        feats.append(encode_image(model, img.to(device)).float().cpu())
         labels.append(y)
     model.train(was_training)
     return torch.cat(feats), torch.cat(labels)

@@ -1,5 +1,6 @@
-"""Loading open_clip models: a known architecture with pretrained weights (an open_clip tag such as
-'openai', or a local checkpoint file), or random initialisation (``pretrained=None``).
+"""Loading models: an open_clip architecture with pretrained weights (an open_clip tag such as 'openai', or a
+local checkpoint file) or random initialisation (``pretrained=None``), or ``hf:<folder>``, a Hugging Face
+``transformers`` CLIPModel or SiglipModel folder written by ``save_pretrained`` (read offline).
 
 Also registers ``fastvlm-tiny-vit``, a 2-block ViT at 32 px, and ``fastvlm-tiny-rn``, a one-block-per-stage
 ModifiedResNet at 64 px, used by the tests, the quick benchmarks and the
@@ -73,7 +74,8 @@ def check_model_name(model: str) -> None:
     guess = nearest(model, names)
     hint = f"did you mean {guess!r}? " if guess else ""
     raise ValueError(f"unknown model {model!r}: {hint}it must be an open_clip architecture "
-                     f"(open_clip.list_models(), e.g. ViT-B-16, ViT-B-32, RN50, {TINY})")
+                     f"(open_clip.list_models(), e.g. ViT-B-16, ViT-B-32, RN50, {TINY}) or hf:<folder>, a "
+                     "transformers CLIPModel/SiglipModel saved with save_pretrained")
 
 
 def _tag(pretrained: str | None) -> str | None:
@@ -216,11 +218,19 @@ def _hub_offline(on: bool):
 def load_clip(model: str, pretrained: str | None = None, device: str | torch.device = "cpu"):
     """Return (model, preprocess_train, preprocess_eval, tokenizer), the model in eval mode.
 
+    model: an open_clip architecture, or ``hf:<folder>`` (:func:`load_hf_clip`; ``pretrained`` must then be
+    None: the folder holds the weights).
     pretrained: None or 'none' for random init; a path to a local checkpoint file; otherwise an open_clip
     pretrained tag (e.g. 'openai'), which open_clip downloads on first use (weights already in the cache
     are read without any network request). A tag trained with QuickGELU (the OpenAI weights) builds the
     architecture with QuickGELU, as the weights need.
     """
+    folder = hf_folder(model)
+    if folder is not None:
+        if _tag(pretrained) is not None:
+            raise ValueError(f"pretrained must be None for an hf: model (the folder holds its weights), got "
+                             f"{pretrained!r}")
+        return load_hf_clip(folder, device)
     if model not in open_clip.list_models():
         raise ValueError(f"model must be an open_clip architecture (open_clip.list_models()), got {model!r}")
     tag = _tag(pretrained)
@@ -233,6 +243,121 @@ def load_clip(model: str, pretrained: str | None = None, device: str | torch.dev
         m, pre_train, pre_eval = open_clip.create_model_and_transforms(model, pretrained=tag, device=device, **kw)
     m.eval()
     return m, pre_train, pre_eval, open_clip.get_tokenizer(model)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hugging Face checkpoint folders: hf:<folder>
+# ---------------------------------------------------------------------------------------------------------
+
+HF_PREFIX = "hf:"
+HF_MODEL_TYPES = {"clip": "CLIPModel", "siglip": "SiglipModel"}  # config.json's model_type -> class
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "vocab.json")
+
+
+def hf_folder(model: str) -> str | None:
+    """The folder of an ``hf:<folder>`` model name (``~`` expanded), None for any other name."""
+    if not isinstance(model, str) or not model.startswith(HF_PREFIX):
+        return None
+    return os.path.expanduser(model[len(HF_PREFIX):])
+
+
+def check_hf_folder(folder: str) -> str:
+    """Refuse, without loading anything, a folder that is not a saved CLIPModel / SiglipModel (missing, no
+    config.json, another model type, no weights). Returns its model_type."""
+    import json
+
+    if not folder:
+        raise ValueError("hf: needs a folder: hf:<folder saved by save_pretrained>")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"hf: folder {folder!r} does not exist" if not os.path.exists(folder) else
+                                f"hf:{folder} is a file: give the folder written by save_pretrained")
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"hf:{folder} is not a Hugging Face model folder (no config.json): give a folder written "
+                         "by CLIPModel/SiglipModel.save_pretrained")
+    with open(path) as fh:
+        model_type = json.load(fh).get("model_type")
+    if model_type not in HF_MODEL_TYPES:
+        raise ValueError(f"hf:{folder} holds a {model_type!r} model, not a CLIP-style one: hf: loads "
+                         f"model_type {sorted(HF_MODEL_TYPES)} ({', '.join(HF_MODEL_TYPES.values())})")
+    if not weight_files(folder):
+        raise ValueError(f"hf:{folder} has a config.json but no weights ({', '.join(_WEIGHTS[::2])})")
+    return model_type
+
+
+def weight_files(folder: str) -> list[str]:
+    """The weight files of an hf: folder that exist: single files, or shard indexes and their shards."""
+    names = list(_WEIGHTS)
+    for index in _WEIGHTS[1::2]:
+        path = os.path.join(folder, index)
+        if os.path.isfile(path):
+            import json
+
+            with open(path) as fh:
+                names += sorted(set(json.load(fh).get("weight_map", {}).values()))
+    return [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))]
+
+
+def load_hf_clip(folder: str, device: str | torch.device = "cpu"):
+    """(model, preprocess_train, preprocess_eval, tokenizer) of a transformers CLIPModel or SiglipModel folder,
+    read offline (``local_files_only``) in fp32, the model in eval mode.
+
+    The preprocessing is open_clip's ``image_transform`` at :func:`image_norm`'s size, mean and std (the
+    folder's image processor is not read). The tokenizer is :class:`HFTokenizer` over the folder's own
+    tokenizer; a CLIP folder without one gets open_clip's CLIP BPE tokenizer (the OpenAI vocabulary, the
+    ids of transformers' CLIPTokenizer: it needs the text model's vocab_size to be 49408); a SigLIP folder
+    without one is refused."""
+    import transformers
+    from open_clip.transform import image_transform
+
+    model_type = check_hf_folder(folder)
+    cls = getattr(transformers, HF_MODEL_TYPES[model_type])
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # a bar over the tensors of a local file is noise
+    try:
+        model = cls.from_pretrained(folder, local_files_only=True, dtype=torch.float32).to(device).eval()
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+    size, mean, std = image_norm(model)
+    return (model, image_transform(size, True, mean, std), image_transform(size, False, mean, std),
+            hf_tokenizer(folder, model))
+
+
+class HFTokenizer:
+    """open_clip's tokenizer contract over a transformers tokenizer: ``tok(texts)`` -> LongTensor [B, L], each
+    text padded with the tokenizer's pad token or truncated (its special tokens kept) to
+    ``L = context_length``, the text model's max_position_embeddings. CLIP pools at the first end-of-text
+    token and SigLIP at the last position, trained on texts padded to that length; neither needs an
+    attention mask."""
+
+    def __init__(self, tokenizer, context_length: int):
+        self.tokenizer, self.context_length = tokenizer, context_length
+
+    def __call__(self, texts, context_length: int | None = None) -> torch.Tensor:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        out = self.tokenizer(texts, padding="max_length", truncation=True,
+                             max_length=context_length or self.context_length, return_tensors="pt")
+        return out["input_ids"].long()
+
+
+def hf_tokenizer(folder: str, model):
+    """The tokenizer for a loaded hf: model (see :func:`load_hf_clip`)."""
+    text = model.config.text_config
+    length = text.max_position_embeddings
+    if any(os.path.isfile(os.path.join(folder, f)) for f in _TOKENIZER_FILES):
+        from transformers import AutoTokenizer
+
+        return HFTokenizer(AutoTokenizer.from_pretrained(folder, local_files_only=True), length)
+    if model.config.model_type == "clip" and text.vocab_size == 49408:
+        from open_clip.tokenizer import SimpleTokenizer
+
+        return SimpleTokenizer(context_length=length)
+    raise ValueError(f"hf:{folder} has no tokenizer ({', '.join(_TOKENIZER_FILES[:2])}): save it beside the model "
+                     "(tokenizer.save_pretrained(folder))" + ("" if model.config.model_type != "clip" else
+                                                              f"; open_clip's CLIP tokenizer needs vocab_size "
+                                                              f"49408, the model has {text.vocab_size}"))
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
