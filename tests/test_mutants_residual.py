@@ -112,7 +112,7 @@ def test_smoothing_term_by_hand(small_chunks):
 
 
 @pytest.mark.parametrize("keep_softmax", [True, False])
-def test_the_compile_custom_ops_run_eagerly_with_the_reference_gradients(keep_softmax):
+def test_the_custom_ops_run_eagerly_with_the_reference_gradients(keep_softmax):
     """The custom ops torch.compile records are plain callables too: their registered autograd gives the
     reference gradients (the softmax kept or recomputed), with a row weight on every row."""
     f, t, x, _ = inputs(5)
