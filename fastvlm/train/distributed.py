@@ -36,11 +36,11 @@ def rmt_step_distributed(model, images, labels, classifier, optimizer, recipe: R
     gradients (identical seeds on every rank, so every rank applies the same update)."""
     ce, l_kl, reg, scores = rmt_losses(model, images, labels, classifier, recipe)
     g_b = list(torch.autograd.grad(l_kl, scores, retain_graph=True))
-    g_a = list(torch.autograd.grad(ce + reg / dist.get_world_size(group), scores))
+    g_a = list(torch.autograd.grad(ce + reg, scores))
     average(g_b, group)
-    average(g_a, group)  # the reg term's gradient was split over the ranks, so it sums back whole
+    average(g_a, group)  # mean of the ranks' CE gradients + the reg gradient, the same on every rank
     for i, (s, ga, gb) in enumerate(zip(scores, g_a, g_b)):
         s.grad = grad_dropout(ga, gb, recipe.drop_ratio, layer_seed(recipe.seed, step, i)) if recipe.drop_ratio else ga
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"ce": ce.item(), "kl": l_kl.item()}
+    return {"ce": ce.item(), "kl": l_kl.item(), "reg": reg.item(), "loss_a": ce.item() + reg.item()}
