@@ -44,3 +44,14 @@ def rmt_step_distributed(model, images, labels, classifier, optimizer, recipe: R
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return {"ce": ce.item(), "kl": l_kl.item(), "reg": reg.item(), "loss_a": ce.item() + reg.item()}
+
+
+def data_parallel(module: torch.nn.Module, ranks) -> torch.nn.Module:
+    """``module`` (whose forward is the training loss) under ``DistributedDataParallel`` when ``ranks``
+    (a ``fastvlm.dist.Dist``) has several processes, else ``module`` itself. Its buffers (a fixed classifier,
+    the frozen model's) are the same on every rank and never change, so they are not re-sent every step."""
+    if ranks is None or not ranks.enabled:
+        return module
+    device = next(p.device for p in module.parameters() if p.requires_grad)
+    return torch.nn.parallel.DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
