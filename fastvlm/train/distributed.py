@@ -52,6 +52,12 @@ def data_parallel(module: torch.nn.Module, ranks) -> torch.nn.Module:
     the frozen model's) are the same on every rank and never change, so they are not re-sent every step."""
     if ranks is None or not ranks.enabled:
         return module
+    import inspect
+
+    ddp = torch.nn.parallel.DistributedDataParallel
     device = next(p.device for p in module.parameters() if p.requires_grad)
-    return torch.nn.parallel.DistributedDataParallel(
-        module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    # torch >= 2.14 names the option forward_sync_buffers (broadcast_buffers warns there); earlier torch
+    # knows only broadcast_buffers
+    no_resend = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                 else "broadcast_buffers")
+    return ddp(module, device_ids=[device.index] if device.type == "cuda" else None, **{no_resend: False})
