@@ -2,7 +2,9 @@
 
 TaskRes, VPT, LoRA, adapters, OrthCR and RMT without gradient dropout train under plain
 ``DistributedDataParallel``: their updates are linear in the gradients, so averaging per-rank gradients
-equals one process on the whole batch.
+equals one process on the whole batch. The recipes do so with ``ranks=`` (:func:`data_parallel` over a loss
+module; ``fastvlm tune`` under torchrun passes it), except TaskRes, whose step on cached features is cheaper
+than the all-reduce it would need: every rank runs it whole (``train_taskres``).
 
 RMT's gradient dropout is not linear in the gradients: it must act on the gradients averaged over ranks,
 with the same random stream on every rank. The fused single-process path (GradSlot, dropout inside the
