@@ -18,6 +18,7 @@ import os
 import shlex
 import shutil
 import sys
+import time
 
 EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -35,6 +36,20 @@ class UsageError(CLIError):
 
     def __init__(self, message: str):
         super().__init__(message, EXIT_USAGE)
+
+
+class StoppedByAnotherRank(CLIError):
+    """Under torchrun: this rank stopped because another one failed (its collective lost the other rank);
+    the failing rank prints the error, this one only where the run stands (one line without 'error:').
+    After that line it waits :data:`FOLLOWER_EXIT_DELAY_S` before exiting: torchrun names the first rank
+    that exits as the root cause of a failed run, and that should be the rank that failed."""
+
+
+FOLLOWER_EXIT_DELAY_S = 3.0
+
+
+class QuietExit(CLIError):
+    """Under torchrun: a rank other than 0 ends with ``code`` and no message, rank 0 reporting for the run."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -154,7 +169,10 @@ def _add_model_data(p: argparse.ArgumentParser, for_eval: bool = False) -> None:
         p.add_argument("--seed", type=int, default=1, help="seed of the few-shot draw and of training (default 1)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu",
                    help="torch device (default: cuda when a GPU is visible, else cpu)")
-    p.add_argument("--batch-size", type=_positive, default=None)
+    p.add_argument("--batch-size", type=_positive, default=None,
+                   help="images per batch (default: the method's recipe)" if for_eval else
+                   "the global batch (default: the method's recipe); under torchrun each of the N processes takes "
+                   "batch / N of it, so N processes train as one on the whole batch")
     p.add_argument("--workers", type=_nonneg, default=None,
                    help="DataLoader worker processes (default: a quarter of the CPUs, at most 4)")
     p.add_argument("--threads", type=_positive, default=None,
@@ -188,6 +206,8 @@ def _loop_resumes(train_fn) -> bool:
 
 # -- output folder ------------------------------------------------------------------------------------------
 
+#: the global training batch of the image tuners (mask, orth, vpt, lora, adapter) without --batch-size
+IMAGE_BATCH = 32
 #: what a tune run writes in --out; --overwrite removes these (feature caches stay: they are keyed by the
 #: model and the image list and are recomputed when they do not match)
 RUN_FILES = ("run.json", "metrics.json", "train_state.pt", "taskres.safetensors", "masks.safetensors",
@@ -213,9 +233,15 @@ class OutDir:
     --overwrite; records the settings in run.json; after a failure removes what this run made unless a
     resumable state was saved; after success removes the training state."""
 
-    def __init__(self, args):
+    def __init__(self, args, ranks=None):
+        from . import dist as D
+
         self.args, self.path, self.legacy = args, args.out, False
+        self.ranks = ranks if ranks is not None else D.Dist()
         self.state = os.path.join(self.path, STATE)
+        self.created, self.before = False, set()
+        if not self.ranks.is_main:  # rank 0 alone checks, writes and cleans --out (docs/distributed.md)
+            return
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise UsageError(f"--out {self.path!r} is a file: give a folder (it is created when missing)")
         if args.resume and args.overwrite:
@@ -275,6 +301,8 @@ class OutDir:
         """Make the folder (after --overwrite removed the previous run's files) and write run.json."""
         from . import __version__
 
+        if not self.ranks.is_main:
+            return
         self.created = not os.path.isdir(self.path)
         if self.args.overwrite and not self.created:
             for name in RUN_FILES:
@@ -287,12 +315,12 @@ class OutDir:
         self.before = set(os.listdir(self.path))
         if not self.args.resume or self.legacy:
             run = {"command": f"fastvlm tune {self.args.method}", "epochs": epochs, "fastvlm": __version__,
-                   "argv": self.args.argv, "settings": _settings(self.args)}
+                   "argv": self.args.argv, "processes": self.ranks.world_size, "settings": _settings(self.args)}
             with open(os.path.join(self.path, "run.json"), "w") as fh:
                 json.dump(run, fh, indent=2)
 
     def resume_note(self, epochs: int) -> str | None:
-        if not self.args.resume:
+        if not self.args.resume or not self.ranks.is_main:
             return None
         from .io import peek_train_state
 
@@ -315,13 +343,22 @@ class OutDir:
             os.rmdir(self.path)
 
     def resume_command(self) -> str:
+        """The command that resumes this run; under torchrun on one machine, the torchrun command (any number
+        of processes may resume it, docs/distributed.md)."""
         argv = [a for a in self.args.argv if a != "--overwrite"]
         if "--resume" not in argv:
             argv.append("--resume")
-        return shlex.join(["fastvlm", *argv])
+        command = shlex.join(["fastvlm", *argv])
+        if not self.ranks.enabled:
+            return command
+        if int(os.environ.get("LOCAL_WORLD_SIZE", self.ranks.world_size)) == self.ranks.world_size:
+            return f"torchrun --nproc-per-node {self.ranks.world_size} -m {command}"
+        return f"{command} (under torchrun, as before)"
 
     def failed(self) -> str:
         """Clean up after a failure; returns what was kept (appended to the error line)."""
+        if not self.ranks.is_main:
+            return ""
         if os.path.exists(self.state):
             return (f" (the resumable state is kept in {self.state}: fix the cause and run "
                     f"`{self.resume_command()}`)")
@@ -331,6 +368,8 @@ class OutDir:
     def interrupted(self) -> str:
         from .io import peek_train_state
 
+        if not self.ranks.is_main:
+            return ""
         st = peek_train_state(self.state)
         if st:
             return (f"interrupted; the resumable state ({st['epoch'] + 1} epochs done) is in {self.state}; resume "
@@ -340,7 +379,7 @@ class OutDir:
         return f"interrupted before any epoch was saved: nothing to resume ({self.path} {where})"
 
     def succeeded(self) -> None:
-        if os.path.exists(self.state):
+        if self.ranks.is_main and os.path.exists(self.state):
             os.unlink(self.state)
 
 
@@ -495,11 +534,17 @@ def _resolve_data(args, shots: int, seed: int):
 
 # -- shared model steps -------------------------------------------------------------------------------------
 
-def _features(model, samples, transform, args, desc):
+def _features(model, samples, transform, args, desc, ranks=None):
+    """(features, labels) of ``samples``; with several ranks each encodes its :func:`~fastvlm.dist.shard` and
+    every rank gets all rows back in order (--batch-size is per process here: nothing is averaged)."""
+    from . import dist as D
     from .data import cache_features
 
-    return cache_features(model, samples, transform, batch_size=args.batch_size or 64, device=args.device,
+    ranks = ranks if ranks is not None else D.Dist()
+    per_rank = -(-args.batch_size // ranks.world_size) if args.batch_size else 64
+    f, y = cache_features(model, D.shard(samples, ranks), transform, batch_size=per_rank, device=args.device,
                           num_workers=args.workers, progress=not args.no_progress, desc=desc)
+    return D.gather_rows(f, len(samples), ranks), D.gather_rows(y, len(samples), ranks)
 
 
 def _top1(logits, labels) -> float:
@@ -526,40 +571,57 @@ def _weight_files(args) -> list:
     return [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths]
 
 
-def _cached_features(model, samples, transform, path, args, desc="caching image features"):
-    """Image features of ``samples``, read from ``path`` when it was made from the same model and images."""
+def _cached_features(model, samples, transform, path, args, desc="caching image features", ranks=None):
+    """Image features of ``samples``, read from ``path`` when it was made from the same model and images.
+    With several ranks, rank 0 reads the cache and sends it, or all encode their shards and rank 0 writes it."""
+    from . import dist as D
     from .io import load_checkpoint, save_checkpoint
 
+    ranks = ranks if ranks is not None else D.Dist()
     key = hashlib.sha256(json.dumps([args.model, args.pretrained, _weight_files(args),
                                      [s[0] for s in samples]]).encode()).hexdigest()
-    if os.path.exists(path):
-        try:
-            t, cfg = load_checkpoint(path, kind="features")
-            if cfg.get("key") == key:
-                return t["features"], t["labels"]
-        except ValueError:
-            pass  # unreadable cache: recompute it
-    f, y = _features(model, samples, transform, args, desc)
-    save_checkpoint(path, {"features": f, "labels": y}, {"kind": "features", "key": key})
+
+    def read():
+        if os.path.exists(path):
+            try:
+                t, cfg = load_checkpoint(path, kind="features")
+                if cfg.get("key") == key:
+                    return t["features"], t["labels"]
+            except ValueError:
+                pass  # unreadable cache: recompute it
+        return None
+
+    cached = D.from_main(ranks, read)
+    if cached is not None:
+        return cached
+    f, y = _features(model, samples, transform, args, desc, ranks)
+    D.on_main(ranks, save_checkpoint, path, {"features": f, "labels": y}, {"kind": "features", "key": key})
     return f, y
 
 
-def _loader(samples, transform, batch_size, args):
+def _loader(samples, transform, batch_size, args, ranks=None):
+    """The training loader; ``batch_size`` is the global batch, of which each rank loads its share."""
+    from . import dist as D
     from .data import shuffled_loader
 
-    return shuffled_loader(samples, transform, batch_size, args.seed, num_workers=args.workers)
+    ranks = ranks if ranks is not None else D.Dist()
+    if ranks.enabled and len(samples) % ranks.world_size:
+        _note(f"{len(samples)} training images do not split evenly over {ranks.world_size} processes: torch's "
+              "DistributedSampler repeats a few of them each epoch, so the run differs slightly from one process")
+    return shuffled_loader(samples, transform, D.local_batch(batch_size, ranks), args.seed, num_workers=args.workers,
+                           ranks=ranks)
 
 
 def _note(text: str) -> None:
     print(f"fastvlm: {text}", file=sys.stderr)
 
 
-def _zero_shot_start(args, names, test):
+def _zero_shot_start(args, names, test, ranks=None):
     """The image tuners' start: the model, its eval transform, the normalised zero-shot classifier, and the
     zero-shot top-1 on the test set (the figure every tune prints beside the tuned one)."""
     model, _, pre_eval, tok = _load_model(args)
-    cls = _zero_shot_classifier(model, tok, names, args)
-    f, y = _features(model, test, pre_eval, args, "zero-shot evaluation")
+    cls = _zero_shot_classifier(model, tok, names, args, ranks)
+    f, y = _features(model, test, pre_eval, args, "zero-shot evaluation", ranks)
     return model, pre_eval, cls, _cosine_top1(f, y, cls)
 
 
@@ -571,12 +633,23 @@ def _load_model(args):
     return load_clip(args.model, args.pretrained, args.device)
 
 
-def _zero_shot_classifier(model, tok, names, args):
-    import torch.nn.functional as F
-
+def _base_classifier(model, tok, names, args, ranks=None):
+    """The raw text classifier (one row per class, templates averaged); with several ranks each encodes the
+    prompts of its :func:`~fastvlm.dist.shard` of the classes and every rank gets all rows back in order."""
+    from . import dist as D
     from .tuners.taskres import build_base_classifier
 
-    return F.normalize(build_base_classifier(model, tok, names, args.dataset, device=args.device), dim=-1)
+    ranks = ranks if ranks is not None else D.Dist()
+    # more ranks than classes: a rank without classes encodes one anyway, to send rows of the right width
+    mine = D.shard(names, ranks) or names[:1]
+    rows = build_base_classifier(model, tok, mine, args.dataset, device=args.device)
+    return D.gather_rows(rows[:len(D.shard(names, ranks))], len(names), ranks)
+
+
+def _zero_shot_classifier(model, tok, names, args, ranks=None):
+    import torch.nn.functional as F
+
+    return F.normalize(_base_classifier(model, tok, names, args, ranks), dim=-1)
 
 
 # -- tune ---------------------------------------------------------------------------------------------------
@@ -584,32 +657,41 @@ def _zero_shot_classifier(model, tok, names, args):
 def run_taskres(args, out: OutDir, data) -> int:
     from .models import freeze
     from .train.taskres import TaskResRecipe, evaluate_head, train_taskres
-    from .tuners.taskres import TaskResConfig, TaskResHead, build_base_classifier
+    from .tuners.taskres import TaskResConfig, TaskResHead
 
     train, test, names, what = data
+    ranks = out.ranks
     model, _, pre_eval, tok = _load_model(args)
     freeze(model)
     templates = args.dataset
-    base = build_base_classifier(model, tok, names, templates, device=args.device)
+    base = _base_classifier(model, tok, names, args, ranks)
     f_tr, y_tr = _cached_features(model, train, pre_eval, os.path.join(args.out, "features_train.safetensors"), args,
-                                  "caching training features")
+                                  "caching training features", ranks)
     f_te, y_te = _cached_features(model, test, pre_eval, os.path.join(args.out, "features_test.safetensors"), args,
-                                  "caching test features")
+                                  "caching test features", ranks)
     head = TaskResHead(base.to(args.device), TaskResConfig(alpha=args.alpha)).to(args.device)
     zs = evaluate_head(head, f_te.to(args.device), y_te.to(args.device))
     recipe = TaskResRecipe(lr=args.lr, batch_size=args.batch_size or 256, epochs=args.epochs)
     hist = train_taskres(head, f_tr.to(args.device), y_tr.to(args.device), recipe, args.shots, args.seed,
-                         progress=not args.no_progress, checkpoint=out.state)
+                         progress=not args.no_progress, checkpoint=out.state, ranks=ranks)
     acc = evaluate_head(head, f_te.to(args.device), y_te.to(args.device))
-    ckpt = head.save(os.path.join(args.out, "taskres.safetensors"), model=args.model, pretrained=args.pretrained,
-                     classnames=names, templates=templates, shots=args.shots, seed=args.seed)
+    ckpt = os.path.join(args.out, "taskres.safetensors")
+    _on_main(ranks, head.save, ckpt, model=args.model, pretrained=args.pretrained, classnames=names,
+             templates=templates, shots=args.shots, seed=args.seed)
     metrics = {"zero_shot_top1": zs, "top1": acc, "final_loss": hist[-1] if hist else None, "epochs": len(hist),
                "train_samples": len(train), "test_samples": len(test), "checkpoint": ckpt}
-    _write_metrics(args.out, metrics)
+    _on_main(ranks, _write_metrics, args.out, metrics)
     print(f"zero-shot top-1 {zs:.2f}%  ->  TaskRes top-1 {acc:.2f}%  on {what}  ({len(hist)} epochs, "
           f"{len(train)} training images)")
     print(f"checkpoint: {ckpt}")
     return 0
+
+
+def _on_main(ranks, fn, *args, **kwargs):
+    """``fn(...)`` (a write into --out) on rank 0 alone, then every rank waits for it (fastvlm.dist.on_main)."""
+    from . import dist as D
+
+    return D.on_main(ranks, fn, *args, **kwargs)
 
 
 def _write_metrics(out, metrics) -> None:
@@ -628,21 +710,22 @@ def run_mask(args, out: OutDir, data) -> int:
     from .tuners.mask import MaskConfig, apply_masks, export_masks, sparsity
 
     train, test, names, what = data
-    model, pre_eval, cls, zs = _zero_shot_start(args, names, test)
+    ranks = out.ranks
+    model, pre_eval, cls, zs = _zero_shot_start(args, names, test, ranks)
     apply_masks(model, MaskConfig(mlp=args.mlp))
-    recipe = RMTRecipe(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size or 32, drop_ratio=args.drop_ratio,
-                       seed=args.seed)
+    recipe = RMTRecipe(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size or IMAGE_BATCH,
+                       drop_ratio=args.drop_ratio, seed=args.seed)
     size, mean, std = image_norm(model)
-    loader = _loader(train, train_transform(size, mean, std), recipe.batch_size, args)
+    loader = _loader(train, train_transform(size, mean, std), recipe.batch_size, args, ranks)
     hist = train_rmt(model, cls, loader, recipe, device=args.device, progress=not args.no_progress,
-                     checkpoint=out.state)
-    f, y = _features(model, test, pre_eval, args, "evaluating the masked model")
+                     checkpoint=out.state, ranks=ranks)
+    f, y = _features(model, test, pre_eval, args, "evaluating the masked model", ranks)
     acc = _cosine_top1(f, y, cls)
-    path = export_masks(model, os.path.join(args.out, "masks.safetensors"), model_name=args.model,
-                        pretrained=args.pretrained, classnames=names)
+    path = os.path.join(args.out, "masks.safetensors")
+    _on_main(ranks, export_masks, model, path, model_name=args.model, pretrained=args.pretrained, classnames=names)
     metrics = {"zero_shot_top1": zs, "top1": acc, "sparsity": sparsity(model), "history": hist, "masks": path,
                "train_samples": len(train), "test_samples": len(test)}
-    _write_metrics(args.out, metrics)
+    _on_main(ranks, _write_metrics, args.out, metrics)
     print(f"zero-shot top-1 {zs:.2f}%  ->  RMT top-1 {acc:.2f}%  on {what}  (sparsity {100 * metrics['sparsity']:.2f}%)")
     print(f"masks: {path}")
     return 0
@@ -657,6 +740,7 @@ def run_orth(args, out: OutDir, data) -> int:
     from .tuners.orth import OrthConfig, apply_orth, save_orth
 
     train, test, names, what = data
+    ranks = out.ranks
     model, _, pre_eval, tok = _load_model(args)
     template = templates_for(args.dataset)[0]
 
@@ -677,7 +761,7 @@ def run_orth(args, out: OutDir, data) -> int:
         acc = {}
         with torch.no_grad():
             for k, (samples, cn) in splits.items():
-                f, y = _features(model, samples, pre_eval, args, f"{desc} ({k} classes)")
+                f, y = _features(model, samples, pre_eval, args, f"{desc} ({k} classes)", ranks)
                 acc[k] = _cosine_top1(f, y, text_classifier(model, tokens(cn)))
         if args.base_to_new:
             acc["hm"] = harmonic_mean(acc["base"], acc["new"])
@@ -686,17 +770,17 @@ def run_orth(args, out: OutDir, data) -> int:
     zs = evaluate("zero-shot evaluation")
     apply_orth(model, OrthConfig(block_size=args.block_size, attention=args.attention,
                                  neumann_terms=args.neumann_terms, recompute=args.recompute))
-    recipe = OrthRecipe(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size or 32)
+    recipe = OrthRecipe(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size or IMAGE_BATCH)
     size, mean, std = image_norm(model)
-    loader = _loader(train, train_transform(size, mean, std), recipe.batch_size, args)
+    loader = _loader(train, train_transform(size, mean, std), recipe.batch_size, args, ranks)
     kw = {"checkpoint": out.state} if _loop_resumes(train_orth) else {}
     hist = train_orth(model, tokens(train_names), loader, recipe, args.device, args.seed,
-                      progress=not args.no_progress, **kw)
+                      progress=not args.no_progress, ranks=ranks, **kw)
     acc = evaluate("evaluating the rotated model")
-    path = save_orth(model, os.path.join(args.out, "orth.safetensors"), model_name=args.model,
-                     pretrained=args.pretrained, classnames=names)
-    _write_metrics(args.out, {"zero_shot_top1": zs, "top1": acc, "history": hist, "rotations": path,
-                              "train_samples": len(train), "test_samples": len(test)})
+    path = os.path.join(args.out, "orth.safetensors")
+    _on_main(ranks, save_orth, model, path, model_name=args.model, pretrained=args.pretrained, classnames=names)
+    _on_main(ranks, _write_metrics, args.out, {"zero_shot_top1": zs, "top1": acc, "history": hist, "rotations": path,
+                                               "train_samples": len(train), "test_samples": len(test)})
     if args.base_to_new:
         nb = len(splits["base"][1])
         print("OrthCR top-1: " + ", ".join(f"{k} {acc[k]:.2f}%" for k in ("base", "new", "hm"))
@@ -722,7 +806,8 @@ def run_pvp(args, out: OutDir, data) -> int:
     from .tuners.vpt import VPTConfig
 
     train, test, names, what = data
-    model, pre_eval, cls, zs = _zero_shot_start(args, names, test)
+    ranks = out.ranks
+    model, pre_eval, cls, zs = _zero_shot_start(args, names, test, ranks)
     if args.init_from:
         _, cfg = config_of_pack(args.init_from)
     else:
@@ -737,18 +822,20 @@ def run_pvp(args, out: OutDir, data) -> int:
         head = ZeroShotHead(cls)
     else:
         head = torch.nn.Linear(cls.shape[1], len(names)).to(args.device)
-    recipe = PVPRecipe(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size or 32)
+    recipe = PVPRecipe(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size or IMAGE_BATCH)
     size, mean, std = image_norm(model)
-    loader = _loader(train, train_transform(size, mean, std), recipe.batch_size, args)
+    loader = _loader(train, train_transform(size, mean, std), recipe.batch_size, args, ranks)
     params = method_parameters(model, args.method)
     kw = {"checkpoint": out.state} if _loop_resumes(train_modules) else {}
-    hist = train_modules(model, params, head, loader, recipe, args.device, progress=not args.no_progress, **kw)
-    f, y = _features(model, test, pre_eval, args, f"evaluating the {args.method} model")
+    hist = train_modules(model, params, head, loader, recipe, args.device, progress=not args.no_progress,
+                         ranks=ranks, **kw)
+    f, y = _features(model, test, pre_eval, args, f"evaluating the {args.method} model", ranks)
     with torch.no_grad():
         acc = _top1(head(f.to(args.device)), y)
-    pack = save_pack(os.path.join(args.out, "pack"), model, args.method, args.model, pretrained=args.pretrained,
-                     classes=len(names), init_from=args.init_from)
-    _write_metrics(args.out, {"zero_shot_top1": zs, "top1": acc, "history": hist, "pack": pack,
+    pack = os.path.join(args.out, "pack")
+    _on_main(ranks, save_pack, pack, model, args.method, args.model, pretrained=args.pretrained, classes=len(names),
+             init_from=args.init_from)
+    _on_main(ranks, _write_metrics, args.out, {"zero_shot_top1": zs, "top1": acc, "history": hist, "pack": pack,
                               "init_from": args.init_from, "trainable_parameters": sum(p.numel() for p in params),
                               "train_samples": len(train), "test_samples": len(test)})
     head_text = "zero-shot text head" if args.head == "zeroshot" else "linear head"
@@ -784,14 +871,32 @@ def _resumable(args) -> bool:
 
 
 def cmd_tune(args) -> int:
-    from .data import UnreadableImage
-
+    """One process, or one of torchrun's N ranks (docs/distributed.md): rank 0 checks the command line and
+    --out, resolves the data and speaks for the run (notes, progress bars, the summary, every file); every
+    rank then trains on its share of each global batch."""
+    from . import dist as D
     from .models import hf_folder
 
     if not _resumable(args):
         args.resume = False
     if args.pretrained is None and hf_folder(args.model) is None:
         args.pretrained = "openai"  # the default; None stays for hf: folders, which hold their weights
+    _check_device(args.device)
+    ranks = D.from_env(args.device)
+    args.device = D.device_of(ranks, args.device)
+    try:
+        if ranks.is_main:
+            return _tune(args, ranks)
+        args.no_progress = True
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            return _tune(args, ranks)
+    finally:
+        D.shutdown(ranks)
+
+
+def _prepare_tune(args, ranks):
+    """Everything before training, on rank 0 alone under torchrun (its result is sent to the others):
+    the checks, --out (refused, resumed or overwritten; run.json), the data. Returns (epochs, out, data)."""
     _check_common(args)
     if getattr(args, "init_from", None):
         args.init_from_given = args.init_from
@@ -814,32 +919,110 @@ def cmd_tune(args) -> int:
         epochs = TaskResRecipe(epochs=args.epochs).resolved_epochs(args.shots)
     else:
         epochs = args.epochs
-    out = OutDir(args)
+    if ranks.enabled and args.method != "taskres":  # TaskRes trains every rank on the whole batch
+        from . import dist as D
+
+        try:
+            D.local_batch(args.batch_size or IMAGE_BATCH, ranks)
+        except ValueError as e:
+            raise UsageError(str(e) + ("" if args.batch_size else " (32 is the default: give --batch-size)")) from None
+    out = OutDir(args, ranks)
     _ensure_weights(args)
     data = _resolve_data(args, args.shots, args.seed)
-    _set_threads(args)
     out.create(epochs)
     note = out.resume_note(epochs)
     if note:
         _note(note)
     if epochs == 0:
         _note("--epochs 0: nothing is trained; the result is the starting point, evaluated")
+    return epochs, out, data
+
+
+def _tune(args, ranks) -> int:
+    from . import dist as D
+
+    made = {}
+
+    def prepare():
+        epochs, made["out"], data = _prepare_tune(args, ranks)
+        return {"epochs": epochs, "data": data, "init_from": getattr(args, "init_from", None),
+                "init_from_given": getattr(args, "init_from_given", None), "workers": args.workers}
+
+    try:
+        prepared = D.from_main(ranks, prepare)
+    except D.MainFailed:
+        raise QuietExit("", EXIT_FAILURE) from None
+    if not ranks.is_main:  # what rank 0 resolved, so that every rank runs the same settings
+        for key in ("init_from", "init_from_given", "workers"):
+            if prepared[key] is not None:
+                setattr(args, key, prepared[key])
+    out = made.get("out") or OutDir(args, ranks)
+    data = prepared["data"]
+    _set_threads(args)
     try:
         with _sigterm_as_interrupt():
             rc = args.run(args, out, data)
-    except KeyboardInterrupt:
-        raise CLIError(out.interrupted(), EXIT_INTERRUPTED) from None
-    except UnreadableImage as e:
-        raise CLIError(f"{_one_line(e)}; remove or replace that file{out.failed()}") from None
-    except CLIError as e:
-        raise CLIError(str(e) + out.failed(), e.code) from None
-    except BaseException:
-        kept = out.failed()
-        if kept:
-            _note(kept.strip(" ()"))
-        raise
+    except BaseException as e:  # noqa: BLE001 - each kind is re-raised as the one line it ends with
+        if not ranks.enabled:
+            _raise_failure(e, out)
+        _raise_rank_failure(e, out, ranks)
     out.succeeded()
     return rc
+
+
+def _raise_failure(e: BaseException, out: OutDir):
+    """How a one-process run ends on ``e``: one line, with what was kept of --out."""
+    from .data import UnreadableImage
+
+    if isinstance(e, KeyboardInterrupt):
+        raise CLIError(out.interrupted(), EXIT_INTERRUPTED) from None
+    if isinstance(e, UnreadableImage):
+        raise CLIError(f"{_one_line(e)}; remove or replace that file{out.failed()}") from None
+    if isinstance(e, CLIError):
+        raise CLIError(str(e) + out.failed(), e.code) from None
+    kept = out.failed()
+    if kept:
+        _note(kept.strip(" ()"))
+    raise e
+
+
+def _collective_cause(e: BaseException) -> str:
+    """The first sentence of a failed collective's message, without the backend's source location."""
+    import re
+
+    text = re.sub(r"^\[[^\]]*\]\s*", "", _one_line(e))
+    return text.split(". ")[0].rstrip(".")
+
+
+def _raise_rank_failure(e: BaseException, out: OutDir, ranks):
+    """How a rank of a torchrun run ends on ``e``. The rank where it happened prints one line naming itself
+    (``fastvlm: error: rank R of N: ...``) and exits 1; torchrun then stops the others. A rank whose
+    collective lost the failed one (its connection closed, or no answer within FASTVLM_DIST_TIMEOUT), or that
+    torchrun stopped, prints no error: rank 0 says where the run stands (the resumable state, the command that
+    resumes it), the others nothing. FASTVLM_TRACEBACK=1 shows the traceback of an unexpected error."""
+    from . import dist as D
+    from .data import UnreadableImage
+
+    where = f"rank {ranks.rank} of {ranks.world_size}"
+    if isinstance(e, D.MainFailed):  # rank 0 failed reading what it sends, and reports it
+        raise QuietExit("", EXIT_FAILURE) from None
+    if isinstance(e, KeyboardInterrupt):
+        if not ranks.is_main:
+            raise QuietExit("", EXIT_INTERRUPTED) from None
+        raise CLIError(out.interrupted(), EXIT_INTERRUPTED) from None
+    if D.is_collective_failure(e):
+        if not ranks.is_main:
+            time.sleep(FOLLOWER_EXIT_DELAY_S)
+            raise QuietExit("", EXIT_FAILURE) from None
+        raise StoppedByAnotherRank(f"{where} stopped: another rank failed or stopped answering "
+                                   f"({_collective_cause(e)}){out.failed()}") from None
+    if isinstance(e, (SystemExit, GeneratorExit)) or os.environ.get("FASTVLM_TRACEBACK", "") not in ("", "0"):
+        raise e
+    if isinstance(e, UnreadableImage):
+        raise CLIError(f"{where}: {_one_line(e)}; remove or replace that file{out.failed()}") from None
+    if isinstance(e, CLIError):
+        raise CLIError(f"{where}: {e}{out.failed()}", e.code) from None
+    raise CLIError(f"{where}: {type(e).__name__}: {_one_line(e)}{out.failed()}") from None
 
 
 # -- pack and eval ------------------------------------------------------------------------------------------
@@ -1029,10 +1212,14 @@ def main(argv=None) -> int:
         args.argv = argv
         return args.func(args)
     except CLIError as e:
-        if debug:
+        if debug and not isinstance(e, QuietExit):
             raise
-        if e.code == EXIT_INTERRUPTED:
-            print(f"fastvlm: {_one_line(e)}", file=sys.stderr)
+        if isinstance(e, QuietExit):
+            pass
+        elif e.code == EXIT_INTERRUPTED or isinstance(e, StoppedByAnotherRank):
+            print(f"fastvlm: {_one_line(e)}", file=sys.stderr, flush=True)
+            if isinstance(e, StoppedByAnotherRank):
+                time.sleep(FOLLOWER_EXIT_DELAY_S)
         else:
             print(f"fastvlm: error: {_one_line(e)}", file=sys.stderr)
         return e.code

@@ -159,10 +159,28 @@ def check_images(samples: list[Sample], progress: bool = False) -> list[tuple[st
     return bad
 
 
+def augmentation_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of sample ``index``'s random augmentation in ``epoch``: a function of the three numbers alone,
+    so the augmented image is the same whichever process, worker or batch position draws it."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0] % (2**63))
+
+
 class ImageDataset(torch.utils.data.Dataset):
-    def __init__(self, samples: list[Sample], transform=None):
+    """``(image, label)`` of each sample, through ``transform``. With ``augment_seed`` the transform's random
+    draws (torch's global generator, as torchvision's transforms use it) come from
+    :func:`augmentation_seed` of (augment_seed, the epoch set by :meth:`set_epoch`, the sample's index), inside
+    a forked generator state: a sample is augmented identically by one process or by whichever of N ranks
+    holds it, and the caller's generator is left untouched."""
+
+    def __init__(self, samples: list[Sample], transform=None, augment_seed: int | None = None):
         self.samples = list(samples)
         self.transform = transform
+        self.augment_seed, self.epoch = augment_seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self):
         return len(self.samples)
@@ -174,20 +192,33 @@ class ImageDataset(torch.utils.data.Dataset):
                 img = im.convert("RGB")
         except Exception as e:  # a file that passed check_images can still fail to decode (truncated JPEG)
             raise UnreadableImage(f"image {path!r} cannot be read ({type(e).__name__}: {e})") from None
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, label
+        if self.transform is None:
+            return img, label
+        if self.augment_seed is None:
+            return self.transform(img), label
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(augmentation_seed(self.augment_seed, self.epoch, i))
+            return self.transform(img), label
 
 
-def shuffled_loader(samples: list[Sample], transform, batch_size: int, seed: int, num_workers: int = 0):
-    """A shuffled training loader whose order is set by ``seed`` alone (the same batches of samples for any
-    ``num_workers``; train.common.train_loader is this with no workers). With workers, each worker draws the
-    augmentations from torch's generator seeded by the loader (base seed + worker index), so the augmented
-    images depend on ``num_workers`` but not on the timing; the shuffle generator is ``loader.generator``,
-    which a resumable training state saves, so an interrupted run resumes to the same result."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(ImageDataset(samples, transform), batch_size=batch_size, shuffle=True,
-                                       generator=g, drop_last=False, num_workers=num_workers)
+def shuffled_loader(samples: list[Sample], transform, batch_size: int, seed: int, num_workers: int = 0,
+                    ranks=None):
+    """The training loader of the command line's image tuners, for one process or each of N ranks.
+
+    Order: torch's ``DistributedSampler`` permutes the samples by ``seed + epoch`` (the same permutation on
+    every rank) and gives rank r the samples at positions r, r + N, ...; ``batch_size`` is this rank's share
+    of the global batch (``fastvlm.dist.local_batch``), so step i's global batch is positions
+    ``[i*B, (i+1)*B)`` of the permutation whatever N is, when N divides the dataset (otherwise torch pads
+    each rank's share by repeating samples). Augmentation: seeded per sample and epoch
+    (:class:`ImageDataset`), so neither N nor ``num_workers`` nor the timing changes an image. Call
+    ``set_epoch(loader, epoch)`` (``fastvlm.train.common``) before each epoch; the training loop does. Both
+    depend on the seed and the epoch alone, so a resumed run (any N) reproduces the uninterrupted one."""
+    from . import dist as D
+
+    ranks = ranks if ranks is not None else D.Dist()
+    dataset = ImageDataset(samples, transform, augment_seed=seed)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=D.sampler(dataset, ranks, seed),
+                                       drop_last=False, num_workers=num_workers)
 
 
 @torch.no_grad()

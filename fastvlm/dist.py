@@ -104,11 +104,15 @@ def gather_rows(local: torch.Tensor, total: int, d: Dist) -> torch.Tensor:
     if not d.enabled:
         return local
     per = -(-total // d.world_size)
+    home = local.device
+    if dist.get_backend() == "nccl" and home.type != "cuda":  # nccl sends CUDA tensors only
+        local = local.cuda()
     padded = local.new_zeros((per, *local.shape[1:]))
     padded[:local.shape[0]] = local
     parts = [torch.empty_like(padded) for _ in range(d.world_size)]
     dist.all_gather(parts, padded.contiguous())
-    out = local.new_empty((total, *local.shape[1:]))
+    parts = [part.to(home) for part in parts]
+    out = parts[0].new_empty((total, *local.shape[1:]))
     for r, part in enumerate(parts):
         count = len(range(r, total, d.world_size))
         out[r::d.world_size] = part[:count]
@@ -144,6 +148,60 @@ def all_mean(tensors, d: Dist) -> None:
     for t in tensors:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         t.div_(d.world_size)
+
+
+def from_main(d: Dist, fn, *args, **kwargs):
+    """``fn(...)`` on rank 0 only (reading a file that only rank 0 may see), its result sent to every rank.
+    When fn raises on rank 0, rank 0 raises that exception and the other ranks raise :class:`MainFailed`,
+    so that the failure is reported once, by rank 0."""
+    if not d.enabled:
+        return fn(*args, **kwargs)
+    box, error = [None], None
+    if d.is_main:
+        try:
+            box = [("ok", fn(*args, **kwargs))]
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after the others were told
+            box, error = [("failed", None)], e
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    if box[0][0] == "failed":
+        raise MainFailed()
+    return box[0][1]
+
+
+class MainFailed(Exception):
+    """Raised on the ranks other than 0 when a step that rank 0 does for everyone failed there; rank 0
+    reports the failure itself, so these ranks exit without a message."""
+
+
+def all_sum(values: list[float], d: Dist) -> list[float]:
+    """The sum over the ranks of each number (float64, so that a sum of per-rank sums adds no rounding of
+    its own beyond the one of float64)."""
+    if not d.enabled:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def gather_objects(obj, d: Dist) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    if not d.enabled:
+        return [obj]
+    out = [None] * d.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """Whether ``e`` is a collective that failed because another rank is gone (its connection closed) or
+    did not answer within the timeout: the cause is on another rank, not on this one."""
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(k in text for k in ("gloo", "NCCL", "Connection closed by peer",
+                                                                     "timed out", "Timed out"))
 
 
 @contextlib.contextmanager

@@ -201,6 +201,7 @@ def test_usage_mistakes_and_failures_before_any_model(tmp_path, data):
     assert "--rank" in lora and "--lora-alpha" in lora and "--tokens" not in lora and "--bottleneck" not in lora
     assert "--bottleneck" in adapter and "--tokens" not in adapter and "--rank" not in adapter
     assert "default: openai" in mask and "--workers" in mask and "--threads" in mask
+    assert "the global batch" in mask and "each of the N processes takes batch / N" in mask
     assert "default: ViT-B-16" not in ev and "default: the checkpoint's" in ev
 
 

@@ -71,7 +71,9 @@ def _train(name, rank=None, world=1):
         # SGD: Adam divides by sqrt(v) and turns float noise on exactly-zero gradients (adapter down-projections
         # while up = 0) into full-size steps, which would test Adam rather than the gradients
         opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
-        recipe = RMTRecipe(drop_ratio=0.7, seed=4)
+        # reg large enough that its gradient counts (at the default 1e-4 it hides under float noise): a share of
+        # it lost in the averaging over ranks shows
+        recipe = RMTRecipe(drop_ratio=0.7, seed=4, reg=0.05)
         for step in range(STEPS):
             im, y = images[step], labels[step]
             if rank is not None:

@@ -88,14 +88,21 @@ class Checkpointer:
     """Saves a resumable state at the end of every epoch and restores it: the trainable tensors (by
     name), the optimizer, the epoch/step counters, the history (with its step times), the run's random
     generators (shuffle, cutout, ...) and torch's global RNG (used by the augmentations), so a resumed run
-    reproduces the uninterrupted one bit for bit. ``generator`` is one ``torch.Generator`` or a list."""
+    reproduces the uninterrupted one bit for bit. ``generator`` is one ``torch.Generator`` or a list.
 
-    def __init__(self, path: str | None, kind: str, tensors: dict, optimizer, generator):
+    With several ranks (``ranks``, a ``fastvlm.dist.Dist``) every rank holds the same state (the same averaged
+    gradients, the same generators), so rank 0 alone writes it, atomically, and rank 0 alone reads it on
+    resume and sends it to the others: --out need not be visible to every machine."""
+
+    def __init__(self, path: str | None, kind: str, tensors: dict, optimizer, generator, ranks=None):
+        from .. import dist as D
+
         self.path, self.kind, self.tensors, self.optimizer = path, kind, tensors, optimizer
         self.generators = list(generator) if isinstance(generator, (list, tuple)) else [generator]
+        self.ranks = ranks if ranks is not None else D.Dist()
 
     def save(self, epoch: int, step: int, history: list) -> None:
-        if self.path is None:
+        if self.path is None or not self.ranks.is_main:
             return
         from ..io import save_train_state
 
@@ -110,11 +117,15 @@ class Checkpointer:
     def restore(self) -> tuple[int, int, list]:
         """(next epoch, step, history) from the saved state; (0, 0, []) when there is none. The history is a
         :class:`History` carrying the saved step times."""
+        from .. import dist as D
         from ..io import load_train_state
 
-        if self.path is None or not os.path.exists(self.path):
+        if self.path is None:
             return 0, 0, History()
-        st = load_train_state(self.path, self.kind)
+        st = D.from_main(self.ranks, lambda: load_train_state(self.path, self.kind) if os.path.exists(self.path)
+                         else None)
+        if st is None:
+            return 0, 0, History()
         missing = sorted(set(self.tensors) ^ set(st["tensors"]))
         if missing:
             raise ValueError(f"training state {self.path!r} does not fit this run: tensors differ at {missing[:4]}")
@@ -143,9 +154,26 @@ class History(list):
         self.step_times = list(step_times)
 
 
+def set_epoch(loader, epoch: int) -> None:
+    """Tell a loader's sampler and dataset the epoch, where they take it (``DistributedSampler`` permutes by
+    seed + epoch; a seeded :class:`~fastvlm.data.ImageDataset` augments by seed, epoch and sample)."""
+    for part in (getattr(loader, "sampler", None), getattr(loader, "dataset", None)):
+        if hasattr(part, "set_epoch"):
+            part.set_epoch(epoch)
+
+
+def epochs_of(loader):
+    """``batches(epoch)`` for :func:`run_epochs` over one loader: the loader, told the epoch first."""
+    def batches(epoch):
+        set_epoch(loader, epoch)
+        return loader
+
+    return batches
+
+
 def run_epochs(name: str, *, epochs: int, batches, step, optimizer, tensors: dict, generators=(), lr_at,
                checkpoint: str | None = None, progress: bool = False, on_epoch_end=None,
-               scalar: str | None = None) -> History:
+               scalar: str | None = None, ranks=None, replicated: bool = False) -> History:
     """The one training loop of every recipe.
 
     batches(epoch) gives the epoch's batches; step(batch, step_index) runs one optimisation step and returns
@@ -154,12 +182,23 @@ def run_epochs(name: str, *, epochs: int, batches, step, optimizer, tensors: dic
     ``checkpoint`` (a path) the state of ``tensors`` (name -> trainable tensor), the optimizer, ``generators``
     and the counters is saved after every epoch and a run resumes from it when it exists;
     ``on_epoch_end(epoch)`` is called after each save. The progress bar counts steps and is named ``name``;
-    when the batches have a length it shows the steps of all epochs, a resumed run starting where it stopped."""
+    when the batches have a length it shows the steps of all epochs, a resumed run starting where it stopped.
+
+    With several ranks (``ranks``, a ``fastvlm.dist.Dist``; ``step`` then trains on this rank's share of each
+    global batch and syncs the gradients itself) each epoch's weighted sums and weights are added over the
+    ranks before the mean, so the history is the one process's on the same global batches (up to float
+    order: a step's weight is its sample count, or 1 for a mean over the batch, which equal-sized shares
+    keep exact); rank 0 alone saves the state and shows the progress bar. ``replicated``: every rank runs the
+    whole global batch instead (the same steps on the same data, so the same result on every rank); the
+    history is then each rank's own, and ``ranks`` only says who writes."""
     from tqdm.auto import tqdm
 
-    ckpt = Checkpointer(checkpoint, name, tensors, optimizer, list(generators))
+    from .. import dist as D
+
+    ranks = ranks if ranks is not None else D.Dist()
+    ckpt = Checkpointer(checkpoint, name, tensors, optimizer, list(generators), ranks)
     start, step_index, history = ckpt.restore()
-    bar = tqdm(desc=name, disable=not progress, leave=False, unit="step")
+    bar = tqdm(desc=name, disable=not progress or not ranks.is_main, leave=False, unit="step")
     try:
         for epoch in range(start, epochs):
             set_lr(optimizer, lr_at(epoch))
@@ -179,6 +218,10 @@ def run_epochs(name: str, *, epochs: int, batches, step, optimizer, tensors: dic
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + v * w
                 bar.update(1)
+            if ranks.enabled and not replicated:
+                keys = list(sums)  # the same order on every rank: the steps return the same metrics
+                *totals, weight = D.all_sum([sums[k] for k in keys] + [weight], ranks)
+                sums = dict(zip(keys, totals))
             entry = {k: v / max(weight, 1e-30) if weight else 0.0 for k, v in sums.items()}
             history.append(entry.get(scalar, 0.0) if scalar else entry)
             ckpt.save(epoch, step_index, history)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..models import encode_image, encode_text
 from ..tuners.orth import bypass_rotations, rotated_layers
-from .common import loader_generator, run_epochs, warmup_cosine
+from .common import epochs_of, loader_generator, run_epochs, warmup_cosine
 
 
 @dataclass
@@ -36,14 +36,22 @@ class OrthRecipe:
     logit_scale: float = 100.0
 
 
-def cutout(images: torch.Tensor, ratio: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A copy of ``images`` [B, C, H, W] with one square hole per image (side ``ratio`` x the shorter side)."""
+def cutout(images: torch.Tensor, ratio: float = 0.5, generator: torch.Generator | None = None,
+           ranks=None) -> torch.Tensor:
+    """A copy of ``images`` [B, C, H, W] with one square hole per image (side ``ratio`` x the shorter side).
+
+    ranks (a ``fastvlm.dist.Dist`` of N processes): ``images`` is this rank's share of a global batch of
+    B * N, the samples at positions rank, rank + N, ... (``fastvlm.data.shuffled_loader``). Every rank draws
+    the centres of the whole global batch from its copy of ``generator`` (the same on every rank) and keeps
+    those of its positions, so each image gets the hole it gets in one process, and the generators stay
+    in step for a resume with any N."""
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"cutout ratio must be in (0, 1], got {ratio}")
     B, _, H, W = images.shape
     side = max(1, int(round(ratio * min(H, W))))
-    cy = torch.randint(0, H, (B,), generator=generator)
-    cx = torch.randint(0, W, (B,), generator=generator)
+    rank, world = (ranks.rank, ranks.world_size) if ranks is not None else (0, 1)
+    cy = torch.randint(0, H, (B * world,), generator=generator)[rank::world]
+    cx = torch.randint(0, W, (B * world,), generator=generator)[rank::world]
     ys = torch.arange(H)[None, :, None]
     xs = torch.arange(W)[None, None, :]
     y0, x0 = (cy - side // 2)[:, None, None], (cx - side // 2)[:, None, None]
@@ -60,8 +68,10 @@ def _logits(model, images, cls, scale):
     return scale * F.normalize(encode_image(model, images), dim=-1) @ cls.T
 
 
-def orthcr_loss(model, images, labels, tokens, recipe: OrthRecipe, generator=None) -> tuple[torch.Tensor, dict]:
-    cut = cutout(images, recipe.cutout_ratio, generator)
+def orthcr_loss(model, images, labels, tokens, recipe: OrthRecipe, generator=None,
+                ranks=None) -> tuple[torch.Tensor, dict]:
+    """(L, its parts as numbers) of one batch; ``ranks``: this rank's share of the global batch (:func:`cutout`)."""
+    cut = cutout(images, recipe.cutout_ratio, generator, ranks)
     with torch.no_grad(), bypass_rotations(model):
         cls_zs = text_classifier(model, tokens)
         p_zs = _logits(model, images, cls_zs, recipe.logit_scale).softmax(-1)
@@ -77,27 +87,44 @@ def orthcr_loss(model, images, labels, tokens, recipe: OrthRecipe, generator=Non
                   "kl_cutout": kl_cut.item()}
 
 
+class OrthCRLoss(torch.nn.Module):
+    """forward(images, labels) = :func:`orthcr_loss`: the module ``DistributedDataParallel`` wraps, so that
+    its hooks average the rotations' gradients over the ranks (the update is linear in them)."""
+
+    def __init__(self, model, tokens, recipe: OrthRecipe, generator, ranks=None):
+        super().__init__()
+        self.model, self.recipe, self.generator, self.ranks = model, recipe, generator, ranks
+        self.register_buffer("tokens", tokens, persistent=False)
+
+    def forward(self, images, labels):
+        return orthcr_loss(self.model, images, labels, self.tokens, self.recipe, self.generator, self.ranks)
+
+
 def train_orth(model, tokens, loader, recipe: OrthRecipe, device="cpu", seed=0, progress=False,
-               checkpoint: str | None = None, on_epoch_end=None) -> list[dict]:
+               checkpoint: str | None = None, on_epoch_end=None, ranks=None) -> list[dict]:
     """Adam over the rotations, cosine per epoch; returns each epoch's mean losses (a History, with the step
     times). With ``checkpoint`` the state is saved after every epoch and a run resumes from it (the cutout
-    and shuffle generators and the augmentation RNG are restored)."""
+    and shuffle generators and the augmentation RNG are restored). ranks (a ``fastvlm.dist.Dist``): the
+    loader gives this rank's share of each global batch; the loss runs under ``DistributedDataParallel``."""
+    from .distributed import data_parallel
+
     named = {f"{n}.params": m.params for n, m in rotated_layers(model)}
     opt = torch.optim.Adam(list(named.values()), lr=recipe.lr, weight_decay=recipe.weight_decay)
     g = torch.Generator().manual_seed(seed)
+    loss_of = data_parallel(OrthCRLoss(model, tokens, recipe, g, ranks), ranks)
 
     def step(batch, _):
         images, labels = batch
-        loss, parts = orthcr_loss(model, images.to(device), labels.to(device), tokens, recipe, g)
+        loss, parts = loss_of(images.to(device), labels.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         return parts, 1
 
-    return run_epochs("orthcr", epochs=recipe.epochs, batches=lambda e: loader, step=step, optimizer=opt,
+    return run_epochs("orthcr", epochs=recipe.epochs, batches=epochs_of(loader), step=step, optimizer=opt,
                       tensors=named, generators=[g, loader_generator(loader)],
                       lr_at=lambda e: warmup_cosine(e, recipe.epochs, recipe.lr), checkpoint=checkpoint,
-                      progress=progress, on_epoch_end=on_epoch_end)
+                      progress=progress, on_epoch_end=on_epoch_end, ranks=ranks)
 
 
 def base_to_new(samples, classnames):

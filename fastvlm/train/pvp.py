@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import encode_image
-from .common import loader_generator, run_epochs, warmup_cosine
+from .common import epochs_of, loader_generator, run_epochs, warmup_cosine
 
 
 @dataclass
@@ -40,13 +40,28 @@ class ZeroShotHead(nn.Module):
         return self.scale * F.normalize(f, dim=-1) @ self.classifier.T
 
 
+class ModulesLoss(nn.Module):
+    """forward(images, labels) = CE(head(encode_image(images)), labels): the module
+    ``DistributedDataParallel`` wraps, so that its hooks average the modules' (and the head's) gradients."""
+
+    def __init__(self, model, head: nn.Module):
+        super().__init__()
+        self.model, self.head = model, head
+
+    def forward(self, images, labels):
+        return F.cross_entropy(self.head(encode_image(self.model, images)), labels)
+
+
 def train_modules(model, params, head: nn.Module, loader, recipe: PVPRecipe, device="cpu", progress=False,
-                  checkpoint: str | None = None, on_epoch_end=None, name: str | None = None) -> list[float]:
+                  checkpoint: str | None = None, on_epoch_end=None, name: str | None = None,
+                  ranks=None) -> list[float]:
     """Train ``params`` (and the head's own parameters) with CE; returns each epoch's mean loss (a History,
     with the step times). With ``checkpoint`` the state is saved after every epoch and a run resumes from
     it. The progress bar and the state are named ``name``, by default after the tuner kinds that own
-    ``params`` (e.g. "lora")."""
+    ``params`` (e.g. "lora"). ranks (a ``fastvlm.dist.Dist``): the loader gives this rank's share of each
+    global batch; the loss runs under ``DistributedDataParallel``."""
     from ..tuners.common import names_of, tuners_of
+    from .distributed import data_parallel
 
     params = list(params)
     head_params = [p for p in head.parameters() if p.requires_grad]
@@ -57,20 +72,21 @@ def train_modules(model, params, head: nn.Module, loader, recipe: PVPRecipe, dev
         name = "+".join(kinds) or "pvp"
     tensors = dict(zip(names_of(model, params), params))
     tensors.update({f"head.{n}": p for n, p in head.named_parameters() if p.requires_grad})
+    loss_of = data_parallel(ModulesLoss(model, head), ranks)
 
     def step(batch, _):
         images, labels = batch
         images, labels = images.to(device), labels.to(device)
-        loss = F.cross_entropy(head(encode_image(model, images)), labels)
+        loss = loss_of(images, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         return {"loss": loss.item()}, labels.numel()
 
-    return run_epochs(name, epochs=recipe.epochs, batches=lambda e: loader, step=step, optimizer=opt,
+    return run_epochs(name, epochs=recipe.epochs, batches=epochs_of(loader), step=step, optimizer=opt,
                       tensors=tensors, generators=[loader_generator(loader)],
                       lr_at=lambda e: warmup_cosine(e, recipe.epochs, recipe.lr), checkpoint=checkpoint,
-                      progress=progress, on_epoch_end=on_epoch_end, scalar="loss")
+                      progress=progress, on_epoch_end=on_epoch_end, scalar="loss", ranks=ranks)
 
 
 @torch.no_grad()

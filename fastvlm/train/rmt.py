@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..models import encode_image
 from ..tuners.mask import bypass_masks, gradient_dropout, score_parameters
-from .common import loader_generator, run_epochs, warmup_cosine
+from .common import epochs_of, loader_generator, run_epochs, warmup_cosine
 
 
 @dataclass
@@ -72,21 +72,29 @@ def rmt_step(model, images, labels, classifier, optimizer, recipe: RMTRecipe, st
 
 
 def train_rmt(model, classifier, loader, recipe: RMTRecipe, device="cpu", progress=False,
-              checkpoint: str | None = None, on_epoch_end=None) -> list[dict]:
+              checkpoint: str | None = None, on_epoch_end=None, ranks=None) -> list[dict]:
     """Adam over the scores, cosine per epoch; returns each epoch's mean losses (a History, with the step
     times). With ``checkpoint`` the state is saved after every epoch and a run resumes from it (same result
     as uninterrupted: the loader's shuffle generator, the augmentation RNG and the gradient-dropout step
-    counter are restored)."""
+    counter are restored).
+
+    ranks (a ``fastvlm.dist.Dist``): the loader gives this rank's share of each global batch, and each step
+    is :func:`~fastvlm.train.distributed.rmt_step_distributed` (both gradients averaged over the ranks, then
+    dropped, with the same seeds on every rank)."""
     from ..tuners.mask import mask_entries
 
     scores = score_parameters(model)
     opt = torch.optim.Adam(scores, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    if ranks is not None and ranks.enabled:
+        from .distributed import rmt_step_distributed as one_step
+    else:
+        one_step = rmt_step
 
     def step(batch, index):
         images, labels = batch
-        return rmt_step(model, images.to(device), labels.to(device), classifier, opt, recipe, index), 1
+        return one_step(model, images.to(device), labels.to(device), classifier, opt, recipe, index), 1
 
-    return run_epochs("rmt", epochs=recipe.epochs, batches=lambda e: loader, step=step, optimizer=opt,
+    return run_epochs("rmt", epochs=recipe.epochs, batches=epochs_of(loader), step=step, optimizer=opt,
                       tensors={n: s for n, _, s in mask_entries(model)}, generators=[loader_generator(loader)],
                       lr_at=lambda e: warmup_cosine(e, recipe.epochs, recipe.lr), checkpoint=checkpoint,
-                      progress=progress, on_epoch_end=on_epoch_end)
+                      progress=progress, on_epoch_end=on_epoch_end, ranks=ranks)

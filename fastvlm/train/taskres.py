@@ -26,12 +26,18 @@ class TaskResRecipe:
 
 def train_taskres(head: TaskResHead, features: torch.Tensor, labels: torch.Tensor, recipe: TaskResRecipe,
                   shots: int, seed: int = 0, progress: bool = False, checkpoint: str | None = None,
-                  on_epoch_end=None) -> list[float]:
+                  on_epoch_end=None, ranks=None) -> list[float]:
     """Train only ``head.residual`` on cached features; returns the mean loss of each epoch (a
     :class:`~fastvlm.train.common.History`, with the step times).
 
     checkpoint: a path; the state is saved there after every epoch and, when it exists, training resumes
-    from it (to the same result as an uninterrupted run). on_epoch_end(epoch) is called after each save."""
+    from it (to the same result as an uninterrupted run). on_epoch_end(epoch) is called after each save.
+
+    ranks (a ``fastvlm.dist.Dist``): every rank trains the whole head on the whole (gathered) features, and
+    rank 0 alone writes the state. A step is one [B, D] x [D, K] product on cached features: an all-reduce
+    of the K x D gradient every step would cost more than the step itself, while identical steps on
+    identical data give every rank the one-process result exactly; the parallel part of TaskRes is the
+    feature caching."""
     if features.shape[0] != labels.shape[0]:
         raise ValueError(f"features ({features.shape[0]}) and labels ({labels.shape[0]}) must have one row each")
     epochs = recipe.resolved_epochs(shots)
@@ -53,7 +59,8 @@ def train_taskres(head: TaskResHead, features: torch.Tensor, labels: torch.Tenso
     return run_epochs("taskres", epochs=epochs, batches=batches, step=step, optimizer=opt,
                       tensors={"residual": head.residual}, generators=[g],
                       lr_at=lambda e: warmup_cosine(e, epochs, recipe.lr, recipe.warmup_epochs, recipe.warmup_lr),
-                      checkpoint=checkpoint, progress=progress, on_epoch_end=on_epoch_end, scalar="loss")
+                      checkpoint=checkpoint, progress=progress, on_epoch_end=on_epoch_end, scalar="loss",
+                      ranks=ranks, replicated=True)
 
 
 @torch.no_grad()
