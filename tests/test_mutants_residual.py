@@ -144,3 +144,21 @@ def test_the_custom_ops_fake_implementations_match_the_real_ones():
     for needs in ((True, True, True, True), (True, False, True, False), (False, True, False, True)):
         torch.library.opcheck(R._residual_backward_op,
                               (f, t, x, rf, ru, grad, None, None, None, ALPHA, 3.0, *needs), test_utils=checks)
+
+
+@pytest.mark.parametrize("trains", ["features", "base", "residual"])
+def test_each_input_alone_gets_its_own_gradient(trains):
+    """Gradients follow which inputs require them, one at a time (TaskRes trains the residual alone; a frozen
+    input must not borrow another's flag)."""
+    f, t, x, _ = (a.detach() for a in inputs(8))
+    named = {"features": f, "base": t, "residual": x}
+    named[trains].requires_grad_()
+    loss = FV.residual_cross_entropy(f, t, x, TARGET, ALPHA, 3.0)
+    logits = FV.residual_logits(f, t, x, ALPHA, 3.0)
+    ref_loss = F.cross_entropy(R.residual_logits_reference(f, t, x, ALPHA, 3.0), TARGET)
+    ref_logits = R.residual_logits_reference(f, t, x, ALPHA, 3.0)
+    g = torch.randn(B, K, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    (a,), (b,) = grads(loss, (named[trains],)), grads(ref_loss, (named[trains],))
+    torch.testing.assert_close(a, b, **TOL)
+    (a,), (b,) = grads((logits * g).sum(), (named[trains],)), grads((ref_logits * g).sum(), (named[trains],))
+    torch.testing.assert_close(a, b, **TOL)
