@@ -66,6 +66,12 @@ class ProjectedMultiheadAttention(nn.Module):
         self.out_proj = ProjectionView(mha, "out")
         self.embed_dim, self.num_heads, self.batch_first = mha.embed_dim, mha.num_heads, mha.batch_first
 
+    @classmethod
+    def from_mha(cls, mha: nn.MultiheadAttention) -> "ProjectedMultiheadAttention":
+        """The same attention (its parameters by reference) with ``in_proj`` / ``out_proj`` as linear modules a
+        drop-in layer can replace: ``attn.in_proj = MaskedLinear.from_linear(attn.in_proj)`` and so on."""
+        return cls(mha)
+
     def forward(self, query, key=None, value=None, key_padding_mask=None, need_weights=False, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
         if (key is not None and key is not query) or (value is not None and value is not query):
