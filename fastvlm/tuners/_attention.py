@@ -67,10 +67,16 @@ class ProjectedMultiheadAttention(nn.Module):
         self.embed_dim, self.num_heads, self.batch_first = mha.embed_dim, mha.num_heads, mha.batch_first
 
     @classmethod
-    def from_mha(cls, mha: nn.MultiheadAttention) -> "ProjectedMultiheadAttention":
+    def from_mha(cls, mha: nn.MultiheadAttention, freeze: bool = True) -> "ProjectedMultiheadAttention":
         """The same attention (its parameters by reference) with ``in_proj`` / ``out_proj`` as linear modules a
-        drop-in layer can replace: ``attn.in_proj = MaskedLinear.from_linear(attn.in_proj)`` and so on."""
-        return cls(mha)
+        drop-in layer can replace: ``attn.in_proj = MaskedLinear.from_linear(attn.in_proj)`` and so on.
+        ``freeze`` turns off the attention's own gradients (the projections own no parameters, so the layers
+        put on them cannot)."""
+        attn = cls(mha)
+        if freeze:
+            for p in mha.parameters():
+                p.requires_grad_(False)
+        return attn
 
     def forward(self, query, key=None, value=None, key_padding_mask=None, need_weights=False, attn_mask=None,
                 average_attn_weights=True, is_causal=False):

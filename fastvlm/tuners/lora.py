@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import LINEAR_TYPES, TunerLayer, WrapsLinear, attach, merge, standalone_base, unmerge
-from .targets import LINEAR_SITES, preset_targets, resolve
+from .targets import LINEAR_SITES, preset_targets, select
 
 TARGETS = ("attn_in", "attn_out", "mlp_fc", "mlp_proj")
 
@@ -112,10 +112,8 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None, target_module
     bad = [t for t in cfg.targets if t not in TARGETS]
     if bad or not cfg.targets:
         raise ValueError(f"targets must be a non-empty subset of {TARGETS}, got {cfg.targets}")
-    names = cfg.target_modules
-    if names is None:
-        names = preset_targets(model, cfg.targets, cfg.towers, "apply_lora")
-    sites = resolve(model, names, LINEAR_SITES, "apply_lora") if names else []
+    sites = select(model, cfg.target_modules, lambda: preset_targets(model, cfg.targets, cfg.towers, "apply_lora"),
+                   LINEAR_SITES, "apply_lora")
     g = torch.Generator().manual_seed(cfg.seed)
 
     def patch():

@@ -37,7 +37,7 @@ from ..ops.masked import GradSlot, _StraightThrough, binary_mask, masked_linear_
 from ._attention import patched_attention, unpatch_attention
 from .common import (LINEAR_TYPES, TunerLayer, WrapsLinear, attach, bypassed, load_tuners, register_codec,
                      save_tuners, standalone_base, tuner_layers, tuners_of)
-from .targets import OPEN_CLIP_RESNET, architecture_of, preset_targets, require_architecture, resolve, survey
+from .targets import OPEN_CLIP_RESNET, architecture_of, preset_targets, require_architecture, select, survey
 
 @dataclass
 class MaskConfig:
@@ -191,18 +191,15 @@ def mask_sites(model: nn.Module, cfg: MaskConfig):
     """The sites ``cfg`` selects: its ``target_modules``, else the preset of the model's architecture (the
     image tower's patch embedding, attention and MLP as the flags say; an open_clip ResNet: every conv and
     linear of ``model.visual``)."""
-    names = cfg.target_modules
-    if names is None:
+    def preset():
         arch = require_architecture(model, "apply_masks")
         if arch is OPEN_CLIP_RESNET:
-            names = [s.name for s in survey(model).sites if s.name.startswith("visual.")]
-        else:
-            roles = (("patch_embed",) if cfg.patch_embed else ()) + (("attn_in", "attn_out") if cfg.attention else ()) \
-                + (("mlp_fc", "mlp_proj") if cfg.mlp else ())
-            names = preset_targets(model, roles, ("visual",), "apply_masks")
-        if not names:
-            return []
-    return resolve(model, names, SUPPORTED, "apply_masks")
+            return [s.name for s in survey(model).sites if s.name.startswith("visual.")]
+        roles = (("patch_embed",) if cfg.patch_embed else ()) + (("attn_in", "attn_out") if cfg.attention else ()) \
+            + (("mlp_fc", "mlp_proj") if cfg.mlp else ())
+        return preset_targets(model, roles, ("visual",), "apply_masks")
+
+    return select(model, cfg.target_modules, preset, SUPPORTED, "apply_masks")
 
 
 def apply_masks(model: nn.Module, config: MaskConfig | None = None, target_modules=None) -> nn.Module:

@@ -27,7 +27,7 @@ from ..ops.orth import n_params
 from ._attention import route_attention
 from .common import (LINEAR_TYPES, TunerLayer, WrapsLinear, attach, blocks_of, bypassed, is_plain, load_tuners,
                      merge, recompute_towers, save_tuners, standalone_base, tuner_layers, unmerge)
-from .targets import LINEAR_SITES, OPEN_CLIP_VIT, architecture_of, preset_targets, resolve
+from .targets import LINEAR_SITES, OPEN_CLIP_VIT, architecture_of, preset_targets, select
 
 
 @dataclass
@@ -112,16 +112,19 @@ def apply_orth(model: nn.Module, config: OrthConfig | None = None, target_module
     cfg = config or OrthConfig()
     if target_modules is not None:
         cfg = dataclasses.replace(cfg, target_modules=target_modules)
-    names, blocks = cfg.target_modules, []
-    if names is None:
+    blocks = []
+
+    def preset():
         roles = (("mlp_fc", "mlp_proj") if cfg.mlp else ()) + (("attn_in", "attn_out") if cfg.attention else ())
         try:
             names = preset_targets(model, roles, cfg.towers, "apply_orth")
             if architecture_of(model) is OPEN_CLIP_VIT:
-                blocks = blocks_of(model, cfg.towers)
+                blocks.extend(blocks_of(model, cfg.towers))
         except ValueError as e:
             raise ValueError(f"apply_orth: {e} (use towers=('text',) for ResNet models)") from None
-    sites = resolve(model, names, LINEAR_SITES, "apply_orth") if names else []
+        return names
+
+    sites = select(model, cfg.target_modules, preset, LINEAR_SITES, "apply_orth")
     for site in sites:
         if site.in_features % cfg.block_size:
             raise ValueError(f"block_size={cfg.block_size} must divide the input width {site.in_features} of "

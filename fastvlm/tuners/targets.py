@@ -193,6 +193,15 @@ def resolve(model: nn.Module, target_modules, supported: dict[str, str], who: st
     return sorted((s for s in found.sites if s.name in chosen), key=lambda s: (chosen[s.name], order[s.name]))
 
 
+def select(model: nn.Module, target_modules, preset, supported: dict[str, str], who: str) -> list[Site]:
+    """:func:`resolve` of ``target_modules``, or with None of the names ``preset()`` gives (a preset that
+    gives none, every role turned off, patches nothing; an empty ``target_modules`` is an error)."""
+    if target_modules is None:
+        names = preset()
+        return resolve(model, names, supported, who) if names else []
+    return resolve(model, target_modules, supported, who)
+
+
 def _type_name(site: Site) -> str:
     mod = getattr(site.owner, site.attr)
     name = type(innermost(mod) if not site.which else mod).__name__
