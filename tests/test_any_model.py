@@ -21,6 +21,7 @@ from fastvlm.tuners.orth import OrthConfig, apply_orth
 from fastvlm.tuners.vpt import VPTConfig, apply_vpt
 
 from .any_models import ARCHS, IMAGE, build, has_text, images, tokens
+from .test_tuner_pairs import perturb  # off the identity start (masks: about a third switched off)
 
 KINDS = ("masks", "orth", "lora", "vpt", "adapter")
 #: per kind, the parameter-name pattern of every trainable tensor on these models (written out from the
@@ -57,17 +58,6 @@ def classifier(dim, k=3, seed=3):
 
 def loss_of(model, x, labels, cls):
     return F.cross_entropy(100 * F.normalize(encode_image(model, x), dim=-1) @ cls.T, labels)
-
-
-@torch.no_grad()
-def perturb(model, kind, seed=5):
-    """Off the identity start (masks: about a third switched off)."""
-    g = torch.Generator().manual_seed(seed)
-    for p in tuners_of(model).parameters(kind):
-        if kind == "masks":
-            p.copy_(torch.empty(p.shape).uniform_(-0.01, 0.02, generator=g))
-        else:
-            p.add_(0.2 * torch.randn(p.shape, generator=g))
 
 
 def one_step(model, kind, x, labels, cls):

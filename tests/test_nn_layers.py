@@ -154,3 +154,23 @@ def test_attention_projections_take_the_linear_layers():
         with bypass(attn):  # every tuner layer under a module, placed by hand
             torch.testing.assert_close(attn(x)[0], want, rtol=1e-5, atol=1e-6)
     assert [n for n, _ in tuner_layers(attn)] == ["in_proj", "out_proj"]
+
+
+def test_cross_attention_through_the_projections():
+    """A pooling head's probe attending over tokens (query is not key): each of q, k, v is its slice of the
+    one (masked) in_proj, so the result is nn.MultiheadAttention's with the masked weight written in."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 2, batch_first=True)
+    probe, tokens = torch.randn(2, 1, 16, generator=G), torch.randn(2, 5, 16, generator=G)
+    attn = ProjectedMultiheadAttention.from_mha(mha)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(probe, tokens, tokens)[0], mha(probe, tokens, tokens)[0], rtol=1e-5, atol=1e-6)
+    attn.in_proj = MaskedLinear.from_linear(attn.in_proj)
+    with torch.no_grad():
+        attn.in_proj.scores.copy_(torch.rand(48, 16, generator=G) * 1e-2)
+        masked = nn.MultiheadAttention(16, 2, batch_first=True)
+        masked.load_state_dict(mha.state_dict())
+        masked.in_proj_weight.mul_((attn.in_proj.scores > 5e-3).float())
+        values = torch.randn(2, 5, 16, generator=G)  # key is not value either
+        torch.testing.assert_close(attn(probe, tokens, values)[0], masked(probe, tokens, values)[0],
+                                   rtol=1e-5, atol=1e-6)

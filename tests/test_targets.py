@@ -129,3 +129,29 @@ def test_any_module_with_target_modules_and_no_preset():
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["0.scores", "2.scores"]
     with torch.no_grad():
         torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+
+
+def test_a_suffix_reaches_the_siglip_pooling_head():
+    """["out_proj"] also selects SigLIP's pooling head, an nn.MultiheadAttention used as cross-attention (a
+    probe over the tokens): it is patched like any attention and the model still starts as the original."""
+    from fastvlm.models import encode_image
+
+    from .any_models import images
+
+    frozen, model = build("hf_siglip"), build("hf_siglip")
+    apply_lora(model, target_modules=["out_proj"])
+    assert "vision_model.head.attention.out_proj" in lora_sites(model) and len(lora_sites(model)) == 2 + 2 + 1
+    apply_masks(model, target_modules=["head.attention"])  # the attention's name: both of its projections
+    assert [n for n, _ in tuner_layers(model, "masks")] == [f"vision_model.head.attention.{p}" for p in ("in_proj", "out_proj")]
+    x = images(2)
+    with torch.no_grad():
+        torch.testing.assert_close(encode_image(model, x), encode_image(frozen, x), rtol=1e-4, atol=1e-5)
+
+
+def test_an_attention_the_projections_cannot_take_is_refused_before_patching():
+    """An nn.MultiheadAttention with separate key/value widths has no packed in_proj_weight to wrap."""
+    model = nn.Sequential(nn.MultiheadAttention(8, 2, kdim=4, vdim=4), nn.Linear(8, 8))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"cannot patch: 0 \(MultiheadAttention\)"):
+        apply_lora(model, target_modules=["0", "1"])
+    assert snapshot(model) == before

@@ -55,7 +55,7 @@ class Site:
     name: str
     owner: nn.Module
     attr: str
-    type: str  # "linear", "conv", "attn_in", "attn_out" or "direct" (see _reads_weights)
+    type: str  # "linear", "conv", "attn_in", "attn_out", "attn_other" (see _projectable), "direct" (_reads_weights)
     which: str = ""  # "in_proj" / "out_proj" for an attention projection
 
     def plain_weight(self):
@@ -72,6 +72,8 @@ class Site:
         return self.plain_weight().shape[1]
 
     def _slot(self):
+        """(module, attribute) where the site's chain hangs; an attention is routed through
+        :class:`ProjectedMultiheadAttention` the first time one of its projections is wrapped."""
         if self.which:
             mod = getattr(self.owner, self.attr)
             if not isinstance(mod, ProjectedMultiheadAttention):
@@ -104,7 +106,9 @@ def survey(model: nn.Module) -> Survey:
             visit(child, "inner", name)
             return
         if isinstance(child, (nn.MultiheadAttention, ProjectedMultiheadAttention)):
-            pair = [Site(f"{name}.{w}", owner, attr, "attn_" + w.split("_")[0], w) for w in ATTENTION_SITES]
+            ok = isinstance(child, ProjectedMultiheadAttention) or _projectable(child)
+            pair = [Site(f"{name}.{w}", owner, attr, "attn_" + w.split("_")[0] if ok else "attn_other", w)
+                    for w in ATTENTION_SITES]
             out.sites += pair
             out.attentions[name] = pair
             return
@@ -124,6 +128,12 @@ def survey(model: nn.Module) -> Survey:
         if c is not None:
             visit(model, n, n)
     return out
+
+
+def _projectable(mha: nn.MultiheadAttention) -> bool:
+    """What :class:`ProjectedMultiheadAttention` takes: one packed ``in_proj_weight`` (q, k, v of one width),
+    no ``bias_k`` / ``bias_v``, no ``add_zero_attn``."""
+    return mha._qkv_same_embed_dim and mha.in_proj_weight is not None and mha.bias_k is None and not mha.add_zero_attn
 
 
 def _reads_weights(owner: nn.Module) -> bool:
