@@ -2,18 +2,15 @@
 weight is not copied), and each a tuner layer (the contract of docs/tuners.md: ``tuner_parameters()``,
 ``bypass``, ``merge`` / ``unmerge`` where the method allows it, ``config``).
 
-=========================== ============================================================= ==================
-layer                       computes (``W``, ``b``: the wrapped module's frozen weight)   fused op
-=========================== ============================================================= ==================
-``MaskedLinear``            ``x (W * [S > tau])^T + b``                                   ``masked_linear``
-``MaskedConv2d``            ``conv2d(x, W * [S > tau], b)``; a patch conv (stride =        ``masked_linear``
-                            kernel) as the masked matmul over patches, any other conv on   (patch convs only)
-                            the reference path
-``OrthogonalLinear``        ``(x blockdiag(R)) W^T + b``, R = cayley(params) exact         ``orthogonal_linear``
-``LoRALinear``              ``x W^T + b + (alpha / r) (x A^T) B^T``, B = 0 at start        (plain torch)
-``ProjectedMultiheadAttention`` an ``nn.MultiheadAttention`` whose ``in_proj`` (packed QKV) ``scaled_dot_product_attention``
-                            and ``out_proj`` are linear modules the layers above replace
-=========================== ============================================================= ==================
+- ``MaskedLinear``: ``x (W * [S > tau])^T + b`` (``W``, ``b``: the wrapped module's frozen weight and bias),
+  through the fused ``masked_linear``;
+- ``MaskedConv2d``: ``conv2d(x, W * [S > tau], b)``; a patch conv (stride = kernel) as the fused masked matmul
+  over patches, any other conv on the reference path (``layer.fused`` says which);
+- ``OrthogonalLinear``: ``(x blockdiag(R)) W^T + b``, R = cayley(params) exact, through the fused
+  ``orthogonal_linear``;
+- ``LoRALinear``: ``x W^T + b + (alpha / r) (x A^T) B^T`` (plain torch);
+- ``ProjectedMultiheadAttention``: an ``nn.MultiheadAttention`` whose ``in_proj`` (packed QKV) and ``out_proj``
+  are linear modules that the layers above replace (``scaled_dot_product_attention`` between them).
 
 Each starts as the module it wraps (masks all on, R = I, B = 0). The constructors ``from_linear`` /
 ``from_conv`` / ``from_mha`` freeze the wrapped module's own parameters (``freeze=False`` keeps them), so

@@ -2,7 +2,8 @@
 linear tuners (masks, rotations, LoRA) stack (see the stacking rule in fastvlm/tuners/common.py and
 docs/tuners.md). It keeps the original module's parameters (no copies) and computes exactly what
 open_clip's ``self.attn(q, k, v, need_weights=False, attn_mask=...)`` does for self-attention (and
-cross-attention, as in SigLIP's pooling head), through ``F.scaled_dot_product_attention``. The wrapper is made once per attention and shared by every tuner.
+cross-attention, as in SigLIP's pooling head), through ``F.scaled_dot_product_attention``. The wrapper is
+made once per attention and shared by every tuner.
 """
 
 from __future__ import annotations

@@ -147,7 +147,7 @@ class MaskedConv2d(WrapsLinear, _Masked):
         return y.permute(0, 2, 1).reshape(B, w.shape[0], gh, gw)
 
 
-MaskedPatchEmbed = MaskedConv2d  # the name of the patch-embedding layer before any conv could be masked
+MaskedPatchEmbed = MaskedConv2d  # the patch-embedding name, kept for callers that use it
 
 
 def _check_init(init, threshold):
@@ -282,8 +282,8 @@ def gradient_dropout(model: nn.Module, ratio: float, seed_of, reg: float = 0.0):
     their private slot: pass 2's score-gradient kernel adds ``reg * S / ||S||`` (the gradient of the
     regulariser ``reg * ||S||_2``, so dropout sees all of g_a), drops it against g_b with seed ``seed_of(i)``
     and writes the result into g_b's own storage: no second N x K buffer per layer. Unfused layers (ResNet
-    parametrizations, convs other than stride = kernel) keep g_b aside and are dropped on exit, after the backward. Layer i counts fused layers first,
-    in model order, then the unfused ones.
+    parametrizations, convs other than stride = kernel) keep g_b aside and are dropped on exit, after the
+    backward. Layer i counts fused layers first, in model order, then the unfused ones.
 
     On exit every slot is empty again, also when the body raises. A fused layer whose slot was not consumed
     (it ran under ``torch.compile``, which cannot carry the slot) is an error: its gradient was not dropped.

@@ -161,9 +161,10 @@ def _matcher(target_modules):
 
 def resolve(model: nn.Module, target_modules, supported: dict[str, str], who: str) -> list[Site]:
     """The sites ``target_modules`` selects, in the order of the first pattern that selects each, then in model
-    order (a preset's list of names keeps its tower order, so LoRA's seeded factors come out as before), each of a type in ``supported`` (site type ->
-    what to call it in errors). Raises ValueError naming every pattern that selects nothing and every
-    selected module the tuner cannot patch; nothing is changed either way."""
+    order (a preset's list of names keeps its tower order, so LoRA's seeded factors come out as before), each
+    of a type in ``supported`` (site type -> what to call it in errors). Raises ValueError naming every
+    pattern that selects nothing and every selected module the tuner cannot patch; nothing is changed
+    either way."""
     patterns, match = _matcher(target_modules)
     found = survey(model)
     chosen, unmatched, unsupported = {}, [], []  # chosen: site name -> index of the first pattern selecting it

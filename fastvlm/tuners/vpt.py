@@ -1,7 +1,8 @@
 """VPT (docs/methods.md section 4): n learnable prompt tokens in a ViT image encoder, inserted right after the
-class token (after every prefix token: none in SigLIP, the class and register tokens in timm). Shallow: at the first block's input only. Deep: at every block's input, replacing the
-previous block's prompt outputs. The prompt tokens are removed after the last block, so the class-token
-(or average) pooling sees exactly the tokens it saw before; they change the output through attention.
+class token (after every prefix token: none in SigLIP, the class and register tokens in timm). Shallow: at
+the first block's input only. Deep: at every block's input, replacing the previous block's prompt outputs.
+The prompt tokens are removed after the last block, so the class-token (or average) pooling sees exactly
+the tokens it saw before; they change the output through attention.
 
 open_clip: :class:`PromptedTransformer` wraps the whole transformer (prompts ``visual.transformer.prompts``
 [depth, n, D]). transformers CLIP/SigLIP and timm ViTs: :class:`PromptedBlock` wraps each block (prompts
