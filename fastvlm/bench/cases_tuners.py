@@ -48,7 +48,11 @@ def hf_clip_like(model_name: str, device):
     import open_clip
     import transformers
 
+    from .. import models  # noqa: F401  (registers fastvlm's tiny configs with open_clip)
+
     cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        raise ValueError(f"model_name must be an open_clip architecture, got {model_name!r}")
     v, t = cfg["vision_cfg"], cfg["text_cfg"]
     mlp = v.get("mlp_ratio", 4.0)
     vision = dict(hidden_size=v["width"], intermediate_size=int(v["width"] * mlp), num_hidden_layers=v["layers"],
