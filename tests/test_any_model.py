@@ -221,3 +221,35 @@ def test_orthcr_teacher_is_the_frozen_model(arch):
     assert parts["kl_cutout"] == pytest.approx(kl_cut.item(), rel=1e-4, abs=1e-6)
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in tuners_of(model).parameters("orth"))
+
+
+def test_a_pack_keeps_its_target_modules(tmp_path):
+    """target_modules is part of the config saved with a PVP pack: the downstream model re-attaches to the
+    same modules from the pack alone and computes what the upstream one did."""
+    from fastvlm.tuners.pack import apply_method, config_of_pack, load_pack, save_pack
+
+    up = build("hf_clip")
+    apply_method(up, "lora", LoRAConfig(rank=2, target_modules=("q_proj", "fc2")))
+    perturb(up, "lora")
+    folder = save_pack(str(tmp_path / "pack"), up, "lora", backbone="tiny-hf-clip")
+    method, cfg = config_of_pack(folder)
+    assert method == "lora" and cfg.target_modules == ("q_proj", "fc2")
+    down = build("hf_clip")
+    apply_method(down, method, cfg)
+    load_pack(down, folder, backbone="tiny-hf-clip")
+    assert len(tuner_layers(down, "lora")) == 2 * 2 * 2  # q_proj and fc2 of 2 layers in each tower
+    x = images(2)
+    with torch.no_grad():
+        torch.testing.assert_close(encode_image(down, x), encode_image(up, x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("apply", ["orth", "adapter"])
+def test_recompute_is_open_clip_only(apply):
+    """Activation recomputation is open_clip's block checkpointing: elsewhere it is refused before patching."""
+    model = build("timm_vit")
+    with pytest.raises(ValueError, match="recompute=True uses open_clip's block checkpointing"):
+        if apply == "orth":
+            apply_orth(model, OrthConfig(block_size=8, recompute=True))
+        else:
+            apply_adapters(model, AdapterConfig(recompute=True))
+    assert tuners_of(model) is None and not tuner_layers(model)

@@ -174,3 +174,25 @@ def test_cross_attention_through_the_projections():
         values = torch.randn(2, 5, 16, generator=G)  # key is not value either
         torch.testing.assert_close(attn(probe, tokens, values)[0], masked(probe, tokens, values)[0],
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_dropout_reaches_a_reference_path_conv():
+    """RMT's two-pass dropout on a conv that is not a patch conv: its score gradient is dropped after the
+    backward, as grad_dropout(g_a, g_b) with the seed of its index (the fused layers count first)."""
+    from fastvlm.functional import grad_dropout
+    from fastvlm.tuners.mask import apply_masks, gradient_dropout
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 5 * 5, 2))
+    apply_masks(model, target_modules=["0", "2"])
+    x = torch.randn(2, 3, 5, 5, generator=G)
+    conv = model[0]
+    assert not conv.fused
+    g_a = torch.autograd.grad(model(x).square().sum(), [conv.scores])[0]
+    g_b = torch.autograd.grad(model(x).sum(), [conv.scores])[0]
+    want = grad_dropout(g_a, g_b, 1.0, seed=7 + 1)  # index 1: the fused linear is layer 0
+    model(x).sum().backward()  # pass 1
+    with gradient_dropout(model, 1.0, lambda i: 7 + i):
+        model(x).square().sum().backward()  # pass 2
+    torch.testing.assert_close(conv.scores.grad, want, rtol=0, atol=0)
+    assert (want == 0).any() and not torch.equal(want, g_a)  # some of g_a was dropped
