@@ -1,5 +1,6 @@
 """The tuner contract (docs/tuners.md): what every tuner layer exposes, where tuners attach in an open_clip
-model, the one registry of tuner state on a model, and the one save/load format.
+model (other architectures and ``target_modules``: fastvlm/tuners/targets.py), the one registry of tuner
+state on a model, and the one save/load format.
 
 A tuner layer (:class:`TunerLayer`) is an ``nn.Module`` that
 
