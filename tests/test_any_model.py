@@ -247,7 +247,7 @@ def test_a_pack_keeps_its_target_modules(tmp_path):
 def test_recompute_is_open_clip_only(apply):
     """Activation recomputation is open_clip's block checkpointing: elsewhere it is refused before patching."""
     model = build("timm_vit")
-    with pytest.raises(ValueError, match="recompute=True uses open_clip's block checkpointing"):
+    with pytest.raises(ValueError, match="recompute=True uses open_clip.s block checkpointing: open_clip models only"):
         if apply == "orth":
             apply_orth(model, OrthConfig(block_size=8, recompute=True))
         else:

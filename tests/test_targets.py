@@ -155,3 +155,13 @@ def test_an_attention_the_projections_cannot_take_is_refused_before_patching():
     with pytest.raises(ValueError, match=r"cannot patch: 0 \(MultiheadAttention\)"):
         apply_lora(model, target_modules=["0", "1"])
     assert snapshot(model) == before
+
+
+def test_a_preset_names_exact_modules():
+    """open_clip's text block names are suffixes of the image tower's (transformer.resblocks.N...): a text
+    tower preset patches the text tower alone, and two towers come in the order given (LoRA's seeded A)."""
+    text_only = apply_lora(tiny_model(), LoRAConfig(rank=2, towers=("text",)))
+    assert lora_sites(text_only) == [f"transformer.resblocks.0.attn.{p}" for p in ("in_proj", "out_proj")]
+    both = apply_lora(tiny_model(), LoRAConfig(rank=2, towers=("text", "visual")))
+    first = dict(both.named_parameters())["transformer.resblocks.0.attn.in_proj.lora.A"]
+    assert torch.equal(first, dict(text_only.named_parameters())["transformer.resblocks.0.attn.in_proj.lora.A"])

@@ -18,7 +18,7 @@ from torch import nn
 
 from ._attention import route_attention
 from .common import TunerLayer, attach, recompute_towers
-from .targets import OPEN_CLIP_VIT, require_architecture
+from .targets import OPEN_CLIP, require_architecture
 
 
 @dataclass
@@ -74,8 +74,8 @@ def apply_adapters(model: nn.Module, config: AdapterConfig | None = None) -> nn.
         raise ValueError(f"where must be a non-empty subset of ('attn', 'mlp'), got {cfg.where}")
     arch = require_architecture(model, "apply_adapters")
     blocks = arch.blocks(model, cfg.towers)
-    if cfg.recompute and arch is not OPEN_CLIP_VIT:
-        raise ValueError("apply_adapters: recompute=True uses open_clip's block checkpointing: open_clip ViTs only")
+    if cfg.recompute and arch not in OPEN_CLIP:
+        raise ValueError("apply_adapters: recompute=True uses open_clip's block checkpointing: open_clip models only")
     attn_branch, mlp_branch = arch.branches
     g = torch.Generator().manual_seed(cfg.seed)
 

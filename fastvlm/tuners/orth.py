@@ -27,7 +27,7 @@ from ..ops.orth import n_params
 from ._attention import route_attention
 from .common import (LINEAR_TYPES, TunerLayer, WrapsLinear, attach, blocks_of, bypassed, is_plain, load_tuners,
                      merge, recompute_towers, save_tuners, standalone_base, tuner_layers, unmerge)
-from .targets import LINEAR_SITES, OPEN_CLIP_VIT, architecture_of, preset_targets, select
+from .targets import LINEAR_SITES, OPEN_CLIP, architecture_of, preset_targets, select
 
 
 @dataclass
@@ -118,7 +118,7 @@ def apply_orth(model: nn.Module, config: OrthConfig | None = None, target_module
         roles = (("mlp_fc", "mlp_proj") if cfg.mlp else ()) + (("attn_in", "attn_out") if cfg.attention else ())
         try:
             names = preset_targets(model, roles, cfg.towers, "apply_orth")
-            if architecture_of(model) is OPEN_CLIP_VIT:
+            if architecture_of(model) in OPEN_CLIP:
                 blocks.extend(blocks_of(model, cfg.towers))
         except ValueError as e:
             raise ValueError(f"apply_orth: {e} (use towers=('text',) for ResNet models)") from None
@@ -129,8 +129,8 @@ def apply_orth(model: nn.Module, config: OrthConfig | None = None, target_module
         if site.in_features % cfg.block_size:
             raise ValueError(f"block_size={cfg.block_size} must divide the input width {site.in_features} of "
                              f"{site.name}")
-    if cfg.recompute and architecture_of(model) is not OPEN_CLIP_VIT:
-        raise ValueError("apply_orth: recompute=True uses open_clip's block checkpointing: open_clip ViTs only")
+    if cfg.recompute and architecture_of(model) not in OPEN_CLIP:
+        raise ValueError("apply_orth: recompute=True uses open_clip's block checkpointing: open_clip models only")
 
     def patch():
         route_attention(blocks)

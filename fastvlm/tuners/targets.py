@@ -145,8 +145,9 @@ def _reads_weights(owner: nn.Module) -> bool:
     return isinstance(owner, AttentionPool2d)
 
 
-def _matcher(target_modules):
-    """(patterns, match(pattern, name)) for a list of names / suffixes or one regular expression."""
+def _matcher(target_modules, exact=False):
+    """(patterns, match(pattern, name)) for a list of names / suffixes (``exact``: names only) or one regular
+    expression."""
     if isinstance(target_modules, str):
         try:
             rx = re.compile(target_modules)
@@ -154,18 +155,21 @@ def _matcher(target_modules):
             raise ValueError(f"target_modules {target_modules!r} is not a valid regular expression: {e}") from None
         return [target_modules], lambda _, name: rx.fullmatch(name) is not None
     if isinstance(target_modules, (list, tuple)) and target_modules and all(isinstance(t, str) for t in target_modules):
+        if exact:
+            return list(target_modules), lambda p, name: name == p
         return list(target_modules), lambda p, name: name == p or name.endswith("." + p)
     raise TypeError("target_modules must be a non-empty list of module names / name suffixes or one regular "
                     f"expression (a string), got {target_modules!r}")
 
 
-def resolve(model: nn.Module, target_modules, supported: dict[str, str], who: str) -> list[Site]:
+def resolve(model: nn.Module, target_modules, supported: dict[str, str], who: str, exact: bool = False) -> list[Site]:
     """The sites ``target_modules`` selects, in the order of the first pattern that selects each, then in model
     order (a preset's list of names keeps its tower order, so LoRA's seeded factors come out as before), each
     of a type in ``supported`` (site type -> what to call it in errors). Raises ValueError naming every
     pattern that selects nothing and every selected module the tuner cannot patch; nothing is changed
-    either way."""
-    patterns, match = _matcher(target_modules)
+    either way. ``exact``: the list holds whole names only (a preset's: open_clip's text tower names
+    ``transformer.resblocks.N...`` are suffixes of the image tower's ``visual.transformer.resblocks.N...``)."""
+    patterns, match = _matcher(target_modules, exact)
     found = survey(model)
     chosen, unmatched, unsupported = {}, [], []  # chosen: site name -> index of the first pattern selecting it
     kinds = ", ".join(dict.fromkeys(supported.values()))
@@ -209,7 +213,7 @@ def select(model: nn.Module, target_modules, preset, supported: dict[str, str], 
     gives none, every role turned off, patches nothing; an empty ``target_modules`` is an error)."""
     if target_modules is None:
         names = preset()
-        return resolve(model, names, supported, who) if names else []
+        return resolve(model, names, supported, who, exact=True) if names else []
     return resolve(model, target_modules, supported, who)
 
 
@@ -303,6 +307,10 @@ TIMM_VIT = Architecture(
     {"attn_in": r"attn\.qkv", "attn_out": r"attn\.proj", "mlp_fc": r"mlp\.fc1", "mlp_proj": r"mlp\.fc2"},
     patch_embed="patch_embed.proj", branches=("ls1", "ls2"), norm="norm1",
     prefix_tokens=lambda m: m.num_prefix_tokens, patch_size=lambda m: m.patch_embed.patch_size[0])
+
+
+#: the open_clip architectures (their text towers, checkpointing and attention routing are open_clip's)
+OPEN_CLIP = (OPEN_CLIP_VIT, OPEN_CLIP_RESNET)
 
 
 def architecture_of(model: nn.Module) -> Architecture | None:
