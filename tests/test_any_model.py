@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from fastvlm.models import encode_image
 from fastvlm.tuners.adapter import AdapterConfig, apply_adapters
-from fastvlm.tuners.common import bypass, merge, tuner_layers, tuners_of, unmerge
+from fastvlm.tuners.common import bypass, merge, names_of, tuner_layers, tuners_of, unmerge
 from fastvlm.tuners.lora import LoRAConfig, apply_lora
 from fastvlm.tuners.mask import MaskConfig, apply_masks, merge_masks
 from fastvlm.tuners.orth import OrthConfig, apply_orth
@@ -253,3 +253,24 @@ def test_recompute_is_open_clip_only(apply):
         else:
             apply_adapters(model, AdapterConfig(recompute=True))
     assert tuners_of(model) is None and not tuner_layers(model)
+
+
+def test_masks_and_lora_stack_on_the_same_transformers_projections():
+    """Masks always sit on the plain q/k/v/out projection, so masks-then-LoRA and LoRA-then-masks are the same
+    model with the same parameter names; bypassing the masks leaves the LoRA-only model."""
+    x = images(2)
+    a = apply_lora(apply_masks(build("hf_clip")), LoRAConfig(rank=2))
+    b = apply_masks(apply_lora(build("hf_clip"), LoRAConfig(rank=2)))
+    lora_only = apply_lora(build("hf_clip"), LoRAConfig(rank=2))
+    for m in (a, b, lora_only):
+        perturb(m, "lora", seed=6)
+    for m in (a, b):
+        perturb(m, "masks", seed=7)
+    names = sorted(names_of(a, [p for p in a.parameters() if p.requires_grad]))
+    assert names == sorted(names_of(b, [p for p in b.parameters() if p.requires_grad]))
+    assert {"vision_model.encoder.layers.0.self_attn.q_proj.scores",
+            "vision_model.encoder.layers.0.self_attn.q_proj.lora.A"} <= set(names)
+    with torch.no_grad():
+        torch.testing.assert_close(encode_image(a, x), encode_image(b, x), rtol=0, atol=0)
+        with bypass(a, "masks"):
+            torch.testing.assert_close(encode_image(a, x), encode_image(lora_only, x), rtol=1e-5, atol=1e-6)
