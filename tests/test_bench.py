@@ -97,6 +97,7 @@ def _tiny_family_cases():
         cases_orth.cayley_case(2, 16, CPU, providers=("fastvlm", "naive-solve")),
         cases_tuners.step_case("fastvlm-tiny-vit", 2, CPU),
         cases_tuners.step_case("fastvlm-tiny-vit", 2, CPU, tuners=cases_tuners.RECOMPUTE, op="tuner_step_recompute"),
+        cases_tuners.hf_step_case("fastvlm-tiny-vit", 2, CPU),
     ]
 
 
@@ -125,6 +126,10 @@ def test_every_family_builds_and_runs_at_a_tiny_size(tiny_rows):
     tuner = rows["tuner_step"]
     counts = {r["provider"]: r["value"] for r in tuner if r["metric"] == "trainable_params"}
     assert set(counts) == set(cases_tuners.TUNERS) and all(v > 0 for v in counts.values())
+    # LoRA r=8 on the attention of 2 blocks of width 64: open_clip's packed QKV [192, 64] takes A [8, 64] +
+    # B [192, 8], its output [64, 64] 2 x 8 x 64; transformers' separate q, k, v and output 4 x 2 x 8 x 64
+    hf = {r["provider"]: r["value"] for r in rows["tuner_step_hf"] if r["metric"] == "trainable_params"}
+    assert hf == {"lora": 2 * (8 * 64 + 192 * 8 + 2 * 8 * 64), "hf_lora": 2 * 4 * 2 * 8 * 64}
 
 
 def test_summary_is_one_line_per_op_and_shape_within_100_columns(tiny_rows):

@@ -16,7 +16,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 FENCE = re.compile(r"^```(\w*)[ \t]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
-METHODS = ("TaskRes", "RMT", "OrthCR", "PVP", "Composing tuners")
+METHODS = ("TaskRes", "RMT", "OrthCR", "PVP", "Composing tuners", "Any model")
 
 
 def blocks(lang: str) -> list[tuple[int, str]]:

@@ -1,3 +1,4 @@
-"""One module per method (a config dataclass, its tuner layers, the patching into an open_clip model) and
-``common.py``, the contract every tuner follows, the stacking rule, the registry and the one save/load
-format (docs/tuners.md; the methods themselves: docs/methods.md)."""
+"""One module per method (a config dataclass, its tuner layers, the patching into a model), ``common.py``,
+the contract every tuner follows, the stacking rule, the registry and the one save/load format, and
+``targets.py``, which modules a tuner patches (``target_modules`` and the per-architecture presets)
+(docs/tuners.md; the methods themselves: docs/methods.md)."""

@@ -1,8 +1,9 @@
 """``nn.MultiheadAttention`` with its input and output projections as linear modules, the sites where
 linear tuners (masks, rotations, LoRA) stack (see the stacking rule in fastvlm/tuners/common.py and
 docs/tuners.md). It keeps the original module's parameters (no copies) and computes exactly what
-open_clip's ``self.attn(q, k, v, need_weights=False, attn_mask=...)`` does for self-attention, through
-``F.scaled_dot_product_attention``. The wrapper is made once per attention and shared by every tuner.
+open_clip's ``self.attn(q, k, v, need_weights=False, attn_mask=...)`` does for self-attention (and
+cross-attention, as in SigLIP's pooling head), through ``F.scaled_dot_product_attention``. The wrapper is
+made once per attention and shared by every tuner.
 """
 
 from __future__ import annotations
@@ -66,37 +67,64 @@ class ProjectedMultiheadAttention(nn.Module):
         self.out_proj = ProjectionView(mha, "out")
         self.embed_dim, self.num_heads, self.batch_first = mha.embed_dim, mha.num_heads, mha.batch_first
 
+    @classmethod
+    def from_mha(cls, mha: nn.MultiheadAttention, freeze: bool = True) -> "ProjectedMultiheadAttention":
+        """The same attention (its parameters by reference) with ``in_proj`` / ``out_proj`` as linear modules a
+        drop-in layer can replace: ``attn.in_proj = MaskedLinear.from_linear(attn.in_proj)`` and so on.
+        ``freeze`` turns off the attention's own gradients (the projections own no parameters, so the layers
+        put on them cannot)."""
+        attn = cls(mha)
+        if freeze:
+            for p in mha.parameters():
+                p.requires_grad_(False)
+        return attn
+
     def forward(self, query, key=None, value=None, key_padding_mask=None, need_weights=False, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
-        if (key is not None and key is not query) or (value is not None and value is not query):
-            raise ValueError("patched attention supports self-attention only (query is key is value)")
+        """Self-attention (``key`` and ``value`` None or the query itself): one ``in_proj`` of the query, split
+        into q, k, v. Cross-attention (a pooling head's probe over the tokens): ``in_proj`` of each distinct
+        input, q, k and v its first, second and third slices. Every tuner on ``in_proj`` is an affine map of
+        its input, so a slice of ``in_proj(x)`` is exactly that projection of ``x``."""
         if need_weights:
             raise ValueError("patched attention does not return attention weights (need_weights=False)")
-        x = query if self.batch_first else query.transpose(0, 1)  # [B, L, D]
+        key = query if key is None else key
+        value = query if value is None else value
+        seq = (lambda t: t) if self.batch_first else (lambda t: t.transpose(0, 1))
+        x = seq(query)  # [B, L, D]
         B, L, D = x.shape
         H = self.num_heads
-        q, k, v = self.in_proj(x).view(B, L, 3, H, D // H).permute(2, 0, 3, 1, 4)  # each [B, H, L, d]
-        mask = _merge_masks(attn_mask, key_padding_mask, B, H, L, x.dtype)
+        if key is query and value is query:
+            S = L
+            q, k, v = self.in_proj(x).view(B, L, 3, H, D // H).permute(2, 0, 3, 1, 4)  # each [B, H, L, d]
+        else:
+            S = seq(key).shape[1]
+            kk = self.in_proj(seq(key))
+            vv = kk if value is key else self.in_proj(seq(value))
+            q = self.in_proj(x)[..., :D].reshape(B, L, H, D // H).transpose(1, 2)
+            k = kk[..., D:2 * D].reshape(B, S, H, D // H).transpose(1, 2)
+            v = vv[..., 2 * D:].reshape(B, S, H, D // H).transpose(1, 2)
+        mask = _merge_masks(attn_mask, key_padding_mask, B, H, L, S, x.dtype)
         drop = self.mha.dropout if self.training else 0.0
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, is_causal=is_causal and mask is None)
         o = self.out_proj(o.transpose(1, 2).reshape(B, L, D))
         return (o if self.batch_first else o.transpose(0, 1)), None
 
 
-def _merge_masks(attn_mask, key_padding_mask, B, H, L, dtype):
-    """MultiheadAttention's masks (bool: True = masked out; float: additive) as one additive SDPA mask."""
+def _merge_masks(attn_mask, key_padding_mask, B, H, L, S, dtype):
+    """MultiheadAttention's masks (bool: True = masked out; float: additive) as one additive SDPA mask over
+    L queries and S keys."""
     mask = None
     if attn_mask is not None:
         m = attn_mask
         if m.dtype == torch.bool:
             m = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(m, float("-inf"))
         m = m.to(dtype)
-        mask = m.view(B, H, L, L) if m.dim() == 3 else m
+        mask = m.view(B, H, L, S) if m.dim() == 3 else m
     if key_padding_mask is not None:
         k = key_padding_mask
         if k.dtype == torch.bool:
             k = torch.zeros(k.shape, dtype=dtype, device=k.device).masked_fill_(k, float("-inf"))
-        k = k.to(dtype).view(B, 1, 1, L)
+        k = k.to(dtype).view(B, 1, 1, S)
         mask = k if mask is None else mask + k
     return mask
 

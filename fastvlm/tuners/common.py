@@ -1,5 +1,6 @@
 """The tuner contract (docs/tuners.md): what every tuner layer exposes, where tuners attach in an open_clip
-model, the one registry of tuner state on a model, and the one save/load format.
+model (other architectures and ``target_modules``: fastvlm/tuners/targets.py), the one registry of tuner
+state on a model, and the one save/load format.
 
 A tuner layer (:class:`TunerLayer`) is an ``nn.Module`` that
 
@@ -32,6 +33,11 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 
 import torch
 from torch import nn
+
+from ._attention import ProjectionView
+
+#: what a drop-in linear layer can be built on: an nn.Linear or one projection of a ProjectedMultiheadAttention
+LINEAR_TYPES = (nn.Linear, ProjectionView)
 
 # ---------------------------------------------------------------------------------------------------------
 # where tuners attach
@@ -180,6 +186,19 @@ class WrapsLinear:
     @property
     def out_features(self):
         return self.weight.shape[0]
+
+
+def standalone_base(module: nn.Module, types: tuple, arg: str, freeze: bool) -> nn.Module:
+    """Check the module a drop-in layer (``from_linear`` / ``from_conv``, fastvlm/nn.py) is built on and, with
+    ``freeze``, turn off its own gradients so that only the new layer's parameters train. The module is kept
+    as it is: the layer holds it, and so its weight, by reference."""
+    if not isinstance(module, types):
+        want = " or ".join(t.__name__ for t in types)
+        raise TypeError(f"{arg} must be a {want}, got {type(module).__name__}")
+    if freeze:
+        for p in module.parameters():
+            p.requires_grad_(False)
+    return module
 
 
 def is_plain(module: nn.Module) -> bool:

@@ -1,4 +1,4 @@
-"""LoRA (docs/methods.md section 4): ``W + (alpha / r) * B @ A`` on chosen linear layers of an open_clip ViT,
+"""LoRA (docs/methods.md section 4): ``W + (alpha / r) * B @ A`` on chosen linear layers of a model,
 B = 0 at start (the patched model equals the original). While training, the low-rank path runs beside the
 frozen layer (``F.linear(x, W, b) + s * (x @ A^T) @ B^T``): the merged weight is never built. ``merge``
 folds it in for inference and ``unmerge`` takes it out again.
@@ -6,12 +6,15 @@ folds it in for inference and ``unmerge`` takes it out again.
 Stacking (fastvlm/tuners/common.py): LoRA adds beside whatever it wraps, so it goes on top of the site's
 chain; it merges once every layer under it is merged.
 
-Targets: ``attn_in`` (the packed QKV ``in_proj_weight`` of ``nn.MultiheadAttention``), ``attn_out``,
-``mlp_fc``, ``mlp_proj``.
+Targets: the roles ``attn_in`` (open_clip: the packed QKV ``in_proj_weight`` of ``nn.MultiheadAttention``;
+transformers: ``q_proj``, ``k_proj``, ``v_proj``; timm: the fused ``qkv``), ``attn_out``, ``mlp_fc``,
+``mlp_proj`` in the blocks of ``towers`` (the presets of fastvlm/tuners/targets.py), or any ``nn.Linear`` /
+``nn.MultiheadAttention`` that ``target_modules`` names.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -19,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._attention import patched_attention
-from .common import TunerLayer, WrapsLinear, attach, blocks_of, merge, unmerge, wrap_site
+from .common import LINEAR_TYPES, TunerLayer, WrapsLinear, attach, merge, standalone_base, unmerge
+from .targets import LINEAR_SITES, preset_targets, select
 
 TARGETS = ("attn_in", "attn_out", "mlp_fc", "mlp_proj")
 
@@ -32,6 +35,8 @@ class LoRAConfig:
     targets: tuple = ("attn_in", "attn_out")
     towers: tuple = ("visual",)
     seed: int = 0  # A is Kaiming-uniform from this seed (as peft); B starts at 0
+    #: names / suffixes or a regular expression (fastvlm/tuners/targets.py); None: the preset of targets/towers
+    target_modules: tuple | str | None = None
 
 
 class LoRAPair(nn.Module):
@@ -67,6 +72,13 @@ class LoRALinear(WrapsLinear, TunerLayer, nn.Module):
         self.bypass = self.merged = False
         self.lora = LoRAPair(self.out_features, self.in_features, cfg, generator, self.weight.device)
 
+    @classmethod
+    def from_linear(cls, linear: nn.Module, rank: int = 8, alpha: float = 16.0, seed: int = 0, freeze: bool = True):
+        """LoRA beside ``linear`` (held by reference, its weight not copied), A Kaiming-uniform from ``seed``,
+        B = 0; ``freeze`` turns off the linear's own gradients, so only A and B train."""
+        base = standalone_base(linear, LINEAR_TYPES, "linear", freeze)
+        return cls(base, LoRAConfig(rank=rank, alpha=alpha, seed=seed), torch.Generator().manual_seed(seed))
+
     def forward(self, x):
         self._check_bypass()
         y = self.base(x)
@@ -91,27 +103,22 @@ class LoRALinear(WrapsLinear, TunerLayer, nn.Module):
             self.lora.merged = False
 
 
-def apply_lora(model: nn.Module, config: LoRAConfig | None = None) -> nn.Module:
-    """Put LoRA on the targets of every block of the towers; only tuner parameters train. Returns the model."""
+def apply_lora(model: nn.Module, config: LoRAConfig | None = None, target_modules=None) -> nn.Module:
+    """Put LoRA on the sites of ``config`` (``target_modules``, when given, replaces its targets); only tuner
+    parameters train. Everything is checked before anything is patched. Returns the model."""
     cfg = config or LoRAConfig()
+    if target_modules is not None:
+        cfg = dataclasses.replace(cfg, target_modules=target_modules)
     bad = [t for t in cfg.targets if t not in TARGETS]
     if bad or not cfg.targets:
         raise ValueError(f"targets must be a non-empty subset of {TARGETS}, got {cfg.targets}")
+    sites = select(model, cfg.target_modules, lambda: preset_targets(model, cfg.targets, cfg.towers, "apply_lora"),
+                   LINEAR_SITES, "apply_lora")
     g = torch.Generator().manual_seed(cfg.seed)
-    blocks = blocks_of(model, cfg.towers)
 
     def patch():
-        for _, blk in blocks:
-            if "attn_in" in cfg.targets or "attn_out" in cfg.targets:
-                attn = patched_attention(blk)
-                if "attn_in" in cfg.targets:
-                    wrap_site(attn, "in_proj", lambda m: LoRALinear(m, cfg, g))
-                if "attn_out" in cfg.targets:
-                    wrap_site(attn, "out_proj", lambda m: LoRALinear(m, cfg, g))
-            if "mlp_fc" in cfg.targets:
-                wrap_site(blk.mlp, "c_fc", lambda m: LoRALinear(m, cfg, g))
-            if "mlp_proj" in cfg.targets:
-                wrap_site(blk.mlp, "c_proj", lambda m: LoRALinear(m, cfg, g))
+        for site in sites:  # in order: each site's A comes from the next draws of g
+            site.wrap(lambda m: LoRALinear(m, cfg, g))
 
     attach(model, patch, "lora", cfg)
     return model

@@ -1,11 +1,15 @@
 """RMT mask tuning (docs/methods.md section 2): binary masks over frozen weights of the image encoder, learned
 through real-valued scores with a straight-through estimator.
 
-ViT image encoders: the patch-embedding conv (stride = kernel: a matmul over patches), every block's
-attention QKV (``in_proj_weight``) and output projection, and optionally the MLP. These run the fused
-``masked_linear`` (gradient dropout inside the score-gradient kernel). ResNet image encoders: every conv and
-the attention-pool projections, masked through ``torch.nn.utils.parametrize`` (the unfused reference path;
-gradient dropout applied after the backward).
+Default targets (the presets of fastvlm/tuners/targets.py, image tower only): the patch-embedding conv
+(stride = kernel: a matmul over patches), every block's attention QKV and output projection, and optionally
+the MLP, in open_clip ViTs, transformers CLIP/SigLIP and timm ViTs. These run the fused ``masked_linear``
+(gradient dropout inside the score-gradient kernel). ``target_modules`` picks any ``nn.Linear``,
+``nn.Conv2d`` or ``nn.MultiheadAttention`` instead. A conv other than stride = kernel runs the unfused
+reference path, ``conv2d(x, W * [S > tau])`` (gradient dropout applied after the backward). open_clip ResNet
+image encoders: every conv and the attention-pool projections, masked through ``torch.nn.utils.parametrize``
+(the attention pool reads its projection weights without calling the modules, so a wrapper would be
+skipped), also on the reference path.
 
 Scores start at ``init`` = 1e-2 > tau = 5e-3: every mask starts at 1 and the patched model equals the
 original. ``bypass_masks(model)`` runs the unmasked network (the zero-shot teacher) with no second copy.
@@ -20,6 +24,7 @@ to the private hand-off between the passes (see its docstring).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,8 +35,9 @@ from torch.nn.utils import parametrize
 from ..functional import grad_dropout
 from ..ops.masked import GradSlot, _StraightThrough, binary_mask, masked_linear_slotted  # the two-pass hand-off
 from ._attention import patched_attention, unpatch_attention
-from .common import (TunerLayer, WrapsLinear, attach, bypassed, load_tuners, register_codec, save_tuners,
-                     tuner_layers, tuners_of, wrap_site)
+from .common import (LINEAR_TYPES, TunerLayer, WrapsLinear, attach, bypassed, load_tuners, register_codec,
+                     save_tuners, standalone_base, tuner_layers, tuners_of)
+from .targets import OPEN_CLIP_RESNET, architecture_of, preset_targets, require_architecture, select, survey
 
 @dataclass
 class MaskConfig:
@@ -40,16 +46,21 @@ class MaskConfig:
     patch_embed: bool = True
     attention: bool = True
     mlp: bool = False  # off in the published recipe
+    #: names / suffixes or a regular expression (fastvlm/tuners/targets.py); None: the preset from the flags
+    target_modules: tuple | str | None = None
 
 
 _NO_UNMERGE = "merging zeroes the masked-off weights, which cannot come back (merge_masks is one-way)"
 
 
 class _Masked(TunerLayer, nn.Module):
-    """Common state of a fused masked layer: its scores, the teacher bypass, and the private two-pass slot."""
+    """Common state of a masked layer on a plain module ``base``: its scores, the teacher bypass, and the private
+    two-pass slot. ``fused``: the layer runs the fused ``masked_linear``, whose score-gradient kernel applies
+    gradient dropout through the slot (else dropout is applied after the backward)."""
 
     kind = "masks"
     merge_note = _NO_UNMERGE
+    fused = True
 
     def _init_mask(self, weight: torch.Tensor, cfg: MaskConfig):
         self.config = cfg
@@ -63,7 +74,7 @@ class _Masked(TunerLayer, nn.Module):
 
     @torch.no_grad()
     def merge(self):
-        """``W <- W * [S > tau]`` in the frozen weight; the layer then computes its plain linear."""
+        """``W <- W * [S > tau]`` in the frozen weight; the layer then computes its plain module."""
         if not self.merged:
             w = self.base.weight
             w.mul_(binary_mask(self.scores, self.threshold).view(w.shape).to(w.dtype))
@@ -71,12 +82,20 @@ class _Masked(TunerLayer, nn.Module):
 
 
 class MaskedLinear(WrapsLinear, _Masked):
-    """``x (W * [S > tau])^T + b`` on the plain linear ``base`` (an ``nn.Linear`` or an attention projection)."""
+    """``x (W * [S > tau])^T + b`` on the plain linear ``base`` (an ``nn.Linear`` or an attention projection),
+    through the fused ``masked_linear``."""
 
     def __init__(self, base: nn.Module, cfg: MaskConfig):
         super().__init__()
         self.base = base
         self._init_mask(base.weight, cfg)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, threshold: float = 5e-3, init: float = 1e-2, freeze: bool = True):
+        """A masked layer on ``linear`` (held by reference, its weight not copied), every mask on (scores =
+        ``init`` > ``threshold``); ``freeze`` turns off the linear's own gradients, so only the scores train."""
+        _check_init(init, threshold)
+        return cls(standalone_base(linear, LINEAR_TYPES, "linear", freeze), MaskConfig(threshold=threshold, init=init))
 
     def forward(self, x):
         self._check_bypass()
@@ -85,28 +104,55 @@ class MaskedLinear(WrapsLinear, _Masked):
         return self._ml(x, self.base.weight, self.scores, self.base.bias)
 
 
-class MaskedPatchEmbed(_Masked):
-    """A stride = kernel conv as a masked matmul over flattened patches (bit-for-bit the same contraction)."""
+def is_patch_conv(conv: nn.Conv2d) -> bool:
+    """stride = kernel, no padding, one group, no dilation: the conv is a matmul over disjoint patches."""
+    return (tuple(conv.stride) == tuple(conv.kernel_size) and conv.padding in ((0, 0), 0, "valid")
+            and conv.groups == 1 and tuple(conv.dilation) == (1, 1))
+
+
+class MaskedConv2d(WrapsLinear, _Masked):
+    """``conv2d(x, W * [S > tau], b)`` on the plain ``nn.Conv2d`` ``base``. A patch conv (stride = kernel, no
+    padding, one group, no dilation; a ViT patch embedding) runs as the fused masked matmul over flattened
+    patches (bit for bit the same contraction); any other conv runs the reference path, the conv of the
+    straight-through masked weight (``fused`` is False: gradient dropout is applied after the backward)."""
 
     def __init__(self, base: nn.Conv2d, cfg: MaskConfig):
         super().__init__()
-        if base.stride != base.kernel_size or base.padding not in ((0, 0), 0) or base.groups != 1 or base.dilation != (1, 1):
-            raise ValueError("patch embedding must be a conv with stride = kernel, no padding, groups=1, dilation=1")
+        if not isinstance(base, nn.Conv2d):
+            raise TypeError(f"base must be an nn.Conv2d, got {type(base).__name__}")
         self.base = base
+        self.fused = is_patch_conv(base)
         self._init_mask(base.weight, cfg)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, threshold: float = 5e-3, init: float = 1e-2, freeze: bool = True):
+        """A masked layer on ``conv`` (held by reference, no copy); see :meth:`MaskedLinear.from_linear`."""
+        _check_init(init, threshold)
+        return cls(standalone_base(conv, (nn.Conv2d,), "conv", freeze), MaskConfig(threshold=threshold, init=init))
 
     def forward(self, x):
         self._check_bypass()
         if self.bypass or self.merged:
             return self.base(x)
+        w = self.base.weight
+        if not self.fused:
+            mask = _StraightThrough.apply(self.scores, self.threshold).to(w.dtype)
+            return self.base._conv_forward(x, w * mask, self.base.bias)
         B, C, H, W = x.shape
         ph, pw = self.base.kernel_size
         gh, gw = H // ph, W // pw
         x = x[:, :, : gh * ph, : gw * pw]
         patches = x.reshape(B, C, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, C * ph * pw)
-        w = self.base.weight
         y = self._ml(patches, w.view(w.shape[0], -1), self.scores.view(w.shape[0], -1), self.base.bias)
         return y.permute(0, 2, 1).reshape(B, w.shape[0], gh, gw)
+
+
+MaskedPatchEmbed = MaskedConv2d  # the patch-embedding name, kept for callers that use it
+
+
+def _check_init(init, threshold):
+    if init <= threshold:
+        raise ValueError(f"init ({init}) must exceed threshold ({threshold}) so masks start at 1")
 
 
 class ScoreMask(TunerLayer, nn.Module):
@@ -135,35 +181,47 @@ class ScoreMask(TunerLayer, nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def apply_masks(model: nn.Module, config: MaskConfig | None = None) -> nn.Module:
-    """Patch ``model.visual`` in place; only the scores (and other tuners' parameters) train. Returns the model."""
-    from open_clip.modified_resnet import ModifiedResNet
-    from open_clip.transformer import VisionTransformer
+#: the site types masks patch (fastvlm/tuners/targets.py); "direct": a linear whose parent reads its weight
+#: without calling it (open_clip's attention pool), masked through a parametrization
+SUPPORTED = {"linear": "nn.Linear", "conv": "nn.Conv2d", "attn_in": "nn.MultiheadAttention",
+             "attn_out": "nn.MultiheadAttention", "direct": "nn.Linear"}
 
+
+def mask_sites(model: nn.Module, cfg: MaskConfig):
+    """The sites ``cfg`` selects: its ``target_modules``, else the preset of the model's architecture (the
+    image tower's patch embedding, attention and MLP as the flags say; an open_clip ResNet: every conv and
+    linear of ``model.visual``)."""
+    def preset():
+        arch = require_architecture(model, "apply_masks")
+        if arch is OPEN_CLIP_RESNET:
+            return [s.name for s in survey(model).sites if s.name.startswith("visual.")]
+        roles = (("patch_embed",) if cfg.patch_embed else ()) + (("attn_in", "attn_out") if cfg.attention else ()) \
+            + (("mlp_fc", "mlp_proj") if cfg.mlp else ())
+        return preset_targets(model, roles, ("visual",), "apply_masks")
+
+    return select(model, cfg.target_modules, preset, SUPPORTED, "apply_masks")
+
+
+def apply_masks(model: nn.Module, config: MaskConfig | None = None, target_modules=None) -> nn.Module:
+    """Put masks on the sites of ``config`` (``target_modules``, when given, replaces its targets); only the
+    scores (and other tuners' parameters) train. Everything is checked before anything is patched. Returns
+    the model."""
     cfg = config or MaskConfig()
-    if cfg.init <= cfg.threshold:
-        raise ValueError(f"init ({cfg.init}) must exceed threshold ({cfg.threshold}) so masks start at 1")
-    visual = getattr(model, "visual", None)
-    if not isinstance(visual, (VisionTransformer, ModifiedResNet)):
-        raise ValueError(f"apply_masks: cannot patch an image encoder of type {type(visual).__name__}; "
-                         "supported: open_clip VisionTransformer and ModifiedResNet")
+    if target_modules is not None:
+        cfg = dataclasses.replace(cfg, target_modules=target_modules)
+    _check_init(cfg.init, cfg.threshold)
+    sites = mask_sites(model, cfg)
+    resnet = "visual." if architecture_of(model) is OPEN_CLIP_RESNET else None
 
     def patch():
-        if isinstance(visual, VisionTransformer):
-            if cfg.patch_embed:
-                visual.conv1 = MaskedPatchEmbed(visual.conv1, cfg)
-            for blk in visual.transformer.resblocks:
-                if cfg.attention:
-                    attn = patched_attention(blk)
-                    wrap_site(attn, "in_proj", lambda m: MaskedLinear(m, cfg), innermost_only=True)
-                    wrap_site(attn, "out_proj", lambda m: MaskedLinear(m, cfg), innermost_only=True)
-                if cfg.mlp:
-                    wrap_site(blk.mlp, "c_fc", lambda m: MaskedLinear(m, cfg), innermost_only=True)
-                    wrap_site(blk.mlp, "c_proj", lambda m: MaskedLinear(m, cfg), innermost_only=True)
-        else:
-            for name, mod in list(visual.named_modules()):
-                if isinstance(mod, (nn.Conv2d, nn.Linear)):
-                    parametrize.register_parametrization(mod, "weight", ScoreMask(mod.weight, cfg))
+        for site in sites:
+            if site.type == "direct" or (resnet and site.name.startswith(resnet)):
+                mod = getattr(site.owner, site.attr)
+                parametrize.register_parametrization(mod, "weight", ScoreMask(mod.weight, cfg))
+            elif site.type == "conv":
+                site.wrap(lambda m: MaskedConv2d(m, cfg), innermost_only=True)
+            else:
+                site.wrap(lambda m: MaskedLinear(m, cfg), innermost_only=True)
 
     # the frozen weights moved under parametrizations (ResNet) are not tuner parameters: attach freezes them
     attach(model, patch, "masks", cfg)
@@ -223,16 +281,16 @@ def gradient_dropout(model: nn.Module, ratio: float, seed_of, reg: float = 0.0):
     On entry each layer's pass-1 gradient g_b is taken out of ``scores.grad``. Fused layers (ViT) get it in
     their private slot: pass 2's score-gradient kernel adds ``reg * S / ||S||`` (the gradient of the
     regulariser ``reg * ||S||_2``, so dropout sees all of g_a), drops it against g_b with seed ``seed_of(i)``
-    and writes the result into g_b's own storage: no second N x K buffer per layer. Parametrized (ResNet)
-    layers keep g_b aside and are dropped on exit, after the backward. Layer i counts fused layers first,
-    in model order, then the parametrized ones.
+    and writes the result into g_b's own storage: no second N x K buffer per layer. Unfused layers (ResNet
+    parametrizations, convs other than stride = kernel) keep g_b aside and are dropped on exit, after the
+    backward. Layer i counts fused layers first, in model order, then the unfused ones.
 
     On exit every slot is empty again, also when the body raises. A fused layer whose slot was not consumed
     (it ran under ``torch.compile``, which cannot carry the slot) is an error: its gradient was not dropped.
     """
     layers = [m for _, m in masked_layers(model)]
-    fused = [m for m in layers if isinstance(m, _Masked)]
-    unfused = [m for m in layers if isinstance(m, ScoreMask)]
+    fused = [m for m in layers if isinstance(m, _Masked) and m.fused]
+    unfused = [m for m in layers if not (isinstance(m, _Masked) and m.fused)]
     g_b = []
     try:
         for i, m in enumerate(fused):

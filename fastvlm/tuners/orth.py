@@ -1,7 +1,9 @@
 """OrthCR (docs/methods.md section 3): block-diagonal orthogonal (Cayley) rotations of frozen weights.
 
-Patches the MLP layers (``c_fc``, ``c_proj``) of both the image and the text encoder of an open_clip model by
-default (attention projections as an option). Each layer ``y = x W^T + b`` becomes
+Patches the MLP layers (open_clip ``c_fc``/``c_proj``, transformers ``fc1``/``fc2``, timm ``mlp.fc1``/``fc2``)
+of both the image and the text encoder by default (attention projections as an option; the presets of
+fastvlm/tuners/targets.py), or the ``nn.Linear`` / ``nn.MultiheadAttention`` modules ``target_modules``
+names. Each layer ``y = x W^T + b`` becomes
 ``y = (x @ blockdiag(R)) W^T + b`` with R exact Cayley rotations of block size b (default 32), starting at
 R = I: the patched model equals the original. ``bypass_rotations(model)`` runs the zero-shot network (no
 second copy); ``merge_rotations`` folds R into W (``W <- W blockdiag(R)^T``) for zero-cost inference and
@@ -14,6 +16,7 @@ plain linear that is ``orthogonal_linear`` (the fused op, which may rotate the w
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -21,9 +24,10 @@ from torch import nn
 
 from ..functional import block_rotate, cayley, orthogonal_linear
 from ..ops.orth import n_params
-from ._attention import patched_attention, route_attention
-from .common import (TunerLayer, WrapsLinear, attach, blocks_of, bypassed, is_plain, load_tuners, merge,
-                     recompute_towers, save_tuners, tuner_layers, unmerge, wrap_site)
+from ._attention import route_attention
+from .common import (LINEAR_TYPES, TunerLayer, WrapsLinear, attach, blocks_of, bypassed, is_plain, load_tuners,
+                     merge, recompute_towers, save_tuners, standalone_base, tuner_layers, unmerge)
+from .targets import LINEAR_SITES, OPEN_CLIP, architecture_of, preset_targets, select
 
 
 @dataclass
@@ -34,6 +38,8 @@ class OrthConfig:
     towers: tuple = ("visual", "text")
     neumann_terms: int | None = None  # None: exact Cayley transform
     recompute: bool = False  # recompute each tuned block's activations in backward (open_clip's checkpointing)
+    #: names / suffixes or a regular expression (fastvlm/tuners/targets.py); None: the preset from the flags
+    target_modules: tuple | str | None = None
 
 
 class OrthLinear(WrapsLinear, TunerLayer, nn.Module):
@@ -51,6 +57,14 @@ class OrthLinear(WrapsLinear, TunerLayer, nn.Module):
         self.block_size, self.neumann_terms = b, cfg.neumann_terms
         self.bypass = self.merged = False
         self.params = nn.Parameter(torch.zeros(width // b, n_params(b), device=self.weight.device))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, block_size: int = 32, neumann_terms: int | None = None,
+                    freeze: bool = True):
+        """A rotated layer on ``linear`` (held by reference, its weight not copied), R = I at start;
+        ``freeze`` turns off the linear's own gradients, so only the rotation trains."""
+        base = standalone_base(linear, LINEAR_TYPES, "linear", freeze)
+        return cls(base, OrthConfig(block_size=block_size, neumann_terms=neumann_terms), "linear")
 
     def _rot(self, params=None):
         return cayley(self.params if params is None else params, self.block_size, self.neumann_terms)
@@ -91,26 +105,39 @@ class OrthLinear(WrapsLinear, TunerLayer, nn.Module):
         w.copy_(torch.linalg.solve(r, wb).permute(2, 0, 1).reshape(w.shape).to(w.dtype))
 
 
-def apply_orth(model: nn.Module, config: OrthConfig | None = None) -> nn.Module:
-    """Patch in place; only the rotation parameters (and other tuners' parameters) train. Returns the model."""
+def apply_orth(model: nn.Module, config: OrthConfig | None = None, target_modules=None) -> nn.Module:
+    """Rotate the sites of ``config`` (``target_modules``, when given, replaces its targets); only the rotation
+    parameters (and other tuners' parameters) train. Everything is checked before anything is patched.
+    Returns the model."""
     cfg = config or OrthConfig()
-    try:
-        blocks = blocks_of(model, cfg.towers)
-    except ValueError as e:
-        raise ValueError(f"apply_orth: {e} (use towers=('text',) for ResNet models)") from None
+    if target_modules is not None:
+        cfg = dataclasses.replace(cfg, target_modules=target_modules)
+    blocks = []
+
+    def preset():
+        roles = (("mlp_fc", "mlp_proj") if cfg.mlp else ()) + (("attn_in", "attn_out") if cfg.attention else ())
+        try:
+            names = preset_targets(model, roles, cfg.towers, "apply_orth")
+            if architecture_of(model) in OPEN_CLIP:
+                blocks.extend(blocks_of(model, cfg.towers))
+        except ValueError as e:
+            raise ValueError(f"apply_orth: {e} (use towers=('text',) for ResNet models)") from None
+        return names
+
+    sites = select(model, cfg.target_modules, preset, LINEAR_SITES, "apply_orth")
+    for site in sites:
+        if site.in_features % cfg.block_size:
+            raise ValueError(f"block_size={cfg.block_size} must divide the input width {site.in_features} of "
+                             f"{site.name}")
+    if cfg.recompute and architecture_of(model) not in OPEN_CLIP:
+        raise ValueError("apply_orth: recompute=True uses open_clip's block checkpointing: open_clip models only")
 
     def patch():
         route_attention(blocks)
         if cfg.recompute:
             recompute_towers(model, cfg.towers)
-        for where, blk in blocks:
-            if cfg.mlp:
-                wrap_site(blk.mlp, "c_fc", lambda m: OrthLinear(m, cfg, f"{where}.mlp.c_fc"))
-                wrap_site(blk.mlp, "c_proj", lambda m: OrthLinear(m, cfg, f"{where}.mlp.c_proj"))
-            if cfg.attention:
-                attn = patched_attention(blk)
-                wrap_site(attn, "in_proj", lambda m: OrthLinear(m, cfg, f"{where}.attn.in_proj"))
-                wrap_site(attn, "out_proj", lambda m: OrthLinear(m, cfg, f"{where}.attn.out_proj"))
+        for site in sites:
+            site.wrap(lambda m: OrthLinear(m, cfg, site.name))
 
     attach(model, patch, "orth", cfg)
     return model
