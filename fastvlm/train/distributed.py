@@ -9,7 +9,7 @@ than the all-reduce it would need: every rank runs it whole (``train_taskres``).
 RMT's gradient dropout is not linear in the gradients: it must act on the gradients averaged over ranks,
 with the same random stream on every rank. The fused single-process path (GradSlot, dropout inside the
 score-gradient kernel, pass 1's buffer consumed in place) cannot do that inside backward, so
-:func:`rmt_step_distributed` takes both gradients with ``autograd.grad``, all-reduces them, and applies
+:func:`~fastvlm.train.rmt.rmt_step_distributed` takes both gradients with ``autograd.grad``, all-reduces them, and applies
 ``grad_dropout`` to the averages layer by layer. It holds two gradient buffers per masked layer (g_a and
 g_b) where the fused step holds one. DDP's own reducer expects one backward per forward, so this step does
 not wrap the model in DDP: it averages the score gradients itself.
@@ -18,34 +18,8 @@ not wrap the model in DDP: it averages the score gradients itself.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-from ..functional import grad_dropout
-from .rmt import RMTRecipe, layer_seed, rmt_losses
-
-
-def average(tensors, group=None) -> None:
-    """All-reduce each tensor in place to its mean over the ranks."""
-    world = dist.get_world_size(group)
-    for t in tensors:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-        t.div_(world)
-
-
-def rmt_step_distributed(model, images, labels, classifier, optimizer, recipe: RMTRecipe, step: int,
-                         group=None) -> dict:
-    """One two-pass RMT step on this rank's part of the batch, with gradient dropout on the rank-averaged
-    gradients (identical seeds on every rank, so every rank applies the same update)."""
-    ce, l_kl, reg, scores = rmt_losses(model, images, labels, classifier, recipe)
-    g_b = list(torch.autograd.grad(l_kl, scores, retain_graph=True))
-    g_a = list(torch.autograd.grad(ce + reg, scores))
-    average(g_b, group)
-    average(g_a, group)  # mean of the ranks' CE gradients + the reg gradient, the same on every rank
-    for i, (s, ga, gb) in enumerate(zip(scores, g_a, g_b)):
-        s.grad = grad_dropout(ga, gb, recipe.drop_ratio, layer_seed(recipe.seed, step, i)) if recipe.drop_ratio else ga
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {"ce": ce.item(), "kl": l_kl.item(), "reg": reg.item(), "loss_a": ce.item() + reg.item()}
+from .rmt import rmt_step_distributed  # noqa: F401  (kept here with the rest of the multi-process API)
 
 
 def data_parallel(module: torch.nn.Module, ranks) -> torch.nn.Module:

@@ -14,8 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..functional import grad_dropout
 from ..models import encode_image
 from ..tuners.mask import bypass_masks, gradient_dropout, score_parameters
 from .common import epochs_of, loader_generator, run_epochs, warmup_cosine
@@ -71,6 +73,30 @@ def rmt_step(model, images, labels, classifier, optimizer, recipe: RMTRecipe, st
     return {"ce": ce.item(), "kl": l_kl.item(), "reg": reg.item(), "loss_a": ce.item() + reg.item()}
 
 
+def _rank_mean(tensors, group=None) -> None:
+    """All-reduce each tensor in place to its mean over the ranks."""
+    world = dist.get_world_size(group)
+    for t in tensors:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        t.div_(world)
+
+
+def rmt_step_distributed(model, images, labels, classifier, optimizer, recipe: RMTRecipe, step: int,
+                         group=None) -> dict:
+    """One two-pass RMT step on this rank's part of the batch, with gradient dropout on the rank-averaged
+    gradients (identical seeds on every rank, so every rank applies the same update)."""
+    ce, l_kl, reg, scores = rmt_losses(model, images, labels, classifier, recipe)
+    g_b = list(torch.autograd.grad(l_kl, scores, retain_graph=True))
+    g_a = list(torch.autograd.grad(ce + reg, scores))
+    _rank_mean(g_b, group)
+    _rank_mean(g_a, group)  # mean of the ranks' CE gradients + the reg gradient, the same on every rank
+    for i, (s, ga, gb) in enumerate(zip(scores, g_a, g_b)):
+        s.grad = grad_dropout(ga, gb, recipe.drop_ratio, layer_seed(recipe.seed, step, i)) if recipe.drop_ratio else ga
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"ce": ce.item(), "kl": l_kl.item(), "reg": reg.item(), "loss_a": ce.item() + reg.item()}
+
+
 def train_rmt(model, classifier, loader, recipe: RMTRecipe, device="cpu", progress=False,
               checkpoint: str | None = None, on_epoch_end=None, ranks=None) -> list[dict]:
     """Adam over the scores, cosine per epoch; returns each epoch's mean losses (a History, with the step
@@ -79,16 +105,13 @@ def train_rmt(model, classifier, loader, recipe: RMTRecipe, device="cpu", progre
     counter are restored).
 
     ranks (a ``fastvlm.dist.Dist``): the loader gives this rank's share of each global batch, and each step
-    is :func:`~fastvlm.train.distributed.rmt_step_distributed` (both gradients averaged over the ranks, then
+    is :func:`rmt_step_distributed` (both gradients averaged over the ranks, then
     dropped, with the same seeds on every rank)."""
     from ..tuners.mask import mask_entries
 
     scores = score_parameters(model)
     opt = torch.optim.Adam(scores, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    if ranks is not None and ranks.enabled:
-        from .distributed import rmt_step_distributed as one_step
-    else:
-        one_step = rmt_step
+    one_step = rmt_step_distributed if ranks is not None and ranks.enabled else rmt_step
 
     def step(batch, index):
         images, labels = batch
