@@ -79,12 +79,17 @@ def realistic_variants():
             v = _pick("orth", "rotate_kernel", dtype=bf16, BLOCK=b)
             launches.append(("orth", v, f"{M}x{K} b={b}", dict(sx_m=K, sx_k=1, sr_r=b * b, sr_j=b, sr_c=1, so_m=K,
                                                              so_k=1, M=M, b=b)))
+    from .kernels.residual import batch_tile, class_tile_variant
+
     for B, K, D in RESIDUAL_SHAPES:
-        for name in ("ce_partial_kernel", "ce_grad_kernel"):
-            v = _pick("residual", name, dtype=f32, PRECISION="ieee")
-            ints = dict(sf_b=D, sf_d=1, st_k=D, st_d=1, sx_k=D, sx_d=1, B=B, K=K, D=D)
-            ints.update(NKB=-(-K // 64)) if name == "ce_partial_kernel" else ints.update(sg_b=K, sg_k=1)
-            launches.append(("residual", v, f"B={B} K={K} D={D}", ints))
+        ints = dict(sf_b=D, sf_d=1, st_k=D, st_d=1, sx_k=D, sx_d=1, B=B, K=K, D=D)
+        for prec in ("ieee", "tf32"):
+            for grad in (False, True):  # the forward's partials, the backward's softmax gradient (one chunk)
+                v = class_tile_variant(f32, batch_tile(B), prec, grad)
+                kc = min(K, 2**21 // max(B, D)) if grad else K  # fastvlm.ops.residual.class_chunk
+                nkb = -(-kc // v.constexprs["BLOCK_N"])
+                launches.append(("residual", v, f"B={B} K={K} D={D}", {
+                    **ints, "K": kc, "NKB": nkb, "NBB": -(-B // batch_tile(B)), "sg_b": kc, "sg_k": 1}))
     out, seen = [], set()
     for family, v, label, ints in launches:
         ints = {k: x for k, x in ints.items() if k in v.kernel.arg_names}

@@ -50,7 +50,7 @@ def test_fp32_launches_take_torchs_precision(launches, matmul_precision, setting
         _run_ops(torch.float32)
     dots = [(n, kw["PRECISION"]) for n, kw in launches if "PRECISION" in kw]
     names = {n for n, _ in dots}
-    assert {"score_grad_kernel", "ce_partial_kernel", "ce_grad_kernel", "matmul_kernel", "rotate_kernel",
+    assert {"score_grad_kernel", "ce_class_tile_kernel", "matmul_kernel", "rotate_kernel",
             "rotate_grad_r_kernel", "cayley_bwd_kernel"} <= names
     assert all(p == expected for _, p in dots), dots
 
