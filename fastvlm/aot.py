@@ -466,8 +466,9 @@ def _grad_dtype(dtype):
     return "tf32" if dtype == "fp16" else dtype
 
 
-def residual_ce_backward_costs(B, K, D, dtype="fp32"):
-    """{path: Cost} of the residual cross-entropy's backward, every input trained. Fused (the Triton path as
+def residual_ce_backward_costs(B, K, D, dtype="fp32", train_features=True, train_base=True):
+    """{path: Cost} of the residual cross-entropy's backward, the residual trained, the features and the
+    base as the flags say (a frozen one drops its matmul / output). Fused (the Triton path as
     launched): per class chunk of Kc = fastvlm.ops.residual.class_chunk(B, D, K) classes, the class-tile
     kernel recomputes G (B x Kc, fp32), the matmul kernel computes d uhat = s G^T fhat (Kc x D fp32 scratch;
     64 x 32 tiles at fp32 dots, 64 x 64 at half), the norm-backward kernel reads that scratch and t, x twice
@@ -483,18 +484,20 @@ def residual_ce_backward_costs(B, K, D, dtype="fp32"):
     mm_tile = (64, 32) if gd in ("fp32", "tf32") else (64, 64)  # kernels/_common.py: MM_FP32, MM_HALF
     kc = class_chunk(B, D, K)
     f_norm_bwd = elementwise(B * D, 4 + 4 + e + e, dtype)  # d fhat, its re-read, f, d f
+    outs = 2 if train_base else 1  # d t and d x, or d x alone
     fused = None
     for k0 in range(0, K, kc):
         c = min(kc, K - k0)
         chunk = (class_tile_cost(B, c, D, dtype, 4 * B * c)
                  + tiled_matmul(c, D, B, a_bytes=4, b_bytes=e, out_bytes=4, tile=mm_tile, dtype=gd)
-                 + elementwise(c * D, 2 * 4 + 2 * 2 * e + 2 * e, dtype)
-                 + tiled_matmul(B, D, c, a_bytes=4, b_bytes=2 * e, out_bytes=8, tile=mm_tile, dtype=gd))
+                 + elementwise(c * D, 2 * 4 + 2 * 2 * e + outs * e, dtype))
+        if train_features:
+            chunk = chunk + tiled_matmul(B, D, c, a_bytes=4, b_bytes=2 * e, out_bytes=8, tile=mm_tile, dtype=gd)
         fused = chunk if fused is None else fused + chunk
-    fused = fused + f_norm_bwd
-    comp = (elementwise(B * K, 8, dtype) + gemm(K, D, B, dtype) + gemm(B, D, K, dtype)
-            + elementwise(K * D, 2 * e, dtype) + elementwise(K * D, 3 * e, dtype) + elementwise(K * D, 2 * e, dtype)
-            + f_norm_bwd)
+    comp = (elementwise(B * K, 8, dtype) + gemm(K, D, B, dtype) + elementwise(K * D, 2 * e, dtype)
+            + elementwise(K * D, 3 * e, dtype) + elementwise(K * D, 2 * e, dtype))
+    if train_features:
+        fused, comp = fused + f_norm_bwd, comp + gemm(B, D, K, dtype) + f_norm_bwd
     return {"fused": fused, "composition": comp}
 
 
