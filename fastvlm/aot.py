@@ -79,17 +79,23 @@ def realistic_variants():
             v = _pick("orth", "rotate_kernel", dtype=bf16, BLOCK=b)
             launches.append(("orth", v, f"{M}x{K} b={b}", dict(sx_m=K, sx_k=1, sr_r=b * b, sr_j=b, sr_c=1, so_m=K,
                                                              so_k=1, M=M, b=b)))
-    from .kernels.residual import batch_tile, class_tile_variant
+    import triton.language as tl
+
+    from .kernels.residual import backward_chunk_classes, batch_tile, class_tile_variant, norm_grad_variant
 
     for B, K, D in RESIDUAL_SHAPES:
         ints = dict(sf_b=D, sf_d=1, st_k=D, st_d=1, sx_k=D, sx_d=1, B=B, K=K, D=D)
         for prec in ("ieee", "tf32"):
             for grad in (False, True):  # the forward's partials, the backward's softmax gradient (one chunk)
                 v = class_tile_variant(f32, batch_tile(B), prec, grad)
-                kc = min(K, 2**21 // max(B, D)) if grad else K  # fastvlm.ops.residual.class_chunk
+                kc = backward_chunk_classes(B, D, K) if grad else K
                 nkb = -(-kc // v.constexprs["BLOCK_N"])
                 launches.append(("residual", v, f"B={B} K={K} D={D}", {
                     **ints, "K": kc, "NKB": nkb, "NBB": -(-B // batch_tile(B)), "sg_b": kc, "sg_k": 1}))
+            v = norm_grad_variant(f32, tl.float32, prec, False, True)  # TaskRes: the residual alone trains
+            kc = backward_chunk_classes(B, D, K)
+            launches.append(("residual", v, f"B={B} K={K} D={D}", {
+                **ints, "K": kc, "NBB": -(-B // batch_tile(B)), "sg_b": kc, "sg_k": 1, "sdt_k": D, "sdx_k": D}))
     out, seen = [], set()
     for family, v, label, ints in launches:
         ints = {k: x for k, x in ints.items() if k in v.kernel.arg_names}
@@ -468,29 +474,33 @@ def _grad_dtype(dtype):
 
 def residual_ce_backward_costs(B, K, D, dtype="fp32", train_features=True, train_base=True):
     """{path: Cost} of the residual cross-entropy's backward, the residual trained, the features and the
-    base as the flags say (a frozen one drops its matmul / output). Fused (the Triton path as
-    launched): per class chunk of Kc = fastvlm.ops.residual.class_chunk(B, D, K) classes, the class-tile
-    kernel recomputes G (B x Kc, fp32), the matmul kernel computes d uhat = s G^T fhat (Kc x D fp32 scratch;
-    64 x 32 tiles at fp32 dots, 64 x 64 at half), the norm-backward kernel reads that scratch and t, x twice
-    (its two passes) and writes d t and d x, and the matmul kernel accumulates d fhat += s G uhat (B x D fp32);
-    then the features' norm backward. Composition (the eager reference's autograd at its best): the softmax
-    gradient from the kept log-probabilities (B x K, read and written in fp32), cuBLAS d uhat = G^T fhat
-    and d fhat = G uhat, the normalisation backward of u (a reduction pass, then a pass writing d u) and
-    d residual = alpha d u, the features' norm backward."""
-    from .ops.residual import class_chunk
+    base as the flags say (a frozen one drops its matmul / output). Fused (the Triton path as launched): per
+    class chunk (kernels/residual.py: backward_chunk_classes), the class-tile kernel recomputes
+    G (B x Kc, fp32) and its sums of G * logit per batch tile, norm_grad_kernel computes d uhat = s G^T fhat
+    tile by tile with the normalisation backward in its epilogue (G^T re-read once per column tile of D, f
+    once per 64-class tile, t and x read and d t, d x written once; 64 x 32 tiles at fp32 dots, 64 x 64 at
+    half), and the matmul kernel accumulates d fhat += s G uhat (B x D fp32); then the features' norm
+    backward. Composition (the eager reference's autograd at its best): the softmax gradient from the kept
+    log-probabilities (B x K, read and written in fp32), cuBLAS d uhat = G^T fhat and d fhat = G uhat, the
+    normalisation backward of u (a reduction pass, then a pass writing d u) and d residual = alpha d u, the
+    features' norm backward."""
+    from .kernels.residual import backward_chunk_classes
 
     e = BYTES[dtype]
     gd = _grad_dtype(dtype)
     mm_tile = (64, 32) if gd in ("fp32", "tf32") else (64, 64)  # kernels/_common.py: MM_FP32, MM_HALF
-    kc = class_chunk(B, D, K)
+    kc = backward_chunk_classes(B, D, K)
+    nbb = _cdiv(B, _class_tiles(B, K, dtype)[1])
     f_norm_bwd = elementwise(B * D, 4 + 4 + e + e, dtype)  # d fhat, its re-read, f, d f
     outs = 2 if train_base else 1  # d t and d x, or d x alone
     fused = None
     for k0 in range(0, K, kc):
         c = min(kc, K - k0)
-        chunk = (class_tile_cost(B, c, D, dtype, 4 * B * c)
-                 + tiled_matmul(c, D, B, a_bytes=4, b_bytes=e, out_bytes=4, tile=mm_tile, dtype=gd)
-                 + elementwise(c * D, 2 * 4 + 2 * 2 * e + outs * e, dtype))
+        gdot = 4 * nbb * c
+        fold = tiled_matmul(c, D, B, a_bytes=4, b_bytes=e, out_bytes=(2 + outs) * e, tile=mm_tile, dtype=gd)
+        fold.hbm += gdot
+        fold.l2 += gdot * _cdiv(D, mm_tile[1])
+        chunk = class_tile_cost(B, c, D, dtype, 4 * B * c + gdot) + fold
         if train_features:
             chunk = chunk + tiled_matmul(B, D, c, a_bytes=4, b_bytes=2 * e, out_bytes=8, tile=mm_tile, dtype=gd)
         fused = chunk if fused is None else fused + chunk
@@ -510,7 +520,8 @@ RESIDUAL_SHAPES = [(256, k, d) for k in (1000, 21843) for d in (512, 1024)]
 def projection_table(dtype="bf16") -> list[dict]:
     """Per op, pass and shape: modelled time of each path (``<path>_us``) and the path the ops dispatch to
     (``chosen``): a projection for an H100 SXM, not a measurement. Linears in ``dtype`` with x (and the
-    scores / rotation) trained; the residual cross-entropy in fp32 inputs at IEEE ("fp32") and TF32 dots."""
+    scores / rotation) trained; the residual cross-entropy in fp32 inputs at IEEE ("fp32") and TF32 dots, its
+    backward with the residual alone trained (TaskRes) and with every input trained ("bwd all")."""
     rows = []
 
     def add(op, shape, dt, costs, chosen):
@@ -526,7 +537,9 @@ def projection_table(dtype="bf16") -> list[dict]:
     for B, K, D in RESIDUAL_SHAPES:
         for dot in ("fp32", "tf32"):
             add("residual_ce fwd", f"B={B} K={K} D={D}", dot, residual_ce_costs(B, K, D, dot), "fused")
-            add("residual_ce bwd", f"B={B} K={K} D={D}", dot, residual_ce_backward_costs(B, K, D, dot), "fused")
+            add("residual_ce bwd", f"B={B} K={K} D={D}", dot,  # TaskRes: the residual alone trains
+                residual_ce_backward_costs(B, K, D, dot, train_features=False, train_base=False), "fused")
+            add("residual_ce bwd all", f"B={B} K={K} D={D}", dot, residual_ce_backward_costs(B, K, D, dot), "fused")
     return rows
 
 

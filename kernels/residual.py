@@ -104,7 +104,7 @@ def batch_tile(B: int) -> int:
 @triton.jit
 def ce_class_tile_kernel(f_ptr, sf_b, sf_d, t_ptr, st_k, st_d, x_ptr, sx_k, sx_d, alpha, scale, eps,
                          y_ptr, rf_ptr, ru_ptr, pmax_ptr, psum_ptr, ptgt_ptr, lse_ptr, w_ptr, g_ptr, sg_b, sg_k,
-                         NKB, NBB, B, K, D,
+                         gdot_ptr, NKB, NBB, B, K, D,
                          GRAD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """The cross-entropy partials of one class tile against a whole batch tile (all of B when B <= 256), in
@@ -115,9 +115,10 @@ def ce_class_tile_kernel(f_ptr, sf_b, sf_d, t_ptr, st_k, st_d, x_ptr, sx_k, sx_d
         logit[b, k] = s acc[b, k] / (max(||f_b||, eps) max(||u_k||, eps))
 
     then per (row, class tile) the max logit, sum exp(logit - max) and the target logit if it falls here
-    (the launcher combines these B x NKB partials into the log-sum-exp: no B x K logits exist). Why: each class tile's rows of t and x are read once per batch tile (once in all
-    when B <= 256) instead of once per 64-row tile, and no separate norm pass reads them again; f (B x D, small)
-    is what is re-read, once per class tile. rf (from the first class tile's blocks) and ru (from the first
+    (the launcher combines these B x NKB partials into the log-sum-exp: no B x K logits exist). Why: each
+    class tile's rows of t and x are read once per batch tile (once in all when B <= 256) instead of once
+    per 64-row tile, and no separate norm pass reads them again; f (B x D, small) is what is re-read, once
+    per class tile. rf (from the first class tile's blocks) and ru (from the first
     batch tile's) are written for the backward. Program order: batch tiles fastest, so the programs that run
     together share one class tile of t and x. 1-D grid of NBB x NKB programs.
 
@@ -125,7 +126,9 @@ def ce_class_tile_kernel(f_ptr, sf_b, sf_d, t_ptr, st_k, st_d, x_ptr, sx_k, sx_d
     G[b, k] = w[b] (exp(logit[b, k] - lse[b]) - [k == y[b]]) into g. The logits come from the same code at the
     same tiles as the forward's, bit for bit, so each row of exp(logit - lse) sums to 1 as the forward's
     log-sum-exp says (a recompute in another tiling rounds differently: with one class, G would be
-    exp(delta) - 1 != 0)."""
+    exp(delta) - 1 != 0). It also writes gdot[pid_b, k] = sum_b G[b, k] logit[b, k] over its batch tile: the
+    sum over all of them is <uhat_k, d uhat_k> (logit = s <fhat_b, uhat_k>, d uhat_k = s sum_b G[b, k]
+    fhat_b), which lets norm_grad_kernel fold the normalisation backward into its matmul's epilogue."""
     pid = tl.program_id(0)
     pid_b = pid % NBB
     pid_k = pid // NBB
@@ -161,9 +164,10 @@ def ce_class_tile_kernel(f_ptr, sf_b, sf_d, t_ptr, st_k, st_d, x_ptr, sx_k, sx_d
     if GRAD:
         lse = tl.load(lse_ptr + offs_b, mask=b_ok, other=0.0)
         w = tl.load(w_ptr + offs_b, mask=b_ok, other=0.0)
-        g = tl.exp(lg - lse[:, None]) - tl.where(offs_k[None, :] == y[:, None], 1.0, 0.0)
-        tl.store(g_ptr + offs_b64[:, None] * sg_b + offs_k64[None, :] * sg_k, g * w[:, None],
-                 mask=b_ok[:, None] & k_ok[None, :])
+        g = (tl.exp(lg - lse[:, None]) - tl.where(offs_k[None, :] == y[:, None], 1.0, 0.0)) * w[:, None]
+        tl.store(g_ptr + offs_b64[:, None] * sg_b + offs_k64[None, :] * sg_k, g, mask=b_ok[:, None] & k_ok[None, :])
+        # padding rows: w = 0, so g = 0 (their logits are 0: a zero row of f times 1 / eps)
+        tl.store(gdot_ptr + pid_b.to(tl.int64) * K + offs_k64, tl.sum(g * lg, axis=0), mask=k_ok)
     else:
         lg = tl.where(k_ok[None, :], lg, float("-inf"))
         mx = tl.max(lg, axis=1)
@@ -210,6 +214,47 @@ def lse_combine_kernel(pmax_ptr, psum_ptr, ptgt_ptr, lse_ptr, tgt_ptr, B, NKB,
 
 
 declare(lse_combine_kernel)
+
+
+@triton.jit
+def norm_grad_kernel(g_ptr, sg_b, sg_k, f_ptr, sf_b, sf_d, rf_ptr, t_ptr, st_k, st_d, x_ptr, sx_k, sx_d, alpha,
+                     ru_ptr, gdot_ptr, scale, dt_ptr, sdt_k, dx_ptr, sdx_k, NBB, B, K, D,
+                     HAS_DT: tl.constexpr, HAS_DX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """d t / d x of one (class tile, D tile), the normalisation backward in the matmul's epilogue:
+
+        d uhat[k, d] = s sum_b G[b, k] f[b, d] rf[b]          (the tile's matmul, over the batch)
+        d u[k, d]    = (d uhat[k, d] - uhat[k, d] dot[k]) ru[k],  uhat = (t + alpha x) ru,
+        dot[k]       = <uhat_k, d uhat_k> = sum_i gdot[i, k]  (ce_class_tile_kernel's sums of G * logit)
+        d t = d u,  d x = alpha d u
+
+    Why: <uhat_k, d uhat_k> needs all of D, which one tile does not have; from gdot it is known before the
+    matmul, so no fp32 K x D scratch is written and read twice (the two-pass norm_backward_kernel), and t
+    and x are read once. 1-D grid (tile_grid) over cdiv(K, BLOCK_M) x cdiv(D, BLOCK_N) tiles."""
+    pid_k, pid_d = tile_ids(tl.program_id(0), K, D, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_k = pid_k * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = pid_d * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_ok = offs_k < K
+    # A = G^T [K, B] (strides swapped), B operand = f [B, D] scaled by rf per batch row (k-scale)
+    acc = mm_tile(g_ptr, sg_k, sg_b, f_ptr, sf_b, sf_d, f_ptr, 0, 0, 0.0, rf_ptr, f_ptr, 0, 0, 0.0,
+                  offs_k, offs_d, K, D, B, False, True, False, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION)
+    dot = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for i in range(0, NBB):
+        dot += tl.load(gdot_ptr + i * K + offs_k, mask=k_ok, other=0.0)
+    ru = tl.load(ru_ptr + offs_k, mask=k_ok, other=0.0)
+    k64 = offs_k.to(tl.int64)
+    d64 = offs_d.to(tl.int64)
+    m = k_ok[:, None] & (offs_d < D)[None, :]
+    u = tl.load(t_ptr + k64[:, None] * st_k + d64[None, :] * st_d, mask=m, other=0.0).to(tl.float32)
+    u += alpha * tl.load(x_ptr + k64[:, None] * sx_k + d64[None, :] * sx_d, mask=m, other=0.0).to(tl.float32)
+    du = (scale * acc - u * (ru * dot)[:, None]) * ru[:, None]
+    if HAS_DT:
+        tl.store(dt_ptr + k64[:, None] * sdt_k + d64[None, :], du.to(dt_ptr.dtype.element_ty), mask=m)
+    if HAS_DX:
+        tl.store(dx_ptr + k64[:, None] * sdx_k + d64[None, :], (alpha * du).to(dx_ptr.dtype.element_ty), mask=m)
+
+
+declare(norm_grad_kernel, {"alpha": "fp32", "scale": "fp32"}, tensor_cores=True)
 #: rows x partial columns per step of lse_combine_kernel
 COMBINE_BLOCK = dict(BLOCK_R=16, BLOCK_C=128, num_warps=4)
 
@@ -232,10 +277,17 @@ def class_tile_variant(d: torch.dtype, block_b: int, precision: str, grad: bool,
                    opts, {"f_ptr": d, "t_ptr": d, "x_ptr": d, "y_ptr": torch.int64}, spec, label)
 
 
+def norm_grad_variant(d: torch.dtype, dot, precision: str, has_dt: bool, has_dx: bool, spec=None, label=""):
+    """The norm_grad_kernel launch for inputs of dtype ``d`` whose matmul runs in ``dot`` (grad_dot_dtype)."""
+    tile, opts = tile_constexprs(dot, {"HAS_DT": has_dt, "HAS_DX": has_dx}, precision=precision)
+    return Variant(norm_grad_kernel, tile, opts, {"f_ptr": d, "t_ptr": d, "x_ptr": d, "dt_ptr": d, "dx_ptr": d},
+                   spec, label)
+
+
 def class_tiles(f, t, x, alpha, scale, target, *, rf=None, ru=None, partials=None, grad=None):
     """Launch ce_class_tile_kernel: the loss partials (``partials`` = (pmax, psum, ptgt) [B, NKB], writing rf
-    [B] and ru [K]) or, with ``grad`` = (lse, w, g [B, K]), the softmax gradient G into g. Returns the
-    config's BLOCK_N."""
+    [B] and ru [K]) or, with ``grad`` = (lse, w, g [B, K], gdot [NBB, K]), the softmax gradient G into g and
+    its per-batch-tile sums of G * logit into gdot. Returns (BLOCK_N, NBB) of the launch."""
     B, D = f.shape
     K = t.shape[0]
     dot = dot_dtype(f, t, x)
@@ -244,15 +296,16 @@ def class_tiles(f, t, x, alpha, scale, target, *, rf=None, ru=None, partials=Non
     block_b = batch_tile(B)
     nkb, nbb = triton.cdiv(K, cfg["BLOCK_N"]), triton.cdiv(B, block_b)
     if partials is None and grad is None:
-        return cfg["BLOCK_N"]
+        return cfg["BLOCK_N"], nbb
     pmax, psum, ptgt = partials if partials is not None else (f, f, f)
-    lse, w, g = grad if grad is not None else (f, f, f)
+    lse, w, g, gdot = grad if grad is not None else (f, f, f, f)
     rf, ru = (f, f) if rf is None else (rf, ru)
     class_tile = ce_class_tile_kernel[tile_grid(nbb, nkb, 1, 1)]
     class_tile(f, f.stride(0), f.stride(1), t, t.stride(0), t.stride(1), x, x.stride(0), x.stride(1),
                float(alpha), float(scale), EPS, target, rf, ru, pmax, psum, ptgt, lse, w, g, g.stride(0), g.stride(1),
-               nkb, nbb, B, K, D, GRAD=grad is not None, BLOCK_B=block_b, DOT_DTYPE=dot, PRECISION=precision, **cfg)
-    return cfg["BLOCK_N"]
+               gdot, nkb, nbb, B, K, D, GRAD=grad is not None, BLOCK_B=block_b, DOT_DTYPE=dot, PRECISION=precision,
+               **cfg)
+    return cfg["BLOCK_N"], nbb
 
 
 @triton.jit
@@ -332,7 +385,7 @@ def forward(features, base, residual, alpha, scale, target=None, out_dtype=None)
                             B, K, D, **cfg)
         return rf, ru, out
     # the loss: one launch of class tiles x whole batch tiles, the norms accumulated in its loop
-    nkb = triton.cdiv(K, class_tiles(f, t, x, alpha, scale, target))
+    nkb = triton.cdiv(K, class_tiles(f, t, x, alpha, scale, target)[0])
     rf = torch.empty(B, device=f.device, dtype=torch.float32)
     ru = torch.empty(K, device=f.device, dtype=torch.float32)
     pmax = torch.empty(B, nkb, device=f.device, dtype=torch.float32)
@@ -343,6 +396,19 @@ def forward(features, base, residual, alpha, scale, target=None, out_dtype=None)
     cfg = COMBINE_BLOCK
     lse_combine_kernel[(triton.cdiv(B, cfg["BLOCK_R"]),)](pmax, psum, ptgt, lse, tgt, B, nkb, **cfg)
     return rf, ru, (lse, tgt)
+
+
+#: elements of the softmax gradient G (B x chunk, fp32) one backward class chunk may hold on the Triton
+#: path: 2^23 (32 MB), four times the torch path's budget, because each chunk costs three launches and its
+#: matmuls re-read G per tile: at K = 21843, D = 1024 that is 3 chunks instead of 11 (fastvlm.aot models the
+#: backward: 380 vs 456 us at TF32, all inputs trained), still a fraction of t and x (179 MB there).
+BACKWARD_CHUNK_ELEMENTS = 1 << 23
+
+
+def backward_chunk_classes(B: int, D: int, K: int) -> int:
+    """Classes per backward chunk on the Triton path (BACKWARD_CHUNK_ELEMENTS over max(B, D), as the torch
+    path's class_chunk)."""
+    return max(1, min(K, BACKWARD_CHUNK_ELEMENTS // max(B, D, 1)))
 
 
 def backward_prologue(features, rf, scale):
@@ -368,25 +434,37 @@ def grad_precision(dot, *tensors) -> str:
 
 
 def backward_chunk(rows, chunk, g, ce):
-    """One class chunk (``rows``, ``chunk``: fastvlm.ops.residual's Rows and ClassChunk): G (the recomputed
-    softmax gradient when g is None), d uhat = s G^T fhat into a chunk scratch, its normalisation backward
-    into chunk.dbase / chunk.dresidual, and rows.dfhat += s G uhat_c."""
+    """One class chunk (``rows``, ``chunk``: fastvlm.ops.residual's Rows and ClassChunk) into chunk.dbase /
+    chunk.dresidual and rows.dfhat += s G uhat_c. The cross-entropy (g is None): G recomputed with its sums
+    of G * logit, then d t / d x by norm_grad_kernel (the norm backward in the matmul's epilogue). An
+    upstream g (residual_logits): d uhat = s G^T fhat into a chunk scratch, then its normalisation
+    backward."""
     f, rf, alpha, scale, dfhat = rows.features, rows.rf, rows.alpha, rows.scale, rows.dfhat
     tc, xc, ruc, dt_c, dx_c = chunk.base, chunk.residual, chunk.ru, chunk.dbase, chunk.dresidual
     B, D = f.shape
     Kc = tc.shape[0]
+    dot = grad_dot_dtype(f, tc, xc)
+    precision = grad_precision(dot, f, tc, xc)
     if g is None:  # recomputed by the forward's own class tiles (bit for bit its logits)
         tgt, lse, w = ce
         g = torch.empty(B, Kc, device=f.device, dtype=torch.float32)
-        class_tiles(f, tc, xc, alpha, scale, tgt, grad=(lse, w, g))
-    dot = grad_dot_dtype(f, tc, xc)
-    if dt_c is not None or dx_c is not None:
+        gdot = torch.empty(class_tiles(f, tc, xc, alpha, scale, tgt)[1], Kc, device=f.device, dtype=torch.float32)
+        class_tiles(f, tc, xc, alpha, scale, tgt, grad=(lse, w, g, gdot))
+        if dt_c is not None or dx_c is not None:  # the norm backward folded into the d uhat matmul
+            cfg = mm_config(dot)
+            dt_, dx_ = (dt_c if dt_c is not None else dx_c), (dx_c if dx_c is not None else dt_c)
+            norm_grad_kernel[tile_grid(Kc, D, cfg["BLOCK_M"], cfg["BLOCK_N"])](
+                g, g.stride(0), g.stride(1), f, f.stride(0), f.stride(1), rf, tc, tc.stride(0), tc.stride(1),
+                xc, xc.stride(0), xc.stride(1), float(alpha), ruc, gdot, float(scale), dt_, dt_.stride(0),
+                dx_, dx_.stride(0), gdot.shape[0], B, Kc, D, HAS_DT=dt_c is not None, HAS_DX=dx_c is not None,
+                DOT_DTYPE=dot, PRECISION=precision, **cfg)
+    elif dt_c is not None or dx_c is not None:  # an upstream gradient (residual_logits): no logits to sum
         duh = torch.empty(Kc, D, device=f.device, dtype=torch.float32)
-        matmul(g.t(), f, duh, alpha=scale, kscale=rf, dot=dot, precision=grad_precision(dot, f, tc, xc))
+        matmul(g.t(), f, duh, alpha=scale, kscale=rf, dot=dot, precision=precision)
         _norm_backward(duh, tc, ruc, b=xc, beta=alpha, out1=dt_c, scale1=1.0, out2=dx_c, scale2=alpha)
     if dfhat is not None:
         matmul(g, tc, dfhat, alpha=scale, b2=xc, beta=alpha, kscale=ruc, accumulate=True, dot=dot,
-               precision=grad_precision(dot, f, tc, xc))
+               precision=precision)
 
 
 def norm_backward(dvhat, a, r, out):
@@ -420,6 +498,11 @@ def variants():
     for flags, ptrs, _ in grad_mm:  # fp16 inputs: fp32 dots on TF32 inputs (grad_dot_dtype)
         out.append(Variant(matmul_kernel, *tile_constexprs(tl.float32, flags, precision="tf32"),
                            ptrs=ptrs(torch.float16)))
+    for d, dot, precs in ((f32, tl.float32, ("ieee", "tf32")), (torch.bfloat16, tl.bfloat16, ("ieee",)),
+                          (torch.float16, tl.float32, ("tf32",))):  # fp16: fp32 dots on TF32 (grad_dot_dtype)
+        for prec in precs:
+            for has_dt, has_dx in ((True, True), (True, False), (False, True)):
+                out.append(norm_grad_variant(d, dot, prec, has_dt, has_dx))
     out.append(Variant(lse_combine_kernel, {k: COMBINE_BLOCK[k] for k in ("BLOCK_R", "BLOCK_C")},
                        {"num_warps": COMBINE_BLOCK["num_warps"]}))
     rows = {"BLOCK_R": ROW_BLOCK["BLOCK_R"], "BLOCK_C": ROW_BLOCK["BLOCK_C"]}

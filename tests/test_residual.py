@@ -199,14 +199,14 @@ def test_triton_backward_chunks_off_the_class_tiles(monkeypatch):
     """Backward class chunks of 13 classes (not a multiple of the class tile) recompute the softmax
     gradient chunk by chunk: the gradients still match the reference."""
     import fastvlm
-    import fastvlm.ops.residual as R
+    from fastvlm.kernels import residual as kernels
 
-    monkeypatch.setattr(R, "CHUNK_ELEMENTS", 13 * 32)  # max(B, D) = 32: chunks of 13 classes
+    monkeypatch.setattr(kernels, "BACKWARD_CHUNK_ELEMENTS", 13 * 32)  # max(B, D) = 32: chunks of 13 classes
     f, t, x, y = _inputs(8, 37, 32, seed=22)
     with fastvlm.backend("triton"):
         check_op_against_reference(
-            lambda f, t, x: residual_cross_entropy(f, t, x, y), lambda f, t, x: residual_cross_entropy_reference(f, t, x, y),
-            [f, t, x], torch.float32)
+            lambda f, t, x: residual_cross_entropy(f, t, x, y),
+            lambda f, t, x: residual_cross_entropy_reference(f, t, x, y), [f, t, x], torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -239,3 +239,17 @@ def test_triton_loss_combines_more_partials_than_one_step(monkeypatch):
             lambda f, t, x: residual_cross_entropy(f, t, x, y, 0.5, 100.0, "none"),
             lambda f, t, x: residual_cross_entropy_reference(f, t, x, y, 0.5, 100.0, "none"),
             [f, t, x], torch.float32)
+
+
+@pytest.mark.parametrize("trained", ["base", "residual"])
+def test_triton_base_or_residual_alone(trained):
+    """The folded norm backward writes d base only, or d residual only, as asked."""
+    import fastvlm
+
+    f, t, x, y = _inputs(5, 40, 24, seed=25)
+    f = f.detach()
+    (t if trained == "residual" else x).requires_grad_(False)
+    with fastvlm.backend("triton"):
+        check_op_against_reference(
+            lambda f, t, x: residual_cross_entropy(f, t, x, y),
+            lambda f, t, x: residual_cross_entropy_reference(f, t, x, y), [f, t, x], torch.float32)
