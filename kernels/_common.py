@@ -28,7 +28,8 @@ from .._backend import interpreting
 #: matmul tiles by dot dtype: one config each, no autotuning, so the first step is as fast as the last and
 #: compile time is predictable (autotuning is a known source of slow first steps and out-of-memory reports in
 #: other kernel libraries). Chosen with `fastvlm kernels`: IEEE fp32 dots at 64x64x32 spill on sm_80 and
-#: sm_90a (255 registers), 64x32x16 does not; a heavy epilogue (the Philox dropout) needs 8 warps at 64x64.
+#: sm_90a (255 registers), 64x32x16 does not; a heavy epilogue (the Philox dropout,
+#: in two column sub-tiles) runs 8 warps at 64x64: 114 registers, two blocks per SM on sm_90a.
 MM_HALF = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
 MM_FP32 = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2)
 

@@ -398,10 +398,10 @@ def forward(features, base, residual, alpha, scale, target=None, out_dtype=None)
     return rf, ru, (lse, tgt)
 
 
-#: elements of the softmax gradient G (B x chunk, fp32) one backward class chunk may hold on the Triton
-#: path: 2^23 (32 MB), four times the torch path's budget, because each chunk costs three launches and its
-#: matmuls re-read G per tile: at K = 21843, D = 1024 that is 3 chunks instead of 11 (fastvlm.aot models the
-#: backward: 380 vs 456 us at TF32, all inputs trained), still a fraction of t and x (179 MB there).
+#: a backward class chunk on the Triton path holds chunk x max(B, D) <= 2^23 elements, four times the torch
+#: path's budget: its one buffer is the softmax gradient G (B x chunk fp32, at most 32 MB; 8 MB at B = 256,
+#: D = 1024, K = 21843, where t and x are 179 MB), and each chunk costs three launches whose matmuls re-read
+#: G per tile: 3 chunks instead of 11 there (fastvlm.aot models 380 vs 456 us at TF32, all inputs trained).
 BACKWARD_CHUNK_ELEMENTS = 1 << 23
 
 
