@@ -297,9 +297,11 @@ def class_tiles(f, t, x, alpha, scale, target, *, rf=None, ru=None, partials=Non
     nkb, nbb = triton.cdiv(K, cfg["BLOCK_N"]), triton.cdiv(B, block_b)
     if partials is None and grad is None:
         return cfg["BLOCK_N"], nbb
-    pmax, psum, ptgt = partials if partials is not None else (f, f, f)
-    lse, w, g, gdot = grad if grad is not None else (f, f, f, f)
-    rf, ru = (f, f) if rf is None else (rf, ru)
+    # the other mode's pointers get an fp32 buffer of this launch (unused), so every launch of one mode and
+    # dtype is one compiled specialisation, the one variants() lists (fp32 where it names no dtype)
+    lse, w, g, gdot = grad if grad is not None else (partials[0],) * 4
+    pmax, psum, ptgt = partials if partials is not None else (g, g, g)
+    rf, ru = (g, g) if rf is None else (rf, ru)
     class_tile = ce_class_tile_kernel[tile_grid(nbb, nkb, 1, 1)]
     class_tile(f, f.stride(0), f.stride(1), t, t.stride(0), t.stride(1), x, x.stride(0), x.stride(1),
                float(alpha), float(scale), EPS, target, rf, ru, pmax, psum, ptgt, lse, w, g, g.stride(0), g.stride(1),
