@@ -214,6 +214,8 @@ def lse_combine_kernel(pmax_ptr, psum_ptr, ptgt_ptr, lse_ptr, tgt_ptr, B, NKB,
 
 
 declare(lse_combine_kernel)
+#: rows x partial columns per step of lse_combine_kernel
+COMBINE_BLOCK = dict(BLOCK_R=16, BLOCK_C=128, num_warps=4)
 
 
 @triton.jit
@@ -255,8 +257,6 @@ def norm_grad_kernel(g_ptr, sg_b, sg_k, f_ptr, sf_b, sf_d, rf_ptr, t_ptr, st_k, 
 
 
 declare(norm_grad_kernel, {"alpha": "fp32", "scale": "fp32"}, tensor_cores=True)
-#: rows x partial columns per step of lse_combine_kernel
-COMBINE_BLOCK = dict(BLOCK_R=16, BLOCK_C=128, num_warps=4)
 
 
 def class_tile_config(dot, precision: str) -> dict:
@@ -284,19 +284,23 @@ def norm_grad_variant(d: torch.dtype, dot, precision: str, has_dt: bool, has_dx:
                    spec, label)
 
 
+def class_tile_counts(f, t, x) -> tuple:
+    """(class tiles NKB, batch tiles NBB) of ce_class_tile_kernel's launch on these inputs: the sizes of its
+    partials [B, NKB] and of its G * logit sums [NBB, K]."""
+    cfg = class_tile_config(dot_dtype(f, t, x), dot_precision(dot_dtype(f, t, x)))
+    return triton.cdiv(t.shape[0], cfg["BLOCK_N"]), triton.cdiv(f.shape[0], batch_tile(f.shape[0]))
+
+
 def class_tiles(f, t, x, alpha, scale, target, *, rf=None, ru=None, partials=None, grad=None):
     """Launch ce_class_tile_kernel: the loss partials (``partials`` = (pmax, psum, ptgt) [B, NKB], writing rf
     [B] and ru [K]) or, with ``grad`` = (lse, w, g [B, K], gdot [NBB, K]), the softmax gradient G into g and
-    its per-batch-tile sums of G * logit into gdot. Returns (BLOCK_N, NBB) of the launch."""
+    its per-batch-tile sums of G * logit into gdot (NKB, NBB: class_tile_counts)."""
     B, D = f.shape
     K = t.shape[0]
     dot = dot_dtype(f, t, x)
     precision = dot_precision(dot)
     cfg = class_tile_config(dot, precision)
-    block_b = batch_tile(B)
-    nkb, nbb = triton.cdiv(K, cfg["BLOCK_N"]), triton.cdiv(B, block_b)
-    if partials is None and grad is None:
-        return cfg["BLOCK_N"], nbb
+    nkb, nbb = class_tile_counts(f, t, x)
     # the other mode's pointers get an fp32 buffer of this launch (unused), so every launch of one mode and
     # dtype is one compiled specialisation, the one variants() lists (fp32 where it names no dtype)
     lse, w, g, gdot = grad if grad is not None else (partials[0],) * 4
@@ -305,9 +309,8 @@ def class_tiles(f, t, x, alpha, scale, target, *, rf=None, ru=None, partials=Non
     class_tile = ce_class_tile_kernel[tile_grid(nbb, nkb, 1, 1)]
     class_tile(f, f.stride(0), f.stride(1), t, t.stride(0), t.stride(1), x, x.stride(0), x.stride(1),
                float(alpha), float(scale), EPS, target, rf, ru, pmax, psum, ptgt, lse, w, g, g.stride(0), g.stride(1),
-               gdot, nkb, nbb, B, K, D, GRAD=grad is not None, BLOCK_B=block_b, DOT_DTYPE=dot, PRECISION=precision,
-               **cfg)
-    return cfg["BLOCK_N"], nbb
+               gdot, nkb, nbb, B, K, D, GRAD=grad is not None, BLOCK_B=batch_tile(B), DOT_DTYPE=dot,
+               PRECISION=precision, **cfg)
 
 
 @triton.jit
@@ -387,7 +390,7 @@ def forward(features, base, residual, alpha, scale, target=None, out_dtype=None)
                             B, K, D, **cfg)
         return rf, ru, out
     # the loss: one launch of class tiles x whole batch tiles, the norms accumulated in its loop
-    nkb = triton.cdiv(K, class_tiles(f, t, x, alpha, scale, target)[0])
+    nkb = class_tile_counts(f, t, x)[0]
     rf = torch.empty(B, device=f.device, dtype=torch.float32)
     ru = torch.empty(K, device=f.device, dtype=torch.float32)
     pmax = torch.empty(B, nkb, device=f.device, dtype=torch.float32)
@@ -450,7 +453,7 @@ def backward_chunk(rows, chunk, g, ce):
     if g is None:  # recomputed by the forward's own class tiles (bit for bit its logits)
         tgt, lse, w = ce
         g = torch.empty(B, Kc, device=f.device, dtype=torch.float32)
-        gdot = torch.empty(class_tiles(f, tc, xc, alpha, scale, tgt)[1], Kc, device=f.device, dtype=torch.float32)
+        gdot = torch.empty(class_tile_counts(f, tc, xc)[1], Kc, device=f.device, dtype=torch.float32)
         class_tiles(f, tc, xc, alpha, scale, tgt, grad=(lse, w, g, gdot))
         if dt_c is not None or dx_c is not None:  # the norm backward folded into the d uhat matmul
             cfg = mm_config(dot)
