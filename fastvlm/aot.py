@@ -479,16 +479,20 @@ def residual_ce_backward_costs(B, K, D, dtype="fp32", train_features=True, train
     G (B x Kc, fp32) and its sums of G * logit per batch tile, norm_grad_kernel computes d uhat = s G^T fhat
     tile by tile with the normalisation backward in its epilogue (G^T re-read once per column tile of D, f
     once per 64-class tile, t and x read and d t, d x written once; 64 x 32 tiles at fp32 dots, 64 x 64 at
-    half), and the matmul kernel accumulates d fhat += s G uhat (B x D fp32); then the features' norm
-    backward. Composition (the eager reference's autograd at its best): the softmax gradient from the kept
+    half), and the matmul kernel accumulates d fhat += s G uhat (B x D fp32, dfhat_config's batch tiles);
+    then the features' norm backward. Composition (the eager reference's autograd at its best): the softmax gradient from the kept
     log-probabilities (B x K, read and written in fp32), cuBLAS d uhat = G^T fhat and d fhat = G uhat, the
     normalisation backward of u (a reduction pass, then a pass writing d u) and d residual = alpha d u, the
     features' norm backward."""
-    from .kernels.residual import backward_chunk_classes
+    import triton.language as tl
+
+    from .kernels.residual import backward_chunk_classes, dfhat_config
 
     e = BYTES[dtype]
     gd = _grad_dtype(dtype)
     mm_tile = (64, 32) if gd in ("fp32", "tf32") else (64, 64)  # kernels/_common.py: MM_FP32, MM_HALF
+    dfc = dfhat_config(B, tl.bfloat16 if gd in ("bf16", "fp16") else tl.float32, "tf32" if gd == "tf32" else "ieee")
+    dfhat_tile = (dfc["BLOCK_M"], dfc["BLOCK_N"])
     kc = backward_chunk_classes(B, D, K)
     nbb = _cdiv(B, _class_tiles(B, K, dtype)[1])
     f_norm_bwd = elementwise(B * D, 4 + 4 + e + e, dtype)  # d fhat, its re-read, f, d f
@@ -501,8 +505,8 @@ def residual_ce_backward_costs(B, K, D, dtype="fp32", train_features=True, train
         fold.hbm += gdot
         fold.l2 += gdot * _cdiv(D, mm_tile[1])
         chunk = class_tile_cost(B, c, D, dtype, 4 * B * c + gdot) + fold
-        if train_features:
-            chunk = chunk + tiled_matmul(B, D, c, a_bytes=4, b_bytes=2 * e, out_bytes=8, tile=mm_tile, dtype=gd)
+        if train_features:  # d fhat: dfhat_config's tiles (batch tiles x the class tile's width)
+            chunk = chunk + tiled_matmul(B, D, c, a_bytes=4, b_bytes=2 * e, out_bytes=8, tile=dfhat_tile, dtype=gd)
         fused = chunk if fused is None else fused + chunk
     comp = (elementwise(B * K, 8, dtype) + gemm(K, D, B, dtype) + elementwise(K * D, 2 * e, dtype)
             + elementwise(K * D, 3 * e, dtype) + elementwise(K * D, 2 * e, dtype))

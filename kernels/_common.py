@@ -294,15 +294,16 @@ declare(matmul_kernel, {"beta": "fp32", "threshold": "fp32", "alpha": "fp32"}, t
 
 
 def matmul(a, b, out, *, alpha=1.0, b2=None, beta=0.0, kscale=None, scores=None, threshold=0.0, bias=None,
-           accumulate=False, dot=None, precision=None):
+           accumulate=False, dot=None, precision=None, config=None):
     """Launch ``out = alpha * a @ Bop + bias (+ out)``, ``Bop = (b + beta*b2) * kscale[:, None] * (scores >
     threshold)``; a: [M, K], b/b2/scores: [K, N] (any strides: pass transposed views), bias: [N].
     ``dot``: the tl.dot dtype (default: from a and b, see dot_dtype); ``precision``: its input precision
-    for fp32 dots (default: dot_precision)."""
+    for fp32 dots (default: dot_precision); ``config``: tiles, warps and stages (default: mm_config), for
+    a caller whose shape wants others (its variants() must list them)."""
     M, K = a.shape
     N = b.shape[1]
     dot = dot if dot is not None else dot_dtype(a, b)
-    cfg = mm_config(dot)
+    cfg = dict(config) if config is not None else mm_config(dot)
     grid = tile_grid(M, N, cfg["BLOCK_M"], cfg["BLOCK_N"])
     b2_ = b if b2 is None else b2
     matmul_kernel[grid](

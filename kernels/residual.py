@@ -284,6 +284,16 @@ def norm_grad_variant(d: torch.dtype, dot, precision: str, has_dt: bool, has_dx:
                    spec, label)
 
 
+def dfhat_config(B: int, dot, precision: str) -> dict:
+    """Tiles of the d fhat += s G uhat matmul ([B, D], over a chunk's classes): batch tiles of up to 256 rows
+    (batch_tile) by the class-tile kernel's column tile and depth step, so G [B, chunk] is read once per
+    column tile of D and t, x once per batch tile (at the default 64 x 32 tiles: 32 and 4 times at D = 1024,
+    B = 256, the backward's largest L2 traffic in fastvlm.aot's model). With 64-wide columns (TF32,
+    fp16/bf16) 256 rows spill on sm_80/sm_90a (unspecialised, 8 or 16 warps), so those take 128."""
+    cfg = class_tile_config(dot, precision)
+    return {"BLOCK_M": min(batch_tile(B), 128 if cfg["BLOCK_N"] > 32 else 256), **cfg}
+
+
 def class_tile_counts(f, t, x) -> tuple:
     """(class tiles NKB, batch tiles NBB) of ce_class_tile_kernel's launch on these inputs: the sizes of its
     partials [B, NKB] and of its G * logit sums [NBB, K]."""
@@ -406,7 +416,7 @@ def forward(features, base, residual, alpha, scale, target=None, out_dtype=None)
 #: a backward class chunk on the Triton path holds chunk x max(B, D) <= 2^23 elements, four times the torch
 #: path's budget: its one buffer is the softmax gradient G (B x chunk fp32, at most 32 MB; 8 MB at B = 256,
 #: D = 1024, K = 21843, where t and x are 179 MB), and each chunk costs three launches whose matmuls re-read
-#: G per tile: 3 chunks instead of 11 there (fastvlm.aot models 380 vs 456 us at TF32, all inputs trained).
+#: G per tile: 3 chunks instead of 11 there (fastvlm.aot models 308 vs 384 us at TF32, all inputs trained).
 BACKWARD_CHUNK_ELEMENTS = 1 << 23
 
 
@@ -469,7 +479,7 @@ def backward_chunk(rows, chunk, g, ce):
         _norm_backward(duh, tc, ruc, b=xc, beta=alpha, out1=dt_c, scale1=1.0, out2=dx_c, scale2=alpha)
     if dfhat is not None:
         matmul(g, tc, dfhat, alpha=scale, b2=xc, beta=alpha, kscale=ruc, accumulate=True, dot=dot,
-               precision=precision)
+               precision=precision, config=dfhat_config(B, dot, precision))
 
 
 def norm_backward(dvhat, a, r, out):
@@ -499,10 +509,19 @@ def variants():
         ({**mm_flags, "HAS_B2": True, "HAS_KSCALE": True, "ACCUMULATE": True},
          lambda d: {"b_ptr": d, "b2_ptr": d, "mk_ptr": d}, gpu_dot_dtype),
     ]
-    out += matmul_variants(grad_mm, (f32, torch.bfloat16))
-    for flags, ptrs, _ in grad_mm:  # fp16 inputs: fp32 dots on TF32 inputs (grad_dot_dtype)
+    out += matmul_variants(grad_mm[:1], (f32, torch.bfloat16))
+    for flags, ptrs, _ in grad_mm[:1]:  # fp16 inputs: fp32 dots on TF32 inputs (grad_dot_dtype)
         out.append(Variant(matmul_kernel, *tile_constexprs(tl.float32, flags, precision="tf32"),
                            ptrs=ptrs(torch.float16)))
+    dfhat_flags, dfhat_ptrs, _ = grad_mm[1]  # d fhat: dfhat_config's tiles, whole batch tiles
+    for d, dot, precs in ((f32, tl.float32, ("ieee", "tf32")), (torch.bfloat16, tl.bfloat16, ("ieee",)),
+                          (torch.float16, tl.float32, ("tf32",))):
+        for prec in precs:
+            for block_b in sorted({dfhat_config(b, dot, prec)["BLOCK_M"] for b in BATCH_TILES}):
+                cfg = dfhat_config(block_b, dot, prec)
+                opts = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
+                out.append(Variant(matmul_kernel, {**dfhat_flags, **cfg, "DOT_DTYPE": dot, "PRECISION": prec}, opts,
+                                   ptrs=dfhat_ptrs(d)))
     for d, dot, precs in ((f32, tl.float32, ("ieee", "tf32")), (torch.bfloat16, tl.bfloat16, ("ieee",)),
                           (torch.float16, tl.float32, ("tf32",))):  # fp16: fp32 dots on TF32 (grad_dot_dtype)
         for prec in precs:
