@@ -79,12 +79,23 @@ def realistic_variants():
             v = _pick("orth", "rotate_kernel", dtype=bf16, BLOCK=b)
             launches.append(("orth", v, f"{M}x{K} b={b}", dict(sx_m=K, sx_k=1, sr_r=b * b, sr_j=b, sr_c=1, so_m=K,
                                                              so_k=1, M=M, b=b)))
+    import triton.language as tl
+
+    from .kernels.residual import backward_chunk_classes, batch_tile, class_tile_variant, norm_grad_variant
+
     for B, K, D in RESIDUAL_SHAPES:
-        for name in ("ce_partial_kernel", "ce_grad_kernel"):
-            v = _pick("residual", name, dtype=f32, PRECISION="ieee")
-            ints = dict(sf_b=D, sf_d=1, st_k=D, st_d=1, sx_k=D, sx_d=1, B=B, K=K, D=D)
-            ints.update(NKB=-(-K // 64)) if name == "ce_partial_kernel" else ints.update(sg_b=K, sg_k=1)
-            launches.append(("residual", v, f"B={B} K={K} D={D}", ints))
+        ints = dict(sf_b=D, sf_d=1, st_k=D, st_d=1, sx_k=D, sx_d=1, B=B, K=K, D=D)
+        for prec in ("ieee", "tf32"):
+            for grad in (False, True):  # the forward's partials, the backward's softmax gradient (one chunk)
+                v = class_tile_variant(f32, batch_tile(B), prec, grad)
+                kc = backward_chunk_classes(B, D, K) if grad else K
+                nkb = -(-kc // v.constexprs["BLOCK_N"])
+                launches.append(("residual", v, f"B={B} K={K} D={D}", {
+                    **ints, "K": kc, "NKB": nkb, "NBB": -(-B // batch_tile(B)), "sg_b": kc, "sg_k": 1}))
+            v = norm_grad_variant(f32, tl.float32, prec, False, True)  # TaskRes: the residual alone trains
+            kc = backward_chunk_classes(B, D, K)
+            launches.append(("residual", v, f"B={B} K={K} D={D}", {
+                **ints, "K": kc, "NBB": -(-B // batch_tile(B)), "sg_b": kc, "sg_k": 1, "sdt_k": D, "sdx_k": D}))
     out, seen = [], set()
     for family, v, label, ints in launches:
         ints = {k: x for k, x in ints.items() if k in v.kernel.arg_names}
@@ -377,22 +388,148 @@ def orth_costs(M, N, K, b, dtype="bf16"):
     bn = 32
     fused = tiled_matmul(M, N, K, a_bytes=e, b_bytes=e, out_bytes=e, tile=(64, bn), dtype=dtype,
                          extra_flops=2.0 * M * K * b * _cdiv(N, bn))
-    rotate = Cost(2.0 * M * K * b, 2 * M * K * e, 2 * M * K * e, dtype)
-    return {"fused": fused, "composition": rotate + gemm(M, N, K, dtype)}
+    return {"fused": fused, "composition": rotate_cost(M, K, b, dtype) + gemm(M, N, K, dtype)}
+
+
+def score_grad_cost(M, N, K, dtype="bf16", dropout=True):
+    """The fused score-gradient kernel (kernels/masked.py): dS [N, K] = (dy^T x) * W over M tokens, 64 x 64
+    output tiles, dy re-read once per 64-column tile and x once per 64-row tile; its epilogue reads W (and
+    the fp32 reference gradient with the dropout) and writes dS in fp32."""
+    e = BYTES[dtype]
+    return tiled_matmul(N, K, M, a_bytes=e, b_bytes=e, out_bytes=e + 4 + (4 if dropout else 0), tile=(64, 64),
+                        dtype=dtype)
+
+
+def masked_backward_costs(M, N, K, dtype="bf16", dropout=True):
+    """{path: Cost} of masked_linear's backward (x and the scores trained, M tokens, K -> N): dx = dy @
+    (W*[S>tau]) and the score gradient dS = (dy^T x) * W, gradient-dropped against the fp32 reference
+    gradient when ``dropout``.
+
+    - "fused" (FASTVLM_FUSED=masked): the fused masked matmul for dx (64 x 64 tiles, W and the fp32 scores on
+      the B side), then the score-gradient kernel.
+    - "composition" (the Triton default): one pass rebuilds W*[S>tau] in dy's dtype, cuBLAS dx, then the
+      same score-gradient kernel (its epilogue keeps the un-dropped N x K gradient from ever existing).
+    - "unfused": the same dx, then cuBLAS dy^T x into an fp32 N x K buffer and one elementwise pass (times W,
+      the dropout against the reference) over it."""
+    e = BYTES[dtype]
+    sg = score_grad_cost(M, N, K, dtype, dropout)
+    dx_fused = tiled_matmul(M, K, N, a_bytes=e, b_bytes=e + 4, out_bytes=e, tile=(64, 64), dtype=dtype)
+    dx_comp = elementwise(N * K, 4 + e + e, dtype) + gemm(M, K, N, dtype)
+    ds_unfused = gemm(N, K, M, dtype, out_bytes=4) + elementwise(N * K, 4 + e + (4 if dropout else 0) + 4, dtype)
+    return {"fused": dx_fused + sg, "composition": dx_comp + sg, "unfused": dx_comp + ds_unfused}
+
+
+def rotate_cost(M, K, b, dtype="bf16"):
+    """The rotate kernel: out = x @ blockdiag(R) (or R^T), x read and out written once, R negligible."""
+    e = BYTES[dtype]
+    return Cost(2.0 * M * K * b, 2 * M * K * e, 2 * M * K * e, dtype)
+
+
+def orth_backward_costs(M, N, K, b, dtype="bf16"):
+    """{path: Cost} of orthogonal_linear's backward on the input side (x and the rotation trained, W frozen).
+
+    - "fused" (FASTVLM_FUSED=orth): one kernel per (64-row tile, rotation block): dxr = dy @ W[:, block] in
+      registers (dy's row tile re-read for every one of the K/b blocks, W's column block for every row tile),
+      then dx = dxr R^T and the tile's share of dR (fp32 partials, M/64 x K/b x b^2, summed afterwards).
+    - "composition" (the Triton default): cuBLAS dxr = dy @ W, the rotate kernel dx = dxr @ blockdiag(R)^T
+      and the block-gram kernel dR_j = x_j^T dxr_j (reads x and dxr once; K/b programs, one per block)."""
+    e = BYTES[dtype]
+    nb, row_tiles = _cdiv(K, b), _cdiv(M, 64)
+    partials = row_tiles * nb * b * b * 4
+    fused = Cost(2.0 * M * N * K + 4.0 * M * K * b,
+                 (M * N + N * K + 2 * M * K) * e + 2 * partials,
+                 M * N * e * nb + N * K * e * row_tiles + 2 * M * K * e + 2 * partials, dtype)
+    fused = fused + elementwise(partials // 4, 4, "fp32")  # the partials' sum
+    gram = Cost(2.0 * M * K * b, 2 * M * K * e + nb * b * b * 4, 2 * M * K * e + nb * b * b * 4, dtype)
+    comp = gemm(M, K, N, dtype) + rotate_cost(M, K, b, dtype) + gram
+    return {"fused": fused, "composition": comp}
+
+
+def _class_tiles(B, K, dtype):
+    """(BLOCK_N, BLOCK_B) of the Triton loss kernel (kernels/residual.py: ce_class_tile_kernel) for a model
+    dtype: "fp32" (IEEE dots), "tf32", "bf16"/"fp16"."""
+    from .kernels import residual as kr
+
+    cfg = {"fp32": kr.CLASS_TILE_IEEE, "tf32": kr.CLASS_TILE_TF32}.get(dtype, kr.CLASS_TILE_HALF)
+    return cfg["BLOCK_N"], kr.batch_tile(B)
+
+
+def class_tile_cost(B, K, D, dtype, out_bytes):
+    """One launch of the loss kernel over K classes: class tiles of BLOCK_N x batch tiles of BLOCK_B (the
+    whole batch when B <= 256). f is loaded once per class tile, t and x once per batch tile; the norms come
+    from the same tiles (||u||^2 and u = t + alpha x: 4 FLOPs per element of t per batch tile, ||f||^2: 2 per
+    element of f per class tile). ``out_bytes``: what it writes, the partials (3 floats per row and class
+    tile) or the softmax gradient (B x K fp32)."""
+    e = BYTES[dtype]
+    bn, bb = _class_tiles(B, K, dtype)
+    nkb, nbb = _cdiv(K, bn), _cdiv(B, bb)
+    flops = 2.0 * B * K * D + 4.0 * K * D * nbb + 2.0 * B * D * nkb
+    hbm = (B * D + 2 * K * D) * e + out_bytes + 4 * (B + K)
+    l2 = B * D * e * nkb + 2 * K * D * e * nbb + out_bytes + 4 * (B + K)
+    return Cost(flops, hbm, l2, dtype)
 
 
 def residual_ce_costs(B, K, D, dtype="fp32"):
-    """{path: Cost} of the residual cross-entropy's forward: the fused path (a norm pass over t and x, then
-    64-row tiles (32 classes at fp32, 64 at fp16/bf16) that combine t + alpha x as they load and reduce the log-sum-exp, no B x K tensor) and the
-    composition (u = t + alpha x, its normalisation, a cuBLAS GEMM writing fp32 logits, a log-softmax
-    pass). fp32 inputs run fp32 dots (``torch.get_float32_matmul_precision() == "highest"``)."""
+    """{path: Cost} of the residual cross-entropy's forward. Fused (the Triton path): the class-tile kernel
+    (:func:`class_tile_cost`, writing 3 partial floats per row and class tile) and the one-launch combine of
+    the partials into the log-sum-exp; no B x K tensor, no norm pass. Composition: u = t + alpha x, its
+    normalisation, a cuBLAS GEMM writing fp32 logits, a log-softmax pass. ``dtype``: the dot's, "fp32" for
+    IEEE fp32 (``torch.get_float32_matmul_precision() == "highest"``), "tf32" for "high"/"medium"."""
     e = BYTES[dtype]
-    bn = 32 if e == 4 else 64  # the launchers' tiles (kernels/_common.py: MM_FP32, MM_HALF)
-    norm = elementwise(K * D, 2 * e, dtype)
-    fused = norm + tiled_matmul(B, K, D, a_bytes=e, b_bytes=2 * e, out_bytes=12.0 / bn, tile=(64, bn),
-                                dtype=dtype)
+    partials = 3 * 4 * B * _cdiv(K, _class_tiles(B, K, dtype)[0])
+    combine = Cost(0.0, partials + 8 * B, partials + 8 * B, dtype)
+    fused = class_tile_cost(B, K, D, dtype, partials) + combine
     comp = (elementwise(K * D, 3 * e, dtype) + elementwise(K * D, 2 * e, dtype)
             + gemm(B, K, D, dtype, out_bytes=4) + elementwise(B * K, 4, dtype))
+    return {"fused": fused, "composition": comp}
+
+
+def _grad_dtype(dtype):
+    """The dot of the backward's two matmuls on the fp32 softmax gradient (kernels/residual.py:
+    grad_dot_dtype): fp16 inputs run TF32 dots (fp16 would flush G ~ p / B), the others their own."""
+    return "tf32" if dtype == "fp16" else dtype
+
+
+def residual_ce_backward_costs(B, K, D, dtype="fp32", train_features=True, train_base=True):
+    """{path: Cost} of the residual cross-entropy's backward, the residual trained, the features and the
+    base as the flags say (a frozen one drops its matmul / output). Fused (the Triton path as launched): per
+    class chunk (kernels/residual.py: backward_chunk_classes), the class-tile kernel recomputes
+    G (B x Kc, fp32) and its sums of G * logit per batch tile, norm_grad_kernel computes d uhat = s G^T fhat
+    tile by tile with the normalisation backward in its epilogue (G^T re-read once per column tile of D, f
+    once per 64-class tile, t and x read and d t, d x written once; 64 x 32 tiles at fp32 dots, 64 x 64 at
+    half), and the matmul kernel accumulates d fhat += s G uhat (B x D fp32, dfhat_config's batch tiles);
+    then the features' norm backward. Composition (the eager reference's autograd at its best): the softmax gradient from the kept
+    log-probabilities (B x K, read and written in fp32), cuBLAS d uhat = G^T fhat and d fhat = G uhat, the
+    normalisation backward of u (a reduction pass, then a pass writing d u) and d residual = alpha d u, the
+    features' norm backward."""
+    import triton.language as tl
+
+    from .kernels.residual import backward_chunk_classes, dfhat_config
+
+    e = BYTES[dtype]
+    gd = _grad_dtype(dtype)
+    mm_tile = (64, 32) if gd in ("fp32", "tf32") else (64, 64)  # kernels/_common.py: MM_FP32, MM_HALF
+    dfc = dfhat_config(B, tl.bfloat16 if gd in ("bf16", "fp16") else tl.float32, "tf32" if gd == "tf32" else "ieee")
+    dfhat_tile = (dfc["BLOCK_M"], dfc["BLOCK_N"])
+    kc = backward_chunk_classes(B, D, K)
+    nbb = _cdiv(B, _class_tiles(B, K, dtype)[1])
+    f_norm_bwd = elementwise(B * D, 4 + 4 + e + e, dtype)  # d fhat, its re-read, f, d f
+    outs = 2 if train_base else 1  # d t and d x, or d x alone
+    fused = None
+    for k0 in range(0, K, kc):
+        c = min(kc, K - k0)
+        gdot = 4 * nbb * c
+        fold = tiled_matmul(c, D, B, a_bytes=4, b_bytes=e, out_bytes=(2 + outs) * e, tile=mm_tile, dtype=gd)
+        fold.hbm += gdot
+        fold.l2 += gdot * _cdiv(D, mm_tile[1])
+        chunk = class_tile_cost(B, c, D, dtype, 4 * B * c + gdot) + fold
+        if train_features:  # d fhat: dfhat_config's tiles (batch tiles x the class tile's width)
+            chunk = chunk + tiled_matmul(B, D, c, a_bytes=4, b_bytes=2 * e, out_bytes=8, tile=dfhat_tile, dtype=gd)
+        fused = chunk if fused is None else fused + chunk
+    comp = (elementwise(B * K, 8, dtype) + gemm(K, D, B, dtype) + elementwise(K * D, 2 * e, dtype)
+            + elementwise(K * D, 3 * e, dtype) + elementwise(K * D, 2 * e, dtype))
+    if train_features:
+        fused, comp = fused + f_norm_bwd, comp + gemm(B, D, K, dtype) + f_norm_bwd
     return {"fused": fused, "composition": comp}
 
 
@@ -403,18 +540,28 @@ RESIDUAL_SHAPES = [(256, k, d) for k in (1000, 21843) for d in (512, 1024)]
 
 
 def projection_table(dtype="bf16") -> list[dict]:
-    """Per op and shape: modelled time of the fused kernel and of the composition, and which the ops
-    dispatch to (a projection for an H100 SXM, not a measurement)."""
+    """Per op, pass and shape: modelled time of each path (``<path>_us``) and the path the ops dispatch to
+    (``chosen``): a projection for an H100 SXM, not a measurement. Linears in ``dtype`` with x (and the
+    scores / rotation) trained; the residual cross-entropy in fp32 inputs at IEEE ("fp32") and TF32 dots, its
+    backward with the residual alone trained (TaskRes) and with every input trained ("bwd all")."""
     rows = []
-    for tokens, k, n in LINEAR_SHAPES:
-        for op, costs, chosen in (("masked_linear fwd", masked_costs(tokens, n, k, dtype), "composition"),
-                                  ("orthogonal_linear fwd b=32", orth_costs(tokens, n, k, 32, dtype), "composition")):
-            rows.append({"op": op, "shape": f"{tokens}x{k}->{n}", "dtype": dtype, "chosen": chosen,
-                         **{f"{p}_us": c.time_s * 1e6 for p, c in costs.items()}})
-    for B, K, D in RESIDUAL_SHAPES:
-        costs = residual_ce_costs(B, K, D, "fp32")
-        rows.append({"op": "residual_ce fwd", "shape": f"B={B} K={K} D={D}", "dtype": "fp32", "chosen": "fused",
+
+    def add(op, shape, dt, costs, chosen):
+        rows.append({"op": op, "shape": shape, "dtype": dt, "chosen": chosen,
                      **{f"{p}_us": c.time_s * 1e6 for p, c in costs.items()}})
+
+    for tokens, k, n in LINEAR_SHAPES:
+        shape = f"{tokens}x{k}->{n}"
+        add("masked_linear fwd", shape, dtype, masked_costs(tokens, n, k, dtype), "composition")
+        add("masked_linear bwd", shape, dtype, masked_backward_costs(tokens, n, k, dtype), "composition")
+        add("orthogonal_linear fwd b=32", shape, dtype, orth_costs(tokens, n, k, 32, dtype), "composition")
+        add("orthogonal_linear bwd b=32", shape, dtype, orth_backward_costs(tokens, n, k, 32, dtype), "composition")
+    for B, K, D in RESIDUAL_SHAPES:
+        for dot in ("fp32", "tf32"):
+            add("residual_ce fwd", f"B={B} K={K} D={D}", dot, residual_ce_costs(B, K, D, dot), "fused")
+            add("residual_ce bwd", f"B={B} K={K} D={D}", dot,  # TaskRes: the residual alone trains
+                residual_ce_backward_costs(B, K, D, dot, train_features=False, train_base=False), "fused")
+            add("residual_ce bwd all", f"B={B} K={K} D={D}", dot, residual_ce_backward_costs(B, K, D, dot), "fused")
     return rows
 
 
@@ -422,7 +569,8 @@ def print_projection(file=None) -> None:
     """The projection table (docs/kernels.md): modelled times, labelled as such."""
     file = file or sys.stdout
     print("\nPROJECTION for an H100 SXM from the cost model (fastvlm/aot.py), not a measurement:", file=file)
-    print(f"{'op':28} {'shape':22} {'dtype':5} {'fused us':>9} {'comp. us':>9}  dispatch", file=file)
+    print(f"{'op':28} {'shape':22} {'dot':5} {'fused us':>9} {'comp. us':>9} {'unfused':>9}  dispatch", file=file)
     for r in projection_table():
-        print(f"{r['op']:28} {r['shape']:22} {r['dtype']:5} {r['fused_us']:>9.1f} {r['composition_us']:>9.1f}  "
-              f"{r['chosen']}", file=file)
+        unfused = f"{r['unfused_us']:>9.1f}" if "unfused_us" in r else f"{'-':>9}"
+        print(f"{r['op']:28} {r['shape']:22} {r['dtype']:5} {r['fused_us']:>9.1f} {r['composition_us']:>9.1f} "
+              f"{unfused}  {r['chosen']}", file=file)

@@ -28,7 +28,8 @@ from .._backend import interpreting
 #: matmul tiles by dot dtype: one config each, no autotuning, so the first step is as fast as the last and
 #: compile time is predictable (autotuning is a known source of slow first steps and out-of-memory reports in
 #: other kernel libraries). Chosen with `fastvlm kernels`: IEEE fp32 dots at 64x64x32 spill on sm_80 and
-#: sm_90a (255 registers), 64x32x16 does not; a heavy epilogue (the Philox dropout) needs 8 warps at 64x64.
+#: sm_90a (255 registers), 64x32x16 does not; a heavy epilogue (the Philox dropout,
+#: in two column sub-tiles) runs 8 warps at 64x64: 114 registers, two blocks per SM on sm_90a.
 MM_HALF = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
 MM_FP32 = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2)
 
@@ -293,15 +294,16 @@ declare(matmul_kernel, {"beta": "fp32", "threshold": "fp32", "alpha": "fp32"}, t
 
 
 def matmul(a, b, out, *, alpha=1.0, b2=None, beta=0.0, kscale=None, scores=None, threshold=0.0, bias=None,
-           accumulate=False, dot=None, precision=None):
+           accumulate=False, dot=None, precision=None, config=None):
     """Launch ``out = alpha * a @ Bop + bias (+ out)``, ``Bop = (b + beta*b2) * kscale[:, None] * (scores >
     threshold)``; a: [M, K], b/b2/scores: [K, N] (any strides: pass transposed views), bias: [N].
     ``dot``: the tl.dot dtype (default: from a and b, see dot_dtype); ``precision``: its input precision
-    for fp32 dots (default: dot_precision)."""
+    for fp32 dots (default: dot_precision); ``config``: tiles, warps and stages (default: mm_config), for
+    a caller whose shape wants others (its variants() must list them)."""
     M, K = a.shape
     N = b.shape[1]
     dot = dot if dot is not None else dot_dtype(a, b)
-    cfg = mm_config(dot)
+    cfg = dict(config) if config is not None else mm_config(dot)
     grid = tile_grid(M, N, cfg["BLOCK_M"], cfg["BLOCK_N"])
     b2_ = b if b2 is None else b2
     matmul_kernel[grid](

@@ -111,7 +111,7 @@ def test_realistic_launches_are_specialised_as_triton_does_at_run_time():
 
     real = [v for _, v in aot.realistic_variants()]
     names = {v.name for v in real}
-    assert {"score_grad_kernel", "rotate_kernel", "ce_partial_kernel", "ce_grad_kernel"} <= names
+    assert {"score_grad_kernel", "rotate_kernel", "ce_class_tile_kernel"} <= names
     v = next(v for v in real if v.name == "score_grad_kernel" and v.label.startswith("6304"))
     sig, consts, attrs = aot.specialisation(v)
     args = v.kernel.arg_names

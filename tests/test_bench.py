@@ -272,17 +272,34 @@ def test_roofline_uses_the_peak_of_the_dtype_that_runs():
     assert projection.composition_peak(torch.float16, "highest") == "fp16"
 
 
-def test_orth_projection_counts_the_gpu_path():
-    # M = N = K = b = 32: forward GEMM 2*32^3 plus x@R recomputed for the one 32-column tile (2*32^3);
-    # backward dxr 2*32^3, dx and dR 2*32^3 each: 5 * 65536 FLOPs. Bytes: 3MK + 2NK + 2MN + 2Kb fp32
-    # elements and one 32-row tile's dR partial (32 x 32 fp32) written and read.
-    flops, nbytes = cases_orth.gpu_count(32, 32, 32, 32)
-    assert flops == 5 * 65536
-    assert nbytes == 4 * (3 + 2 + 2 + 2) * 1024 + 2 * 4 * 1024
+def test_the_projection_of_modelled_ops_is_the_kernel_cost_model(monkeypatch):
+    """orthogonal_linear at M = N = K = b = 32 (fp32, IEEE): the GPU path as it dispatches, the rotate kernel
+    then a GEMM forward; a GEMM (dxr), the rotate kernel (dx) and the block gram (dR) backward. Each kernel is
+    one tile (no re-reads), 2 * 32^3 FLOPs, plus 3 us of launch; bytes by hand."""
+    import torch
+
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
+    assert projection.model_dtype(torch.float32) == "fp32" and projection.model_dtype(torch.bfloat16) == "bf16"
+    assert projection.model_dtype(torch.float32, "high") == "tf32"
+    rotate, gemm, gram = 2 * 1024 * 4, 3 * 1024 * 4, 3 * 1024 * 4  # x in + out; A, B, C; x, dxr in, dR out
+    kernels = [rotate, gemm, gemm, rotate, gram]
     case = cases_orth.linear_case(32, 32, 32, 32, CPU, providers=("fastvlm",))
-    (fv,) = [r for r in harness.projection_rows(case) if r["provider"] == "fastvlm"]
-    assert fv["value"] == pytest.approx(max(nbytes / 3.35e12, flops / 67e12))
-    assert fv["source"] == "projection" and fv["metric"] == "H100_projected_s" and fv["peak"] == "fp32"
+    rows = {r["provider"]: r for r in harness.projection_rows(case)}
+    fv = rows["fastvlm"]
+    assert fv["flops"] == 5 * 2 * 32**3 and fv["compulsory_bytes"] == sum(kernels) == 53_248
+    assert fv["launches"] == 5 and fv["peak"] == "fp32" and fv["source"] == "projection"
+    assert fv["value"] == pytest.approx(sum(max(2 * 32**3 / 67e12, b / 3.35e12) + 3e-6 for b in kernels))
+    assert case.flops == fv["flops"] and case.bytes == fv["compulsory_bytes"]  # one count for both
+    assert rows["naive"]["launches"] == 6  # the dense R, x R, the linear; dxr, dx, the dense dR
+    # the residual cross-entropy's rows are fastvlm.aot's, summed over forward and backward
+    from fastvlm import aot
+
+    ce = cases_residual.case("residual_cross_entropy", 8, 30, 16, CPU, providers=("fastvlm",))
+    want = (aot.residual_ce_costs(8, 30, 16, "fp32")["fused"]
+            + aot.residual_ce_backward_costs(8, 30, 16, "fp32", train_features=False, train_base=False)["fused"])
+    got = {r["provider"]: r for r in harness.projection_rows(ce)}["fastvlm"]
+    # forward: class tiles + combine; backward, one class chunk: G + the folded norm backward (d residual)
+    assert got["value"] == pytest.approx(want.time_s) and got["launches"] == 2 + 2
 
 
 # ---------------------------------------------------------------------------------------------------------

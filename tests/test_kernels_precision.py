@@ -50,7 +50,7 @@ def test_fp32_launches_take_torchs_precision(launches, matmul_precision, setting
         _run_ops(torch.float32)
     dots = [(n, kw["PRECISION"]) for n, kw in launches if "PRECISION" in kw]
     names = {n for n, _ in dots}
-    assert {"score_grad_kernel", "ce_partial_kernel", "ce_grad_kernel", "matmul_kernel", "rotate_kernel",
+    assert {"score_grad_kernel", "ce_class_tile_kernel", "matmul_kernel", "rotate_kernel",
             "rotate_grad_r_kernel", "cayley_bwd_kernel"} <= names
     assert all(p == expected for _, p in dots), dots
 
@@ -63,8 +63,11 @@ def test_fp16_launches_and_the_residual_gradient_matmuls(launches, matmul_precis
         _run_ops(torch.float16)
     import triton.language as tl
 
-    grad_mm = [kw for n, kw in launches if n == "matmul_kernel" and kw.get("HAS_KSCALE")]
+    def on_g(n, kw):  # the matmuls whose A operand is the fp32 softmax gradient G
+        return (n == "matmul_kernel" and kw.get("HAS_KSCALE")) or n == "norm_grad_kernel"
+
+    grad_mm = [kw for n, kw in launches if on_g(n, kw)]
+    assert {n for n, kw in launches if on_g(n, kw)} == {"matmul_kernel", "norm_grad_kernel"}
     assert grad_mm and all(kw["DOT_DTYPE"] == tl.float32 and kw["PRECISION"] == "tf32" for kw in grad_mm)
-    others = [kw for n, kw in launches if "PRECISION" in kw and not (n == "matmul_kernel" and kw.get("HAS_KSCALE"))
-              and n != "cayley_bwd_kernel"]
+    others = [kw for n, kw in launches if "PRECISION" in kw and not on_g(n, kw) and n != "cayley_bwd_kernel"]
     assert others and all(kw["DOT_DTYPE"] == tl.float16 and kw["PRECISION"] == "ieee" for kw in others)

@@ -179,3 +179,77 @@ def test_torch_path_one_chunk_keeps_softmax_and_backward_can_repeat():
             R.CHUNK_ELEMENTS = R_chunk
     assert torch.equal(g1, g2)
     assert_close("chunked vs one chunk", g1, g3, torch.float32)  # fp32 summation order only
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_triton_loss_past_one_batch_tile_and_class_tile(dtype):
+    """The loss kernel takes the whole batch per block up to 256 rows: 300 rows need two batch tiles (the
+    second one partial), 70 classes cross the 32- and 64-class tiles, D = 20 crosses the 8/16-deep steps."""
+    import fastvlm
+
+    f, t, x, y = _inputs(300, 70, 20, seed=21)
+    with fastvlm.backend("triton"):
+        check_op_against_reference(
+            lambda f, t, x: residual_cross_entropy(f, t, x, y, 0.5, 30.0, "sum"),
+            lambda f, t, x: residual_cross_entropy_reference(f, t, x, y, 0.5, 30.0, "sum"),
+            [f, t, x], dtype, names=["features", "base", "residual"])
+
+
+def test_triton_backward_chunks_off_the_class_tiles(monkeypatch):
+    """Backward class chunks of 13 classes (not a multiple of the class tile) recompute the softmax
+    gradient chunk by chunk: the gradients still match the reference."""
+    import fastvlm
+    from fastvlm.kernels import residual as kernels
+
+    monkeypatch.setattr(kernels, "BACKWARD_CHUNK_ELEMENTS", 13 * 32)  # max(B, D) = 32: chunks of 13 classes
+    f, t, x, y = _inputs(8, 37, 32, seed=22)
+    with fastvlm.backend("triton"):
+        check_op_against_reference(
+            lambda f, t, x: residual_cross_entropy(f, t, x, y),
+            lambda f, t, x: residual_cross_entropy_reference(f, t, x, y), [f, t, x], torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_triton_one_class_gives_exactly_zero_gradients(dtype):
+    """With one class the loss is 0 and every gradient is exactly 0: the backward's softmax exp(logit - lse)
+    is exactly 1 only when its recomputed logits are bit for bit the forward's (the same class-tile kernel);
+    a recompute in another tiling left ~4e-6 here."""
+    import fastvlm
+
+    f, t, x, y = _inputs(3, 1, 100, seed=23)
+    f, t, x = (v.detach().to(dtype).requires_grad_() for v in (f, t, x))
+    with fastvlm.backend("triton"):
+        loss = residual_cross_entropy(f, t, x, y, 0.5, 100.0, "sum")
+        grads = torch.autograd.grad(loss, [f, t, x])
+    assert loss.item() == 0.0
+    for g in grads:
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_triton_loss_combines_more_partials_than_one_step(monkeypatch):
+    """600 classes are 19 class tiles of 32 (IEEE fp32); with 16 partial columns a step the log-sum-exp
+    combine runs a second, partial step with the running max."""
+    import fastvlm
+    from fastvlm.kernels import residual as kernels
+
+    monkeypatch.setitem(kernels.COMBINE_BLOCK, "BLOCK_C", 16)
+    f, t, x, y = _inputs(3, 600, 8, seed=24)
+    with fastvlm.backend("triton"):
+        check_op_against_reference(
+            lambda f, t, x: residual_cross_entropy(f, t, x, y, 0.5, 100.0, "none"),
+            lambda f, t, x: residual_cross_entropy_reference(f, t, x, y, 0.5, 100.0, "none"),
+            [f, t, x], torch.float32)
+
+
+@pytest.mark.parametrize("trained", ["base", "residual"])
+def test_triton_base_or_residual_alone(trained):
+    """The folded norm backward writes d base only, or d residual only, as asked."""
+    import fastvlm
+
+    f, t, x, y = _inputs(5, 40, 24, seed=25)
+    f = f.detach()
+    (t if trained == "residual" else x).requires_grad_(False)
+    with fastvlm.backend("triton"):
+        check_op_against_reference(
+            lambda f, t, x: residual_cross_entropy(f, t, x, y),
+            lambda f, t, x: residual_cross_entropy_reference(f, t, x, y), [f, t, x], torch.float32)

@@ -67,7 +67,20 @@ def linear_case(M: int, N: int, K: int, device, layer: str = "",
                   + (M * N + M * K + N * K) + 3 * N * K)
     return Case("masked_linear", shape, [provs[p] for p in providers],
                 baseline=tuple(p for p in ("naive", "nn.Linear", COMPILED) if p in providers),
-                flops=6 * M * N * K, bytes=cbytes, naive_bytes=nbytes, size=M * N * K)
+                flops=6 * M * N * K, bytes=cbytes, naive_bytes=nbytes, size=M * N * K,
+                model=lambda: model(M, N, K))
+
+
+def model(M: int, N: int, K: int, dtype: torch.dtype = torch.float32) -> dict:
+    """fastvlm.aot's fwd+bwd model (x and the scores trained, no dropout): "fastvlm" is the Triton default
+    (W*[S>tau] built, cuBLAS y and dx, the fused score-gradient kernel), "naive" the unfused composition
+    (the same y and dx, then cuBLAS dy^T x and one pass for dS)."""
+    from .. import aot
+    from .projection import model_dtype
+
+    dt = model_dtype(dtype)
+    fwd, bwd = aot.masked_costs(M, N, K, dt)["composition"], aot.masked_backward_costs(M, N, K, dt, dropout=False)
+    return {"fastvlm": fwd + bwd["composition"], "naive": fwd + bwd["unfused"]}
 
 
 def gdr_case(M: int, N: int, K: int, device, layer: str = "", providers=("fastvlm", "naive", COMPILED)) -> Case:

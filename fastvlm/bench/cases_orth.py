@@ -2,20 +2,14 @@
 series), the naive dense composition and its compiled form; the batched Cayley transform against the dense
 solve.
 
-Byte and FLOP model of ``orthogonal_linear`` (fp32), counted as the GPU (Triton) path runs it, which while
-the rotation trains always rotates the input inside the matmul (``rotation_side(..., fused=True)``):
-- forward: every BLOCK_N-column output tile recomputes its rows' x_blk @ R_blk before the GEMM step, so
-  the GEMM's 2MNK FLOPs come with 2MKb * N / BLOCK_N of rotation (+b/BLOCK_N of the GEMM);
-- backward: dxr = dy @ W (2MNK), dx = dxr @ R^T and dR = x^T dxr per block (2MKb each);
-- HBM bytes: x, W, R, y forward; dy, W, x, R, dx backward; the fp32 dR partials of every BLOCK_M-row tile
-  written and summed.
+FLOPs and bytes of ``orthogonal_linear`` (fp32) on the GPU (Triton) path: fastvlm.aot's model of what it
+dispatches to while the rotation trains (:func:`model`: the rotate kernel then cuBLAS, backward cuBLAS dxr,
+the rotate kernel and the block gram; the fused kernels only under FASTVLM_FUSED, see docs/kernels.md).
 The naive composition builds the dense block-diagonal R (K x K), multiplies x by it, runs the linear and the
 backward of both matmuls (3 x 2MK^2 FLOPs for the rotation), each kernel reading and writing its operands.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -24,33 +18,37 @@ from .harness import COMPILED, Case, Provider, compiled
 FAMILY = "orth"
 OPS = ("orthogonal_linear", "cayley")
 E = 4
-# the fused rotate+linear kernels' tile for fp32 (kernels/orth.py, fused_tile): 32 output columns; 32 rows
-# (16 for 64-wide blocks)
-FUSED_BLOCK_N = 32
 
 
-def fused_block_m(b: int) -> int:
-    return 32 if b <= 32 else 16
+def model(M: int, N: int, K: int, b: int, dtype: torch.dtype = torch.float32) -> dict:
+    """fastvlm.aot's fwd+bwd model (x and the rotation trained, W frozen): "fastvlm" the Triton default
+    (the rotate kernel, then cuBLAS; backward cuBLAS dxr, the rotate kernel for dx and the block gram for dR),
+    "naive" the dense composition (the K x K block-diagonal R built, x R and the linear; backward dxr, dx
+    and the dense dR by cuBLAS)."""
+    from .. import aot
+    from .projection import model_dtype
 
-
-def gpu_count(M: int, N: int, K: int, b: int, e: int = E) -> tuple[float, float]:
-    """(FLOPs, HBM bytes) of one forward + backward of orthogonal_linear on the Triton path (see above)."""
-    flops = 2 * M * N * K * (2 + b / FUSED_BLOCK_N) + 4 * M * K * b
-    n_mt = math.ceil(M / fused_block_m(b))
-    nbytes = e * (3 * M * K + 2 * N * K + 2 * M * N + 2 * K * b) + 4 * 2 * n_mt * K * b
-    return flops, nbytes
+    dt = model_dtype(dtype)
+    fast = aot.orth_costs(M, N, K, b, dt)["composition"] + aot.orth_backward_costs(M, N, K, b, dt)["composition"]
+    naive = (aot.elementwise(K * K, aot.BYTES[dt], dt) + aot.gemm(M, K, K, dt) + aot.gemm(M, N, K, dt)
+             + aot.gemm(M, K, N, dt) + aot.gemm(M, K, K, dt) + aot.gemm(K, K, M, dt))
+    return {"fastvlm": fast, "naive": naive}
 
 
 def run_count(M: int, N: int, K: int, b: int, device, e: int = E) -> tuple[float, float]:
     """(FLOPs, bytes) of the path that runs on ``device``, for the achieved rates: the side the op's own
     dispatch rule picks; input side: rotate x, rotate dxr back, dR from x and dxr (3MKb); weight side:
     rotate W forward and again in backward, dR from x and dx."""
+    from .. import aot
     from ..ops.orth import _kernels, rotation_side
+    from .projection import model_dtype
 
-    fused = _kernels(torch.empty(0, device=device), b) is not None
-    side = rotation_side(M, N, b, training=True, fused=fused)
-    if fused:
-        return gpu_count(M, N, K, b, e)
+    kernels = _kernels(torch.empty(0, device=device), b)
+    if kernels is not None:  # the Triton path: the modelled work of what it dispatches to
+        path, dt = ("fused" if kernels.fused("orth") else "composition"), model_dtype(torch.float32)
+        c = aot.orth_costs(M, N, K, b, dt)[path] + aot.orth_backward_costs(M, N, K, b, dt)[path]
+        return c.flops, c.hbm
+    side = rotation_side(M, N, b, training=True, fused=False)
     rot_rows = M if side == "input" else N
     rot_flops = 3 * M * K * b if side == "input" else 2 * N * K * b + M * K * b
     return 2 * 2 * M * N * K + 2 * rot_flops, e * (2 * M * K + N * K + 2 * M * N + 2 * rot_rows * K)
@@ -121,12 +119,12 @@ def linear_case(M: int, K: int, N: int, b: int, device,
     chosen = [provs[p] for p in providers if p in provs]
     names = [p.name for p in chosen]
     base = tuple(p for p in ("peft-exact", "peft-neumann", "naive-dense", COMPILED) if p in names)
-    flops, cbytes = gpu_count(M, N, K, b)
+    gpu = model(M, N, K, b)["fastvlm"]
     nflops, nbytes = naive_count(M, N, K)
     run_flops, run_bytes = run_count(M, N, K, b, device)
-    return Case("orthogonal_linear", dict(tokens=M, K=K, N=N, b=b), chosen, baseline=base, flops=flops,
-                bytes=cbytes, naive_bytes=nbytes, naive_flops=nflops, size=K * b,
-                extra={"run_flops": run_flops, "run_bytes": run_bytes})
+    return Case("orthogonal_linear", dict(tokens=M, K=K, N=N, b=b), chosen, baseline=base, flops=gpu.flops,
+                bytes=gpu.hbm, naive_bytes=nbytes, naive_flops=nflops, size=K * b,
+                extra={"run_flops": run_flops, "run_bytes": run_bytes}, model=lambda: model(M, N, K, b))
 
 
 def cayley_case(r: int, b: int, device, providers=("fastvlm", "naive-solve", COMPILED)) -> Case:

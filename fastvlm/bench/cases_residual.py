@@ -76,7 +76,22 @@ def case(op: str, B: int, K: int, D: int, device, providers=("fastvlm", "naive",
         cbytes = E * (2 * (B * D + 2 * K * D) + 2 * B * K + K * D)
         flops = nflops = 2 * B * K * D * 2
     return Case(op, dict(B=B, K=K, D=D), chosen, baseline=baseline, flops=flops, bytes=cbytes,
-                naive_bytes=naive_bytes(B, K, D, loss), naive_flops=nflops, size=K * D)
+                naive_bytes=naive_bytes(B, K, D, loss), naive_flops=nflops, size=K * D,
+                model=(lambda: model(B, K, D)) if loss else None)
+
+
+def model(B: int, K: int, D: int, dtype: torch.dtype = torch.float32) -> dict:
+    """fastvlm.aot's fwd+bwd model of the cross-entropy as the cases train it (the residual alone):
+    "fastvlm" the Triton path (class tiles + combine; per class chunk the recomputed softmax gradient, d uhat,
+    the norm backward), "naive" the unfused composition. residual_logits has no such model yet (its cases
+    keep the roofline of the counts above)."""
+    from .. import aot
+    from .projection import model_dtype
+
+    dt = model_dtype(dtype)
+    fwd = aot.residual_ce_costs(B, K, D, dt)
+    bwd = aot.residual_ce_backward_costs(B, K, D, dt, train_features=False, train_base=False)
+    return {"fastvlm": fwd["fused"] + bwd["fused"], "naive": fwd["composition"] + bwd["composition"]}
 
 
 def cases(device, quick: bool, full: bool) -> list[Case]:

@@ -175,6 +175,7 @@ class Case:
     naive_bytes: float = 0.0  # the naive composition's kernels, each reading and writing its operands
     naive_flops: float = 0.0
     dtype: torch.dtype = torch.float32  # what the case runs: picks the projection's peak
+    model: Callable[[], dict] | None = None  # {"fastvlm": aot.Cost, "naive": aot.Cost}, fwd+bwd, when modelled
     size: float = 0.0  # x axis of the plots (a sweep's variable)
     notes: str = ""
     kind: str = "op"  # "op": time fwd, bwd, fwd+bwd; "step": setup gives one whole training step to time
@@ -343,9 +344,16 @@ def run_case(case: Case, device, reps: int) -> list[dict]:
 
 
 def projection_rows(case: Case) -> list[dict]:
-    """The H100 roofline lower bound of the fused op and of the naive composition's kernels: a projection
-    from counted bytes and FLOPs at the peak of the dtype that runs, never a measurement."""
+    """The H100 projection of the op's GPU path and of the naive composition: the ``fastvlm.aot`` cost model
+    where the case has one (``case.model``), else the roofline of the case's counted bytes and FLOPs at the
+    peak of the dtype that runs. A model, never a measurement."""
     out = []
+    if case.model is not None:
+        for provider, cost in case.model().items():
+            out.append(_row(case, provider, projection.METRIC, cost.time_s, projection.UNIT, source="projection",
+                            compulsory_bytes=cost.hbm, l2_bytes=cost.l2, flops=cost.flops, peak=cost.dtype,
+                            launches=cost.launches))
+        return out
     peak = projection.fused_peak(case.dtype)
     out.append(_row(case, "fastvlm", projection.METRIC, projection.roofline(case.flops, case.bytes, peak),
                     projection.UNIT, source="projection", compulsory_bytes=case.bytes, flops=case.flops,

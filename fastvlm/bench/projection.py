@@ -1,13 +1,19 @@
-"""The H100 roofline projection: a lower bound on an op's time from its counted bytes and FLOPs.
+"""The H100 projection of the bench's cases: a model of a GPU run, never a measurement.
+
+Cases whose op has a cost model in ``fastvlm.aot`` (masked_linear, orthogonal_linear,
+residual_cross_entropy: the same model as ``fastvlm kernels`` and docs/kernels.md) give it as
+``Case.model``: the projection is then that model's time for the path the GPU ops dispatch to
+("fastvlm") and for the unfused composition ("naive"), forward + backward, L2 re-reads and launches
+included, at the peak of the dot the path runs (:func:`model_dtype`). The other cases keep the roofline
+below from their own counts:
 
 ``roofline(flops, bytes, peak) = max(bytes / HBM bandwidth, flops / peak FLOP rate)``, with the FLOP rate of
 the dtype the matmuls actually run in (dense, H100 SXM datasheet):
 
-- fp32 inputs on IEEE FMA units: 67 TFLOP/s. fastvlm's Triton kernels run fp32 dots with
-  ``input_precision="ieee"`` (kernels/), so every fp32 fused op uses this peak.
-- fp32 inputs on tensor cores as TF32: ~495 TFLOP/s. cuBLAS (the naive composition) does this when
-  ``torch.get_float32_matmul_precision()`` is ``"high"`` or ``"medium"``; at the default ``"highest"`` it
-  runs IEEE fp32 too.
+- fp32 inputs on IEEE FMA units: 67 TFLOP/s, at ``torch.get_float32_matmul_precision() == "highest"``
+  (the default);
+- fp32 inputs on tensor cores as TF32: ~495 TFLOP/s at ``"high"`` or ``"medium"``. fastvlm's Triton
+  kernels' fp32 dots follow that setting as cuBLAS (the naive composition) does;
 - bf16 / fp16 on tensor cores: 989 TFLOP/s.
 - HBM3: 3.35 TB/s.
 
@@ -42,13 +48,24 @@ def _half(dtype: torch.dtype) -> str | None:
 
 def fused_peak(dtype: torch.dtype) -> str:
     """The peak fastvlm's Triton kernels run at for inputs of ``dtype``: half types on tensor cores, fp32
-    as IEEE dots whatever torch's float32 matmul precision says."""
-    return _half(dtype) or "fp32"
+    as torch's float32 matmul precision says (:func:`model_dtype`)."""
+    return model_dtype(dtype)
 
 
 def composition_peak(dtype: torch.dtype, precision: str | None = None) -> str:
     """The peak torch's own matmuls (cuBLAS) run at: half types on tensor cores, fp32 as TF32 when the
     float32 matmul precision (``precision``, default torch's current setting) allows it, else IEEE."""
+    half = _half(dtype)
+    if half:
+        return half
+    precision = precision or torch.get_float32_matmul_precision()
+    return "fp32" if precision == "highest" else "tf32"
+
+
+def model_dtype(dtype: torch.dtype, precision: str | None = None) -> str:
+    """The ``fastvlm.aot`` cost model's dtype for matmuls on inputs of ``dtype``: half types as they are,
+    fp32 as TF32 or IEEE by ``precision`` (default: torch's float32 matmul precision), which the Triton
+    kernels' fp32 dots follow as cuBLAS does."""
     half = _half(dtype)
     if half:
         return half

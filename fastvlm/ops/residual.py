@@ -274,7 +274,7 @@ def residual_backward(features, base, residual, rf, ru, alpha, scale, needs, gra
     if need_x:
         dx = torch.empty_like(residual, memory_format=torch.contiguous_format)
     rows = Rows(features, rf, path.backward_prologue(features, rf, scale), dfhat, alpha, scale)
-    step = class_chunk(B, D, K)
+    step = getattr(path, "backward_chunk_classes", class_chunk)(B, D, K)  # the path's own chunk, if it has one
     for k0 in range(0, K, step):
         k1 = min(k0 + step, K)
         chunk = ClassChunk(base[k0:k1], residual[k0:k1], ru[k0:k1], dt[k0:k1] if need_t else None,
