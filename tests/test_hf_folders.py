@@ -86,6 +86,20 @@ def test_folder_without_a_tokenizer(folders, tmp_path):
     assert type(model).__name__ == "SiglipModel" and image_norm(model) == (32, (0.5,) * 3, (0.5,) * 3)
     base = build_base_classifier(model, tok, ["cat", "dog"])
     assert base.shape == (2, 64) and torch.isfinite(base).all()  # SigLIP: text features = hidden width
+    with torch.no_grad():  # TaskRes on SigLIP: the classifier is its text features, and the residual trains
+        want = model.get_text_features(input_ids=tok(["a photo of a cat.", "a photo of a dog."]))
+    torch.testing.assert_close(base, want if isinstance(want, torch.Tensor) else want.pooler_output, atol=1e-5, rtol=0)
+    from fastvlm.tuners.taskres import TaskResHead
+
+    head = TaskResHead(base)
+    with torch.no_grad():
+        feats = encode_image(model, torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+    labels = torch.tensor([0, 1, 0, 1, 0, 1])
+    opt = torch.optim.SGD([head.residual], lr=0.05)
+    before = head.loss(feats, labels)
+    before.backward()
+    opt.step()
+    assert head.loss(feats, labels) < before
 
 
 def test_wrong_folders_and_arguments_are_refused(folders, tmp_path):
@@ -122,7 +136,7 @@ def test_command_line_tunes_and_evaluates_taskres_on_a_folder(folders, tmp_path)
         tune + ["--model", f"hf:{data}", "--out", f"{t}/x"],  # 5: an image folder, not a model
         ["eval", "--checkpoint", f"{t}/run", "--data", data, "--pretrained", "none"],  # 6
     ]
-    image_tuners = {"mask": "RMT", "orth": "OrthCR", "lora": "lora"} if _tuners_take_target_modules() else {}
+    image_tuners = {"mask": "RMT", "orth": "OrthCR", "lora": "lora"}
     one_epoch = ["--data", data, "--shots", "2", "--epochs", "1", "--batch-size", "4", "--no-progress"]
     cases += [["tune", m, "--model", hf, *one_epoch, "--out", f"{t}/{m}"] for m in image_tuners]  # 7...
     r, _ = drive(tmp_path, cases)
@@ -139,17 +153,8 @@ def test_command_line_tunes_and_evaluates_taskres_on_a_folder(folders, tmp_path)
     one_error_line(r[5], 2, "--model", "no config.json")
     one_error_line(r[6], 2, "--pretrained 'none'", "hf: folder holds its own weights")
     assert not os.path.exists(f"{t}/x")
-    for res, label in zip(r[7:], image_tuners.values()):  # once the tuners have Hugging Face presets
+    for res, label in zip(r[7:], image_tuners.values()):  # the image tuners, through their transformers presets
         assert res["rc"] == 0 and f"->  {label} top-1" in res["out"], res
-
-
-def _tuners_take_target_modules() -> bool:
-    """Whether the image tuners attach by module name (their presets cover transformers models)."""
-    import inspect
-
-    from fastvlm.tuners.lora import apply_lora
-
-    return "target_modules" in inspect.signature(apply_lora).parameters
 
 
 def test_feature_cache_is_not_reused_for_weights_saved_again(tmp_path):
