@@ -179,3 +179,58 @@ def test_torch_path_one_chunk_keeps_softmax_and_backward_can_repeat():
             R.CHUNK_ELEMENTS = R_chunk
     assert torch.equal(g1, g2)
     assert_close("chunked vs one chunk", g1, g3, torch.float32)  # fp32 summation order only
+
+
+@pytest.mark.parametrize("op", ["residual_logits", "residual_cross_entropy"])
+def test_torch_path_projection_in_row_blocks_is_exact(monkeypatch, op):
+    """Features frozen: d uhat is written into the returned gradient and projected there block by block,
+    uhat rebuilt per block; with blocks of 2 rows (D=32) every block boundary must still be right."""
+    import fastvlm
+    import fastvlm.ops.residual as R
+
+    monkeypatch.setattr(R, "PROJECT_ELEMENTS", 64)
+    f, t, x, y = _inputs(6, 13, 32, seed=13)
+    f = f.detach()
+    fn = {"residual_logits": lambda t, x: residual_logits(f, t, x, 0.7, 50.0),
+          "residual_cross_entropy": lambda t, x: residual_cross_entropy(f, t, x, y, 0.7, 50.0, "none")}[op]
+    ref = {"residual_logits": lambda t, x: residual_logits_reference(f, t, x, 0.7, 50.0),
+           "residual_cross_entropy": lambda t, x: residual_cross_entropy_reference(f, t, x, y, 0.7, 50.0, "none")}[op]
+    with fastvlm.backend("torch"):
+        check_op_against_reference(fn, ref, [t, x], torch.float32, names=["base", "residual"])
+
+
+@pytest.mark.parametrize("op", ["residual_logits", "residual_cross_entropy"])
+def test_torch_path_peak_is_the_gradient_plus_one_logits_matrix(op):
+    """The CPU torch path's peak over forward + backward, all classes in one chunk, features and base frozen
+    (TaskRes trains the residual only), against a bound counted by hand in fp32 elements:
+
+    forward: uhat (K x D), the logits (B x K), s * fhat (B x D), and for the loss the log-sum-exp's
+    temporary (B x K) beside the logits that become softmax - onehot in place;
+    backward: the kept softmax - onehot or the logits the caller holds (B x K), s * fhat (B x D), the
+    returned d residual (K x D) into which d uhat is written and projected, and that projection's two row
+    blocks (2 x PROJECT_ELEMENTS); vectors of B or K (norms, log-sum-exp, weights) stay under 64 KiB.
+    So the peak is at most K D + 2 B K + B D + 2 PROJECT_ELEMENTS elements + 64 KiB: at B=64, K=2048, D=256
+    that is 2 + 1 + 1/16 + 1 MiB + 64 KiB, where holding d uhat and its products apart (as the torch path
+    once did: four K x D tensors) takes more than 8 MiB."""
+    import fastvlm
+    from fastvlm.bench.harness import peak_memory
+    from fastvlm.ops.residual import PROJECT_ELEMENTS, class_chunk
+
+    B, K, D = 64, 2048, 256
+    assert class_chunk(B, D, K) >= K  # one chunk: no recompute
+    f, t, x, y = (v.detach() for v in _inputs(B, K, D, seed=14))
+    x.requires_grad_()
+    go = torch.randn(B, K)
+
+    def step():
+        if op == "residual_logits":
+            residual_logits(f, t, x).backward(go)
+        else:
+            residual_cross_entropy(f, t, x, y).backward()
+
+    with fastvlm.backend("torch"):
+        step()  # first-call allocations (thread pools, the matmul's dispatch) stay out of the measurement
+        peak = peak_memory(step, torch.device("cpu"), reset=lambda: setattr(x, "grad", None))
+    e = 4
+    bound = e * (K * D + 2 * B * K + B * D + 2 * PROJECT_ELEMENTS) + (64 << 10)
+    assert e * K * D <= peak <= bound, (peak / 2**20, bound / 2**20)

@@ -19,7 +19,10 @@ Three implementations of the same math live here and in kernels/residual.py:
 - ``TorchPath``: the torch path that CPU tensors run. Chunked over classes: no more than one class chunk
   of logits (at most 2^21 elements) and no K x D normalised copy is ever held, and backward recomputes each
   chunk (online log-sum-exp for the loss); when all classes fit in one chunk, the loss keeps that chunk's
-  softmax for backward instead (see residual_ce_forward). Its class matmuls run on torch's own BLAS, not
+  softmax for backward instead (see residual_ce_forward), and the row weights of the loss's gradient go on
+  the B x D side (residual_backward's ``row_weight``). d uhat is written into the returned gradient and
+  projected there in place (TorchPath.backward_chunk), so with frozen features the backward allocates no
+  K x D tensor besides its result. Its class matmuls run on torch's own BLAS, not
   oneDNN: logit_scale amplifies the matmul's rounding into the softmax, and oneDNN's fp32 linear rounds
   more than torch's (its summation order; figures in docs/performance.md), which the gradients showed.
 - ``fastvlm.kernels.residual``: the Triton kernels behind the same three primitives (``forward``,
@@ -44,6 +47,8 @@ from ._template import empty_for_none, fake_grads, none_for_unneeded
 EPS = 1e-12
 #: elements (B x chunk and chunk x D) a class chunk may take in the torch path and in the Triton backward
 CHUNK_ELEMENTS = 1 << 21
+#: elements per row block of the torch path's in-place projection of d uhat (two such temporaries at most)
+PROJECT_ELEMENTS = 1 << 17
 
 
 def class_chunk(B: int, D: int, K: int) -> int:
@@ -168,10 +173,13 @@ class TorchPath:
         for k0 in range(0, K, step):
             k1 = min(k0 + step, K)
             uh, ru[k0:k1] = TorchPath._uhat(base[k0:k1], residual[k0:k1], alpha)
-            lg = fh @ uh.T
             if target is None:
-                out[:, k0:k1] = lg
+                if k1 - k0 == K and out.dtype == fh.dtype:
+                    torch.mm(fh, uh.T, out=out)  # one chunk: straight into the logits, no B x K copy
+                else:
+                    out[:, k0:k1] = fh @ uh.T
                 continue
+            lg = fh @ uh.T
             m_new = torch.maximum(m, lg.max(dim=1).values)  # online log-sum-exp
             ssum = ssum * torch.exp(m - m_new) + torch.exp(lg - m_new[:, None]).sum(dim=1)
             m = m_new
@@ -190,26 +198,57 @@ class TorchPath:
     def backward_chunk(rows: Rows, chunk: ClassChunk, g, ce):
         """One class chunk of the backward. g: this chunk of dL/dlogits, or None to recompute it from
         ce = (target - k0, lse, w). Writes chunk.dbase / chunk.dresidual (when given) and accumulates
-        s * g @ uhat_c into rows.dfhat."""
+        s * g @ uhat_c into rows.dfhat.
+
+        Memory: d uhat = s g.T fhat is written straight into the output gradient and the projection
+        (d uhat - uhat <uhat, d uhat>) / ||u|| runs in place on it (``_project``); the chunk's uhat is built
+        whole only when the logits are recomputed or the features train (g @ uhat). So when the upstream
+        gradient is given and the features are frozen, no chunk x D tensor is allocated beyond the returned
+        gradient."""
         fh = rows.scaled_fhat
-        uh = torch.add(_up(chunk.base), _up(chunk.residual), alpha=rows.alpha).mul_(chunk.ru[:, None])
+        uh = None
         if g is None:
             tgt, lse, w = ce
+            uh = TorchPath._chunk_uhat(chunk, rows.alpha)
             g = torch.exp_((fh @ uh.T).sub_(lse[:, None]))
             inside = (tgt >= 0) & (tgt < g.shape[1])
             hit = inside.nonzero()[:, 0]
             g[hit, tgt[hit]] -= 1.0
             g.mul_(w[:, None])
         if rows.dfhat is not None:
+            uh = TorchPath._chunk_uhat(chunk, rows.alpha) if uh is None else uh
             rows.dfhat.addmm_(g, uh, alpha=rows.scale)
-        if chunk.dbase is not None or chunk.dresidual is not None:
-            duh = torch.mm(g.T, fh)  # = s * g.T @ fhat
-            dot = (uh * duh).sum(dim=1, keepdim=True)
-            du = duh.sub_(uh.mul_(dot)).mul_(chunk.ru[:, None])  # (d uhat - uhat <uhat, d uhat>) / ||u||
-            if chunk.dbase is not None:
-                chunk.dbase.copy_(du)
-            if chunk.dresidual is not None:
-                chunk.dresidual.copy_(du.mul_(rows.alpha))
+        if chunk.dbase is None and chunk.dresidual is None:
+            return
+        first = chunk.dbase if chunk.dbase is not None else chunk.dresidual
+        direct = first.dtype == fh.dtype and first.is_contiguous()
+        du = torch.mm(g.T, fh, out=first) if direct else torch.mm(g.T, fh)  # = s * g.T @ fhat
+        TorchPath._project(du, uh, chunk, rows.alpha)
+        if chunk.dbase is not None and not direct:
+            chunk.dbase.copy_(du)
+        if chunk.dresidual is not None:  # d residual = alpha d u (base and residual share one dtype)
+            if not direct:
+                chunk.dresidual.copy_(du.mul_(rows.alpha))  # du is a temporary (d base already copied)
+            elif chunk.dbase is None:
+                du.mul_(rows.alpha)  # du is d residual itself
+            else:
+                torch.mul(du, rows.alpha, out=chunk.dresidual)  # du is d base
+
+    @staticmethod
+    def _chunk_uhat(chunk: ClassChunk, alpha):
+        return torch.add(_up(chunk.base), _up(chunk.residual), alpha=alpha).mul_(chunk.ru[:, None])
+
+    @staticmethod
+    def _project(du, uh, chunk: ClassChunk, alpha):
+        """du <- (du - uhat <uhat, du>_row) / ||u|| in place. With the chunk's ``uh`` (consumed: scaled in
+        place) in one pass; without, uhat is rebuilt PROJECT_ELEMENTS at a time, so that no chunk-sized
+        temporary is made where none was needed (more, smaller ops: only where they save memory)."""
+        rows = du.shape[0] if uh is not None else max(1, PROJECT_ELEMENTS // max(du.shape[1], 1))
+        for i in range(0, du.shape[0], rows):
+            d, ru = du[i:i + rows], chunk.ru[i:i + rows, None]
+            u = uh[i:i + rows] if uh is not None else torch.add(
+                _up(chunk.base[i:i + rows]), _up(chunk.residual[i:i + rows]), alpha=alpha).mul_(ru)
+            d.sub_(u.mul_(torch.linalg.vecdot(u, d)[:, None])).mul_(ru)
 
     @staticmethod
     def norm_backward(dvhat, a, r, out):
@@ -256,15 +295,20 @@ def residual_ce_forward(features, base, residual, target, alpha, scale, keep_sof
     return loss, rf, ru, lse, (features.new_empty(0, dtype=rf.dtype) if soft is None else soft)
 
 
-def residual_backward(features, base, residual, rf, ru, alpha, scale, needs, grad=None, ce=None):
+def residual_backward(features, base, residual, rf, ru, alpha, scale, needs, grad=None, ce=None, row_weight=None):
     """(d features, d base, d residual, d scale) for ``needs`` = (features, base, residual, scale), None
     where not needed. The upstream gradient is either ``grad`` = dL/dlogits [B, K] or, for the
     cross-entropy, ``ce`` = (target, lse, w): each chunk's dL/dlogits = w_b (softmax - onehot) is recomputed.
+    ``row_weight`` w [B] with ``grad``: dL/dlogits = w_b grad_b (the kept softmax - onehot). On the torch
+    path w goes on the B x D side instead of forming that B x K product: d uhat = s (w g).T fhat
+    = s g.T (w fhat) and d fhat = s (w g) uhat = w (s g uhat), row by row.
 
     d scale = sum_bk g_bk <fhat_b, uhat_k> = sum_b <fhat_b, dfhat_b> / s, with dfhat = s g uhat the
     accumulator the features' gradient uses anyway: one reduction more."""
     need_f, need_t, need_x, need_s = needs
     path = _path(features)
+    if row_weight is not None and path is not TorchPath:
+        grad, row_weight = grad * row_weight[:, None], None
     B, D = features.shape
     K = base.shape[0]
     df = dt = dx = ds = None
@@ -273,7 +317,10 @@ def residual_backward(features, base, residual, rf, ru, alpha, scale, needs, gra
         dt = torch.empty_like(base, memory_format=torch.contiguous_format)
     if need_x:
         dx = torch.empty_like(residual, memory_format=torch.contiguous_format)
-    rows = Rows(features, rf, path.backward_prologue(features, rf, scale), dfhat, alpha, scale)
+    prologue = path.backward_prologue(features, rf, scale)
+    if row_weight is not None:
+        prologue.mul_(row_weight[:, None])  # w s fhat: the torch prologue is a new tensor of this call
+    rows = Rows(features, rf, prologue, dfhat, alpha, scale)
     step = class_chunk(B, D, K)
     for k0 in range(0, K, step):
         k1 = min(k0 + step, K)
@@ -281,6 +328,8 @@ def residual_backward(features, base, residual, rf, ru, alpha, scale, needs, gra
                            dx[k0:k1] if need_x else None)
         path.backward_chunk(rows, chunk, None if grad is None else grad[:, k0:k1],
                             None if ce is None else (ce[0] - k0, ce[1], ce[2]))
+    if row_weight is not None and dfhat is not None:
+        dfhat.mul_(row_weight[:, None])
     if need_s:
         ds = (_up(features) * rf[:, None] * dfhat).sum() / scale
     if need_f:
@@ -335,8 +384,8 @@ class ResidualCrossEntropyFunction(torch.autograd.Function):
         w = _ce_row_weights(target, grad_rows, rf.dtype)
         needs = (n[0], n[1], n[2], n[6])
         if soft.numel():
-            grads = residual_backward(features, base, residual, rf, ru, ctx.alpha, ctx.scale, needs,
-                                      grad=soft * w[:, None])
+            grads = residual_backward(features, base, residual, rf, ru, ctx.alpha, ctx.scale, needs, grad=soft,
+                                      row_weight=w)
         else:
             grads = residual_backward(features, base, residual, rf, ru, ctx.alpha, ctx.scale, needs,
                                       ce=(target, lse, w))
@@ -377,9 +426,11 @@ def _residual_backward_op(features: Tensor, base: Tensor, residual: Tensor, rf: 
                           grad: Optional[Tensor], target: Optional[Tensor], lse: Optional[Tensor],
                           w: Optional[Tensor], alpha: float, scale: float, need_features: bool, need_base: bool,
                           need_residual: bool, need_scale: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    # grad given: dL/dlogits = w_b grad_b when w is given too (the kept softmax); else ce = (target, lse, w)
     ce = None if grad is not None else (target, lse, w)
     grads = residual_backward(features, base, residual, rf, ru, alpha, scale,
-                              (need_features, need_base, need_residual, need_scale), grad=grad, ce=ce)
+                              (need_features, need_base, need_residual, need_scale), grad=grad, ce=ce,
+                              row_weight=w if grad is not None else None)
     return empty_for_none(grads, rf)
 
 
@@ -421,8 +472,8 @@ def _ce_backward(ctx, grad_rows, _grad_rf, _grad_ru, _grad_lse, _grad_soft):
     needs = (*ctx.needs_input_grad[:3], False)
     w = _ce_row_weights(target, grad_rows, rf.dtype)
     if ctx.keep_softmax:
-        grads = _residual_backward_op(features, base, residual, rf, ru, soft * w[:, None], None, None, None,
-                                      ctx.alpha, ctx.scale, *needs)
+        grads = _residual_backward_op(features, base, residual, rf, ru, soft, None, None, w, ctx.alpha, ctx.scale,
+                                      *needs)
     else:
         grads = _residual_backward_op(features, base, residual, rf, ru, None, target, lse, w, ctx.alpha, ctx.scale,
                                       *needs)
