@@ -234,3 +234,26 @@ def test_torch_path_peak_is_the_gradient_plus_one_logits_matrix(op):
     e = 4
     bound = e * (K * D + 2 * B * K + B * D + 2 * PROJECT_ELEMENTS) + (64 << 10)
     assert e * K * D <= peak <= bound, (peak / 2**20, bound / 2**20)
+
+
+def test_torch_path_exp_floor_keeps_wide_logits_exact():
+    """Logits spanning 200 (cosines near +-1 at logit_scale 100): the softmax terms under exp(-87) are
+    floored there (fastvlm.ops.residual._exp_, against torch's slow path for subnormal results), which must
+    leave the loss and its gradients those of the reference."""
+    import fastvlm
+    from fastvlm.ops.residual import EXP_FLOOR, _exp_
+
+    floored = _exp_(torch.tensor([-200.0, EXP_FLOOR, 0.0]))
+    assert floored[0] == floored[1] == torch.tensor(EXP_FLOOR).exp() and floored[2] == 1.0
+    g = torch.Generator().manual_seed(15)
+    t = torch.randn(8, 64, generator=g)
+    t[4:] = -t[:4]  # two opposite groups of classes
+    f = t[torch.tensor([0, 1, 5, 6, 2, 7])] + 0.05 * torch.randn(6, 64, generator=g)
+    x = (0.01 * torch.randn(8, 64, generator=g)).requires_grad_()
+    y = torch.tensor([0, 1, 5, 6, 3, 4])  # two rows whose target is on the far side: loss near 200
+    with fastvlm.backend("torch"):
+        check_op_against_reference(lambda x: residual_cross_entropy(f, t, x, y, 0.5, 100.0, "none"),
+                                   lambda x: residual_cross_entropy_reference(f, t, x, y, 0.5, 100.0, "none"),
+                                   [x], torch.float32, names=["residual"])
+    logits = residual_logits_reference(f, t, x, 0.5, 100.0)
+    assert (logits.amax(1) - logits.amin(1)).min() > 150  # the case is the wide one it claims

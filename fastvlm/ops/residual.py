@@ -51,6 +51,18 @@ CHUNK_ELEMENTS = 1 << 21
 PROJECT_ELEMENTS = 1 << 17
 
 
+#: exp's argument floor on the torch path: exp(-87) = 1.6e-38, the smallest normal fp32 is 1.2e-38
+EXP_FLOOR = -87.0
+
+
+def _exp_(t: torch.Tensor) -> torch.Tensor:
+    """exp(max(t, EXP_FLOOR)) in place. torch's vectorised CPU exp takes a per-element slow path for every
+    lane whose result is subnormal or zero (arguments below about -87.3): with logit_scale 100 the logits
+    span up to 200, and exp(logits - max) over such rows ran about 100x slower. The floor changes each such
+    term by under 1.7e-38, nothing next to the row's largest term, 1 (the softmax's sum is at least 1)."""
+    return t.clamp_min_(EXP_FLOOR).exp_()
+
+
 def class_chunk(B: int, D: int, K: int) -> int:
     return max(1, min(K, CHUNK_ELEMENTS // max(B, D, 1)))
 
@@ -181,7 +193,7 @@ class TorchPath:
                 continue
             lg = fh @ uh.T
             m_new = torch.maximum(m, lg.max(dim=1).values)  # online log-sum-exp
-            ssum = ssum * torch.exp(m - m_new) + torch.exp(lg - m_new[:, None]).sum(dim=1)
+            ssum = ssum * torch.exp(m - m_new) + _exp_(lg - m_new[:, None]).sum(dim=1)
             m = m_new
             inside = (target >= k0) & (target < k1)
             idx = (target - k0).clamp(0, k1 - k0 - 1)
@@ -210,7 +222,7 @@ class TorchPath:
         if g is None:
             tgt, lse, w = ce
             uh = TorchPath._chunk_uhat(chunk, rows.alpha)
-            g = torch.exp_((fh @ uh.T).sub_(lse[:, None]))
+            g = _exp_((fh @ uh.T).sub_(lse[:, None]))
             inside = (tgt >= 0) & (tgt < g.shape[1])
             hit = inside.nonzero()[:, 0]
             g[hit, tgt[hit]] -= 1.0
@@ -283,11 +295,12 @@ def residual_ce_forward(features, base, residual, target, alpha, scale, keep_sof
     soft = None
     if keep_softmax:  # one chunk: the whole B x K logits, as the chunked forward would build them
         rf, ru, lg = path.forward(features, base, residual, alpha, scale, out_dtype=acc_dtype(features))
-        lse = torch.logsumexp(lg, dim=1)
+        top = lg.amax(dim=1)  # torch.logsumexp, with exp's argument floored (_exp_)
+        lse = top + _exp_(lg - top[:, None]).sum(dim=1).log_()
         rows = valid.nonzero()[:, 0]
         tlogit = torch.zeros_like(lse)
         tlogit[rows] = lg[rows, target[rows]]
-        soft = lg.sub_(lse[:, None]).exp_()  # softmax in place, then minus the one-hot target
+        soft = _exp_(lg.sub_(lse[:, None]))  # softmax in place, then minus the one-hot target
         soft[rows, target[rows]] -= 1.0
     else:
         rf, ru, (lse, tlogit) = path.forward(features, base, residual, alpha, scale, target=target)
