@@ -119,6 +119,7 @@ def test_torch_path_never_holds_b_by_k(monkeypatch):
     import fastvlm.ops.residual as R
 
     monkeypatch.setattr(R, "CHUNK_ELEMENTS", 64)  # chunks of 2 classes for D=32
+    monkeypatch.setattr(R, "keeps_softmax", lambda B, D, K: False)  # the recomputing backward, chunk by chunk
     f, t, x, y = _inputs(8, 37, 32, seed=11)
     with fastvlm.backend("torch"):
         check_op_against_reference(
@@ -171,12 +172,13 @@ def test_torch_path_one_chunk_keeps_softmax_and_backward_can_repeat():
         assert node.saved_tensors[7].shape == (8, 37)  # softmax - onehot, kept
         g1 = torch.autograd.grad(loss, [x], retain_graph=True)[0]
         g2 = torch.autograd.grad(loss, [x])[0]
-        R_chunk = R.CHUNK_ELEMENTS
+        R_chunk, R_keeps = R.CHUNK_ELEMENTS, R.keeps_softmax
         try:
             R.CHUNK_ELEMENTS = 64  # two classes a chunk: the recompute path
+            R.keeps_softmax = lambda B, D, K: False
             g3 = torch.autograd.grad(residual_cross_entropy(f, t, x, y, reduction="sum"), [x])[0]
         finally:
-            R.CHUNK_ELEMENTS = R_chunk
+            R.CHUNK_ELEMENTS, R.keeps_softmax = R_chunk, R_keeps
     assert torch.equal(g1, g2)
     assert_close("chunked vs one chunk", g1, g3, torch.float32)  # fp32 summation order only
 
@@ -257,3 +259,20 @@ def test_torch_path_exp_floor_keeps_wide_logits_exact():
                                    [x], torch.float32, names=["residual"])
     logits = residual_logits_reference(f, t, x, 0.5, 100.0)
     assert (logits.amax(1) - logits.amin(1)).min() > 150  # the case is the wide one it claims
+
+
+def test_torch_path_keeps_the_softmax_across_chunks_when_the_batch_is_at_most_d(monkeypatch):
+    """B <= D with several class chunks: softmax - onehot is kept (B x K, no larger than the K x D gradient)
+    and sliced per chunk in backward; the same values as the reference, and as the recomputing backward."""
+    import fastvlm
+    import fastvlm.ops.residual as R
+
+    monkeypatch.setattr(R, "CHUNK_ELEMENTS", 64)  # chunks of 2 classes for D=32
+    assert R.keeps_softmax(8, 32, 37) and not R.keeps_softmax(40, 32, 37) and R.keeps_softmax(40, 32, 1)
+    f, t, x, y = _inputs(8, 37, 32, seed=16)
+    with fastvlm.backend("torch"):
+        loss = residual_cross_entropy(f, t, x, y, reduction="sum")
+        assert loss.grad_fn.next_functions[0][0].saved_tensors[7].shape == (8, 37)  # kept
+        check_op_against_reference(
+            lambda f, t, x: residual_cross_entropy(f, t, x, y), lambda f, t, x: residual_cross_entropy_reference(f, t, x, y),
+            [f, t, x], torch.float32)
