@@ -263,9 +263,12 @@ class TorchPath:
     @staticmethod
     def _project(du, uh, chunk: ClassChunk, alpha):
         """du <- (du - uhat <uhat, du>_row) / ||u|| in place. With the chunk's ``uh`` (consumed: scaled in
-        place) in one pass; without, uhat is rebuilt PROJECT_ELEMENTS at a time, so that no chunk-sized
-        temporary is made where none was needed (more, smaller ops: only where they save memory)."""
-        rows = du.shape[0] if uh is not None else max(1, PROJECT_ELEMENTS // max(du.shape[1], 1))
+        place) in one pass; without, uhat is rebuilt in row blocks of PROJECT_ELEMENTS, or of a quarter of
+        the chunk where that is more, so that no chunk-sized temporary is made where none was needed, and a
+        large chunk takes 4 blocks, not hundreds: each op is a parallel region, and on a busy machine every
+        region can wait for a descheduled thread."""
+        rows = du.shape[0] if uh is not None else max(1, PROJECT_ELEMENTS // max(du.shape[1], 1),
+                                                      -(-du.shape[0] // 4))
         for i in range(0, du.shape[0], rows):
             d, ru = du[i:i + rows], chunk.ru[i:i + rows, None]
             u = uh[i:i + rows] if uh is not None else torch.add(
