@@ -153,7 +153,7 @@ def load_lines(rows: list[dict]) -> list[str]:
     lines = []
     slow = [r for r in rows if r["metric"] == SLOWDOWN]
     for op, shape in dict.fromkeys((r["op"], r["shape"]) for r in slow):
-        lines.append(f"{op} {shape}: alone and beside one busy process (slowdown = loaded / alone)"[:WIDTH])
+        lines.append(f"{op} {shape}: beside one busy process, slowdown = loaded / alone"[:WIDTH])
         for r in slow:
             if (r["op"], r["shape"]) == (op, shape):
                 lines.append(f"  {r['provider']:14} alone {_si(r['alone_s'], 's'):>10}   loaded "
