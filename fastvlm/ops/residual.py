@@ -245,14 +245,13 @@ class TorchPath:
         first = chunk.dbase if chunk.dbase is not None else chunk.dresidual
         direct = first.dtype == fh.dtype and first.is_contiguous()
         du = torch.mm(g.T, fh, out=first) if direct else torch.mm(g.T, fh)  # = s * g.T @ fhat
-        TorchPath._project(du, uh, chunk, rows.alpha)
+        only_residual = direct and chunk.dbase is None  # du is d residual itself: alpha goes into the projection
+        TorchPath._project(du, uh, chunk, rows.alpha, rows.alpha if only_residual else 1.0)
         if chunk.dbase is not None and not direct:
             chunk.dbase.copy_(du)
-        if chunk.dresidual is not None:  # d residual = alpha d u (base and residual share one dtype)
+        if chunk.dresidual is not None and not only_residual:  # d residual = alpha d u (one dtype with base)
             if not direct:
                 chunk.dresidual.copy_(du.mul_(rows.alpha))  # du is a temporary (d base already copied)
-            elif chunk.dbase is None:
-                du.mul_(rows.alpha)  # du is d residual itself
             else:
                 torch.mul(du, rows.alpha, out=chunk.dresidual)  # du is d base
 
@@ -261,19 +260,25 @@ class TorchPath:
         return torch.add(_up(chunk.base), _up(chunk.residual), alpha=alpha).mul_(chunk.ru[:, None])
 
     @staticmethod
-    def _project(du, uh, chunk: ClassChunk, alpha):
-        """du <- (du - uhat <uhat, du>_row) / ||u|| in place. With the chunk's ``uh`` (consumed: scaled in
-        place) in one pass; without, uhat is rebuilt in row blocks of PROJECT_ELEMENTS, or of a quarter of
-        the chunk where that is more, so that no chunk-sized temporary is made where none was needed, and a
+    def _project(du, uh, chunk: ClassChunk, alpha, out_scale=1.0):
+        """du <- out_scale (du - uhat <uhat, du>_row) / ||u|| in place. With the chunk's ``uh`` (consumed:
+        scaled in place) in one pass; without, in row blocks of PROJECT_ELEMENTS, or of a quarter of the
+        chunk where that is more, so that no chunk-sized temporary is made where none was needed, and a
         large chunk takes 4 blocks, not hundreds: each op is a parallel region, and on a busy machine every
-        region can wait for a descheduled thread."""
+        region can wait for a descheduled thread. A rebuilt block uses v = base + alpha residual as it is:
+        uhat <uhat, du> = v ((<v, du> r) r) with r = 1/||u||, one pass over the block fewer than
+        normalising v first (the products in that order stay in range whatever ||u||)."""
         rows = du.shape[0] if uh is not None else max(1, PROJECT_ELEMENTS // max(du.shape[1], 1),
                                                       -(-du.shape[0] // 4))
         for i in range(0, du.shape[0], rows):
-            d, ru = du[i:i + rows], chunk.ru[i:i + rows, None]
-            u = uh[i:i + rows] if uh is not None else torch.add(
-                _up(chunk.base[i:i + rows]), _up(chunk.residual[i:i + rows]), alpha=alpha).mul_(ru)
-            d.sub_(u.mul_(torch.linalg.vecdot(u, d)[:, None])).mul_(ru)
+            d, r = du[i:i + rows], chunk.ru[i:i + rows, None]
+            if uh is not None:
+                u = uh[i:i + rows]
+                coef = torch.linalg.vecdot(u, d)[:, None]
+            else:
+                u = torch.add(_up(chunk.base[i:i + rows]), _up(chunk.residual[i:i + rows]), alpha=alpha)
+                coef = (torch.linalg.vecdot(u, d)[:, None] * r).mul_(r)
+            d.sub_(u.mul_(coef)).mul_(r if out_scale == 1.0 else r * out_scale)
 
     @staticmethod
     def norm_backward(dvhat, a, r, out):
@@ -306,20 +311,19 @@ def residual_ce_forward(features, base, residual, target, alpha, scale, keep_sof
     path = _path(features)
     valid = target >= 0
     soft = None
-    if keep_softmax:  # the whole B x K logits (chunk by chunk), turned into softmax - onehot in place
+    if keep_softmax:  # the whole B x K logits (chunk by chunk), then log_softmax: one fused pass
         rf, ru, lg = path.forward(features, base, residual, alpha, scale, out_dtype=acc_dtype(features))
-        top = lg.amax(dim=1)
+        logp = torch.log_softmax(lg, dim=1)  # its own exp, without torch.exp's slow subnormal lanes
+        lse = lg[:, 0] - logp[:, 0]  # l - log p is the row's log-sum-exp at every column
+        del lg
         rows = valid.nonzero()[:, 0]
-        tlogit = torch.zeros_like(top)
-        tlogit[rows] = lg[rows, target[rows]]
-        soft = _exp_(lg.sub_(top[:, None]))  # exp(l - max), floored (_exp_), in place: no B x K temporary
-        total = soft.sum(dim=1)
-        soft.div_(total[:, None])  # softmax
-        lse = top + total.log_()
+        loss = torch.zeros_like(lse)
+        loss[rows] = -logp[rows, target[rows]]  # as F.cross_entropy: -log p of the target
+        soft = _exp_(logp)  # softmax in place, then minus the one-hot target
         soft[rows, target[rows]] -= 1.0
     else:
         rf, ru, (lse, tlogit) = path.forward(features, base, residual, alpha, scale, target=target)
-    loss = torch.where(valid, lse - tlogit, 0.0)
+        loss = torch.where(valid, lse - tlogit, 0.0)
     return loss, rf, ru, lse, (features.new_empty(0, dtype=rf.dtype) if soft is None else soft)
 
 
