@@ -113,10 +113,10 @@ def case(N: int = SHAPE[0], K: int = SHAPE[1], tokens: int = TOKENS, settle: flo
 
     busy = BusyProcess(settle)
 
-    def provider(name, fn, implementation, loaded):
+    def provider(name, fn, shapes, implementation, loaded):
         def setup():
             g = torch.Generator().manual_seed(0)
-            args = [torch.randn(*s, generator=g) for s in fn.shapes]
+            args = [torch.randn(*s, generator=g) for s in shapes]
 
             def step():
                 with philox_implementation(implementation):
@@ -133,10 +133,10 @@ def case(N: int = SHAPE[0], K: int = SHAPE[1], tokens: int = TOKENS, settle: flo
     def matmul(a, b):
         return a @ b
 
-    dropout.shapes = ((N, K), (N, K))
-    matmul.shapes = ((N, tokens), (tokens, K))
-    provs = [provider(n, fn, impl, loaded) for loaded in (False, True)
-             for n, fn, impl in (("fastvlm", dropout, None), (TORCH_OPS, dropout, "torch"), ("matmul", matmul, None))]
+    grads, factors = ((N, K), (N, K)), ((N, tokens), (tokens, K))  # g_task, g_ref; dy.T, x
+    provs = [provider(n, fn, shapes, impl, loaded) for loaded in (False, True)
+             for n, fn, shapes, impl in (("fastvlm", dropout, grads, None), (TORCH_OPS, dropout, grads, "torch"),
+                                         ("matmul", matmul, factors, None))]
     return Case("grad_dropout_load", dict(N=N, K=K, tokens=tokens), provs, baseline=(), kind="step", size=N * K,
                 around=lambda: busy, derive=derive, min_reps=min_reps)
 
