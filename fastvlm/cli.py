@@ -680,7 +680,7 @@ def run_taskres(args, out: OutDir, data) -> int:
              templates=templates, shots=args.shots, seed=args.seed)
     metrics = {"zero_shot_top1": zs, "top1": acc, "final_loss": hist[-1] if hist else None, "epochs": len(hist),
                "train_samples": len(train), "test_samples": len(test), "checkpoint": ckpt}
-    _on_main(ranks, _write_metrics, args.out, metrics)
+    _on_main(ranks, _write_metrics, args.out, metrics, hist)
     print(f"zero-shot top-1 {zs:.2f}%  ->  TaskRes top-1 {acc:.2f}%  on {what}  ({len(hist)} epochs, "
           f"{len(train)} training images)")
     print(f"checkpoint: {ckpt}")
@@ -694,8 +694,13 @@ def _on_main(ranks, fn, *args, **kwargs):
     return D.on_main(ranks, fn, *args, **kwargs)
 
 
-def _write_metrics(out, metrics) -> None:
+def _write_metrics(out, metrics, history) -> None:
+    """metrics.json in ``out``: ``metrics`` and the run's ``step_times`` (their distribution and every step's
+    seconds, from the training loop's ``history``)."""
     from .io import atomic_write
+    from .train.common import step_time_summary
+
+    metrics = {**metrics, "step_times": step_time_summary(getattr(history, "step_times", []))}
 
     def write(tmp):
         with open(tmp, "w") as fh:
@@ -725,7 +730,7 @@ def run_mask(args, out: OutDir, data) -> int:
     _on_main(ranks, export_masks, model, path, model_name=args.model, pretrained=args.pretrained, classnames=names)
     metrics = {"zero_shot_top1": zs, "top1": acc, "sparsity": sparsity(model), "history": hist, "masks": path,
                "train_samples": len(train), "test_samples": len(test)}
-    _on_main(ranks, _write_metrics, args.out, metrics)
+    _on_main(ranks, _write_metrics, args.out, metrics, hist)
     print(f"zero-shot top-1 {zs:.2f}%  ->  RMT top-1 {acc:.2f}%  on {what}  (sparsity {100 * metrics['sparsity']:.2f}%)")
     print(f"masks: {path}")
     return 0
@@ -780,7 +785,7 @@ def run_orth(args, out: OutDir, data) -> int:
     path = os.path.join(args.out, "orth.safetensors")
     _on_main(ranks, save_orth, model, path, model_name=args.model, pretrained=args.pretrained, classnames=names)
     _on_main(ranks, _write_metrics, args.out, {"zero_shot_top1": zs, "top1": acc, "history": hist, "rotations": path,
-                                               "train_samples": len(train), "test_samples": len(test)})
+                                               "train_samples": len(train), "test_samples": len(test)}, hist)
     if args.base_to_new:
         nb = len(splits["base"][1])
         print("OrthCR top-1: " + ", ".join(f"{k} {acc[k]:.2f}%" for k in ("base", "new", "hm"))
@@ -836,8 +841,9 @@ def run_pvp(args, out: OutDir, data) -> int:
     _on_main(ranks, save_pack, pack, model, args.method, args.model, pretrained=args.pretrained, classes=len(names),
              init_from=args.init_from)
     _on_main(ranks, _write_metrics, args.out, {"zero_shot_top1": zs, "top1": acc, "history": hist, "pack": pack,
-                              "init_from": args.init_from, "trainable_parameters": sum(p.numel() for p in params),
-                              "train_samples": len(train), "test_samples": len(test)})
+                                               "init_from": args.init_from,
+                                               "trainable_parameters": sum(p.numel() for p in params),
+                                               "train_samples": len(train), "test_samples": len(test)}, hist)
     head_text = "zero-shot text head" if args.head == "zeroshot" else "linear head"
     print(f"zero-shot top-1 {zs:.2f}%  ->  {args.method} top-1 {acc:.2f}%  on {what}  ({head_text}, "
           f"{'from ' + args.init_from_given if args.init_from else 'from scratch'})")

@@ -5,13 +5,18 @@ asserted: measured figures live in docs/performance.md."""
 import csv
 import json
 import logging
+import os
+import re
+import time
 
 import pytest
 import torch
 
 import fastvlm
 from fastvlm import bench, cli
-from fastvlm.bench import cases_masked, cases_orth, cases_residual, cases_tuners, harness, projection, report, sweeps
+from fastvlm.ops import philox
+from fastvlm.bench import (cases_load, cases_masked, cases_orth, cases_residual, cases_tuners, harness, projection,
+                           report, sweeps)
 
 CPU = torch.device("cpu")
 NO_COMPILE = ("fastvlm", "naive")
@@ -98,6 +103,7 @@ def _tiny_family_cases():
         cases_tuners.step_case("fastvlm-tiny-vit", 2, CPU),
         cases_tuners.step_case("fastvlm-tiny-vit", 2, CPU, tuners=cases_tuners.RECOMPUTE, op="tuner_step_recompute"),
         cases_tuners.hf_step_case("fastvlm-tiny-vit", 2, CPU),
+        cases_load.case(64, 32, 16, settle=0.0, min_reps=1),
     ]
 
 
@@ -110,7 +116,8 @@ def tiny_rows():
 def test_every_family_builds_and_runs_at_a_tiny_size(tiny_rows):
     cases, rows = tiny_rows
     families = {cases_residual.FAMILY: cases_residual.OPS, cases_masked.FAMILY: cases_masked.OPS,
-                cases_orth.FAMILY: cases_orth.OPS, cases_tuners.FAMILY: cases_tuners.OPS}
+                cases_orth.FAMILY: cases_orth.OPS, cases_tuners.FAMILY: cases_tuners.OPS,
+                cases_load.FAMILY: cases_load.OPS}
     assert {c.op for c in cases} == {o for ops in families.values() for o in ops} == set(rows)
     assert bench.OPS == families
     for c in cases:
@@ -170,6 +177,62 @@ def test_each_case_builds_its_own_shape():
                 _, params, grad = p.setup()
                 assert params[0].shape == (c.shape["tokens"], c.shape["K"]), (c.op, c.shape, p.name)
                 assert grad.shape == (c.shape["tokens"], c.shape["N"]), (c.op, c.shape, p.name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the load case: a busy process of its own
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _cpu_ticks(pid):
+    """utime + stime of ``pid`` in clock ticks, from /proc/<pid>/stat (fields 14 and 15)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads the busy process's CPU time from /proc")
+def test_busy_process_spins_only_while_loaded_and_is_reaped():
+    with pytest.raises(RuntimeError, match="boom"):
+        with cases_load.BusyProcess(settle=0.0) as busy:
+            pid = busy.proc.pid
+            time.sleep(0.2)
+            stopped = _cpu_ticks(pid)
+            time.sleep(0.3)
+            assert _cpu_ticks(pid) == stopped  # stopped: no CPU at all
+            busy.load(True)
+            deadline = time.monotonic() + 10.0  # a loaded machine gives it less than a core: wait for 50 ms of CPU
+            while _cpu_ticks(pid) - stopped < 5 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert _cpu_ticks(pid) - stopped >= 5
+            busy.load(False)
+            raise RuntimeError("boom")  # a failing timing still ends it
+    with pytest.raises(ProcessLookupError):  # ended and reaped: the pid is gone
+        os.kill(pid, 0)
+
+
+def test_load_case_derives_each_slowdown_and_the_ratio_to_the_torch_ops(tiny_rows):
+    _, rows = tiny_rows
+    rs = rows["grad_dropout_load"]
+    t = {r["provider"]: r["value"] for r in rs if r["metric"] == "time_step"}
+    peak = {r["provider"]: r["value"] for r in rs if r["metric"] == "peak_mem_step"}
+    assert set(t) == {f"{p}{s}" for p in ("fastvlm", "torch-ops", "matmul") for s in ("", "@load")}
+    slow = {r["provider"]: r for r in rs if r["metric"] == cases_load.SLOWDOWN}
+    assert set(slow) == {"fastvlm", "torch-ops", "matmul"}
+    for p, r in slow.items():
+        assert r["value"] == pytest.approx(t[p + "@load"] / t[p]) and r["source"] == "derived"
+    fv = next(r for r in rs if r["provider"] == "fastvlm" and r["metric"] == "time_step")
+    assert fv["ratio_to_torch-ops"] == pytest.approx(t["fastvlm"] / t["torch-ops"])
+    if philox.stream_implementation() == "c":
+        # the C pass allocates its output alone (64 x 32 fp32); the torch ops hold int64 words per chunk
+        assert peak["fastvlm"] == 64 * 32 * 4 < peak["torch-ops"]
+    lines = report.load_lines([r for op_rows in rows.values() for r in op_rows])
+    assert lines[0].startswith("grad_dropout_load N=64 K=32 tokens=16") and len(lines) == 4
+    assert all(re.search(r"alone .+ loaded .+ slowdown [\d.]+x$", line) for line in lines[1:]), lines
+    before = os.environ.get("FASTVLM_PHILOX")
+    with cases_load.philox_implementation("torch"):  # how the torch-ops provider forces the old path
+        assert philox.stream_implementation() == "torch"
+    assert os.environ.get("FASTVLM_PHILOX") == before
 
 
 # ---------------------------------------------------------------------------------------------------------

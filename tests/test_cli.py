@@ -261,7 +261,13 @@ def test_runs_keep_work_and_say_what_they_mean(tmp_path, data):
     assert line.endswith("resume with: " + " ".join(["fastvlm", *cut, "--resume"])), line
     assert r[6]["rc"] == 0 and "resuming from epoch 3 of 4" in r[6]["err"], r[6]
     assert not os.path.exists(f"{t}/cut/train_state.pt")
-    assert json.loads(open(f"{t}/cut/metrics.json").read())["epochs"] == 4  # the saved epochs count too
+    cut_metrics = json.loads(open(f"{t}/cut/metrics.json").read())
+    assert cut_metrics["epochs"] == 4  # the saved epochs count too
+    # one step per epoch (6 training features, batch 256): the interrupted run's two step times came back
+    steps = cut_metrics["step_times"]
+    assert steps["steps"] == len(steps["seconds"]) == 4 and all(x > 0 for x in steps["seconds"]), steps
+    assert steps["median"] <= steps["p95"] <= steps["max"] == max(steps["seconds"])
+    assert steps["max_over_median"] == pytest.approx(steps["max"] / steps["median"])
     # a failure once the folder was made: one line naming the file, and no half-made folder left
     one_error_line(r[7], 1, "class_1/0.png", "cannot be read")
     assert not os.path.exists(f"{t}/fails")
@@ -269,6 +275,9 @@ def test_runs_keep_work_and_say_what_they_mean(tmp_path, data):
     assert r[8]["rc"] == 0 and "skipped 2 unreadable folder image(s) of 18" in r[8]["err"], r[8]
     assert "zero-shot evaluation" in r[8]["err"] and "evaluating the masked model" in r[8]["err"]
     assert "zero-shot top-1" in r[8]["out"] and "RMT top-1" in r[8]["out"]
+    mask_steps = json.loads(open(f"{t}/mask/metrics.json").read())["step_times"]
+    assert mask_steps["steps"] == 1 and len(mask_steps["seconds"]) == 1  # 6 images, batch 32: one step
+    assert mask_steps["median"] == mask_steps["max"] == mask_steps["seconds"][0] > 0
     assert re.search(r"zero-shot top-1 [\d.]+%  ->  OrthCR top-1 [\d.]+%  on the 9 images of the test split, all 3 "
                      r"classes", r[9]["out"]), r[9]
     assert re.search(r"zero-shot top-1 [\d.]+%  ->  lora top-1 [\d.]+%", r[10]["out"]), r[10]

@@ -1,8 +1,5 @@
 """Gradient dropout's random stream (fastvlm/ops/philox.py): both implementations against Triton's ``tl.rand``
-and the Triton kernels (interpreted) element for element past every chunk boundary, precision, and the
-under-load benchmark's process hygiene."""
-
-import os
+and the Triton kernels (interpreted) element for element past every chunk boundary, and precision."""
 
 import numpy as np
 import pytest
@@ -196,50 +193,6 @@ def test_missing_compiler_falls_back_to_torch(monkeypatch, tmp_path):
     want = torch.where(p > u, 1.0, 0.5) * ga  # ratio 0.5: keep scales 1 and 0.5, exact in fp32
     assert torch.equal(grad_dropout(ga, gb, 0.5, 11), want)
     assert list(tmp_path.iterdir()) == []  # nothing half-built left behind
-
-
-# ---------------------------------------------------------------------------------------------------------
-# benchmarks/under_load.py
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _children():
-    import multiprocessing
-
-    return multiprocessing.active_children()  # joins those that ended: what is left is alive
-
-
-def test_measure_under_load_reports_and_stops_its_busy_process():
-    from benchmarks.under_load import measure_under_load
-
-    before = {p.pid for p in _children()}
-    r = measure_under_load(reps=1, inner=1, tokens=16, settle=0.01)
-    assert {p.pid for p in _children()} - before == set()
-    with pytest.raises(ProcessLookupError):  # ended and reaped
-        os.kill(r["busy_pid"], 0)
-    for key in ("dropout_alone_s", "dropout_load_s", "matmul_alone_s", "matmul_load_s"):
-        assert r[key] > 0, key
-    assert r["dropout_slowdown"] == r["dropout_load_s"] / r["dropout_alone_s"]
-    assert r["matmul_slowdown"] == r["matmul_load_s"] / r["matmul_alone_s"]
-
-
-def test_measure_under_load_stops_its_busy_process_when_timing_fails(monkeypatch):
-    import fastvlm.functional as F
-    from benchmarks.under_load import measure_under_load
-
-    calls = []
-
-    def failing(*args):
-        calls.append(1)
-        if len(calls) > 2:  # after the warm-up, inside the timed phases
-            raise RuntimeError("boom")
-        return args[0]
-
-    monkeypatch.setattr(F, "grad_dropout", failing)
-    before = {p.pid for p in _children()}
-    with pytest.raises(RuntimeError, match="boom"):
-        measure_under_load(reps=1, inner=1, tokens=16, settle=0.01)
-    assert {p.pid for p in _children()} - before == set()
 
 
 def test_differentiable_inputs_keep_their_graph():

@@ -119,6 +119,7 @@ def test_torch_path_never_holds_b_by_k(monkeypatch):
     import fastvlm.ops.residual as R
 
     monkeypatch.setattr(R, "CHUNK_ELEMENTS", 64)  # chunks of 2 classes for D=32
+    monkeypatch.setattr(R, "keeps_softmax", lambda B, D, K: False)  # the recomputing backward, chunk by chunk
     f, t, x, y = _inputs(8, 37, 32, seed=11)
     with fastvlm.backend("torch"):
         check_op_against_reference(
@@ -171,12 +172,13 @@ def test_torch_path_one_chunk_keeps_softmax_and_backward_can_repeat():
         assert node.saved_tensors[7].shape == (8, 37)  # softmax - onehot, kept
         g1 = torch.autograd.grad(loss, [x], retain_graph=True)[0]
         g2 = torch.autograd.grad(loss, [x])[0]
-        R_chunk = R.CHUNK_ELEMENTS
+        R_chunk, R_keeps = R.CHUNK_ELEMENTS, R.keeps_softmax
         try:
             R.CHUNK_ELEMENTS = 64  # two classes a chunk: the recompute path
+            R.keeps_softmax = lambda B, D, K: False
             g3 = torch.autograd.grad(residual_cross_entropy(f, t, x, y, reduction="sum"), [x])[0]
         finally:
-            R.CHUNK_ELEMENTS = R_chunk
+            R.CHUNK_ELEMENTS, R.keeps_softmax = R_chunk, R_keeps
     assert torch.equal(g1, g2)
     assert_close("chunked vs one chunk", g1, g3, torch.float32)  # fp32 summation order only
 
@@ -253,3 +255,98 @@ def test_triton_base_or_residual_alone(trained):
         check_op_against_reference(
             lambda f, t, x: residual_cross_entropy(f, t, x, y),
             lambda f, t, x: residual_cross_entropy_reference(f, t, x, y), [f, t, x], torch.float32)
+
+
+@pytest.mark.parametrize("op", ["residual_logits", "residual_cross_entropy"])
+def test_torch_path_projection_in_row_blocks_is_exact(monkeypatch, op):
+    """Features frozen: d uhat is written into the returned gradient and projected there block by block,
+    uhat rebuilt per block; with blocks of 2 rows (D=32) every block boundary must still be right."""
+    import fastvlm
+    import fastvlm.ops.residual as R
+
+    monkeypatch.setattr(R, "PROJECT_ELEMENTS", 64)
+    f, t, x, y = _inputs(6, 13, 32, seed=13)
+    f = f.detach()
+    fn = {"residual_logits": lambda t, x: residual_logits(f, t, x, 0.7, 50.0),
+          "residual_cross_entropy": lambda t, x: residual_cross_entropy(f, t, x, y, 0.7, 50.0, "none")}[op]
+    ref = {"residual_logits": lambda t, x: residual_logits_reference(f, t, x, 0.7, 50.0),
+           "residual_cross_entropy": lambda t, x: residual_cross_entropy_reference(f, t, x, y, 0.7, 50.0, "none")}[op]
+    with fastvlm.backend("torch"):
+        check_op_against_reference(fn, ref, [t, x], torch.float32, names=["base", "residual"])
+
+
+@pytest.mark.parametrize("op", ["residual_logits", "residual_cross_entropy"])
+def test_torch_path_peak_is_the_gradient_plus_one_logits_matrix(op):
+    """The CPU torch path's peak over forward + backward, all classes in one chunk, features and base frozen
+    (TaskRes trains the residual only), against a bound counted by hand in fp32 elements:
+
+    forward: uhat (K x D), the logits (B x K), s * fhat (B x D), and for the loss the log-sum-exp's
+    temporary (B x K) beside the logits that become softmax - onehot in place;
+    backward: the kept softmax - onehot or the logits the caller holds (B x K), s * fhat (B x D), the
+    returned d residual (K x D) into which d uhat is written and projected, and that projection's two row
+    blocks (2 x PROJECT_ELEMENTS); vectors of B or K (norms, log-sum-exp, weights) stay under 64 KiB.
+    So the peak is at most K D + 2 B K + B D + 2 PROJECT_ELEMENTS elements + 64 KiB: at B=64, K=2048, D=256
+    that is 2 + 1 + 1/16 + 1 MiB + 64 KiB, where holding d uhat and its products apart (as the torch path
+    once did: four K x D tensors) takes more than 8 MiB."""
+    import fastvlm
+    from fastvlm.bench.harness import peak_memory
+    from fastvlm.ops.residual import PROJECT_ELEMENTS, class_chunk
+
+    B, K, D = 64, 2048, 256
+    assert class_chunk(B, D, K) >= K  # one chunk: no recompute
+    f, t, x, y = (v.detach() for v in _inputs(B, K, D, seed=14))
+    x.requires_grad_()
+    go = torch.randn(B, K)
+
+    def step():
+        if op == "residual_logits":
+            residual_logits(f, t, x).backward(go)
+        else:
+            residual_cross_entropy(f, t, x, y).backward()
+
+    with fastvlm.backend("torch"):
+        step()  # first-call allocations (thread pools, the matmul's dispatch) stay out of the measurement
+        peak = peak_memory(step, torch.device("cpu"), reset=lambda: setattr(x, "grad", None))
+    e = 4
+    bound = e * (K * D + 2 * B * K + B * D + 2 * PROJECT_ELEMENTS) + (64 << 10)
+    assert e * K * D <= peak <= bound, (peak / 2**20, bound / 2**20)
+
+
+def test_torch_path_exp_floor_keeps_wide_logits_exact():
+    """Logits spanning 200 (cosines near +-1 at logit_scale 100): the softmax terms under exp(-87) are
+    floored there (fastvlm.ops.residual._exp_, against torch's slow path for subnormal results), which must
+    leave the loss and its gradients those of the reference."""
+    import fastvlm
+    from fastvlm.ops.residual import EXP_FLOOR, _exp_
+
+    floored = _exp_(torch.tensor([-200.0, EXP_FLOOR, 0.0]))
+    assert floored[0] == floored[1] == torch.tensor(EXP_FLOOR).exp() and floored[2] == 1.0
+    g = torch.Generator().manual_seed(15)
+    t = torch.randn(8, 64, generator=g)
+    t[4:] = -t[:4]  # two opposite groups of classes
+    f = t[torch.tensor([0, 1, 5, 6, 2, 7])] + 0.05 * torch.randn(6, 64, generator=g)
+    x = (0.01 * torch.randn(8, 64, generator=g)).requires_grad_()
+    y = torch.tensor([0, 1, 5, 6, 3, 4])  # two rows whose target is on the far side: loss near 200
+    with fastvlm.backend("torch"):
+        check_op_against_reference(lambda x: residual_cross_entropy(f, t, x, y, 0.5, 100.0, "none"),
+                                   lambda x: residual_cross_entropy_reference(f, t, x, y, 0.5, 100.0, "none"),
+                                   [x], torch.float32, names=["residual"])
+    logits = residual_logits_reference(f, t, x, 0.5, 100.0)
+    assert (logits.amax(1) - logits.amin(1)).min() > 150  # the case is the wide one it claims
+
+
+def test_torch_path_keeps_the_softmax_across_chunks_when_the_batch_is_at_most_d(monkeypatch):
+    """B <= D with several class chunks: softmax - onehot is kept (B x K, no larger than the K x D gradient)
+    and sliced per chunk in backward; the same values as the reference, and as the recomputing backward."""
+    import fastvlm
+    import fastvlm.ops.residual as R
+
+    monkeypatch.setattr(R, "CHUNK_ELEMENTS", 64)  # chunks of 2 classes for D=32
+    assert R.keeps_softmax(8, 32, 37) and not R.keeps_softmax(40, 32, 37) and R.keeps_softmax(40, 32, 1)
+    f, t, x, y = _inputs(8, 37, 32, seed=16)
+    with fastvlm.backend("torch"):
+        loss = residual_cross_entropy(f, t, x, y, reduction="sum")
+        assert loss.grad_fn.next_functions[0][0].saved_tensors[7].shape == (8, 37)  # kept
+        check_op_against_reference(
+            lambda f, t, x: residual_cross_entropy(f, t, x, y), lambda f, t, x: residual_cross_entropy_reference(f, t, x, y),
+            [f, t, x], torch.float32)

@@ -127,3 +127,17 @@ def test_progress_counts_every_epochs_steps_and_starts_where_a_resumed_run_stopp
     run(5)  # resumed: epochs 3 to 5 of 5, the bar starts at the 8 steps already done
     assert (bars[-1].total, bars[-1].n) == (20, 20)
     assert bars[-1].desc.startswith("demo")
+
+
+def test_step_time_summary_of_hand_made_times():
+    from fastvlm.train.common import step_time_summary
+
+    s = step_time_summary([0.1, 0.3, 0.2, 0.9])
+    assert s["steps"] == 4 and s["median"] == pytest.approx(0.25)  # the mean of the middle two, 0.2 and 0.3
+    assert s["p95"] == 0.9 and s["max"] == 0.9  # nearest rank: the ceil(3.8) = 4th smallest
+    assert s["max_over_median"] == pytest.approx(3.6) and s["seconds"] == [0.1, 0.3, 0.2, 0.9]  # in step order
+    s = step_time_summary(range(20, 0, -1))  # 1 ... 20: the median 10.5, the 19th smallest is the p95
+    assert (s["median"], s["p95"], s["max"]) == (10.5, 19.0, 20.0)
+    assert step_time_summary([2.0])["median"] == 2.0
+    assert step_time_summary([]) == {"steps": 0, "median": None, "p95": None, "max": None, "max_over_median": None,
+                                     "seconds": []}

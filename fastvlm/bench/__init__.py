@@ -5,6 +5,7 @@ table, CSV, JSON and plots in a folder (docs/benchmarks.md says what every colum
   provider (``torch.compile`` of the naive composition).
 - ``cases_residual``, ``cases_masked``, ``cases_orth``, ``cases_tuners``: one module per op family, each
   with its cases and their byte/FLOP models; ``CATALOGUE`` maps the family names to them.
+- ``cases_load``: gradient dropout's CPU stream and a matmul, alone and beside a busy process it starts.
 - ``sweeps``: how time and peak memory grow with classes, tokens, width and batch, with fitted slopes.
 - ``projection``: the H100 roofline projection (a model, never a measurement).
 - ``report``: summary, table, files, plots.
@@ -18,11 +19,11 @@ from typing import Callable
 
 import torch
 
-from . import cases_masked, cases_orth, cases_residual, cases_tuners, report, sweeps
+from . import cases_load, cases_masked, cases_orth, cases_residual, cases_tuners, report, sweeps
 from .harness import COMPILED, Case, Provider, add_ratios, peak_memory, run_case, settle_malloc
 from .sweeps import SWEEPS
 
-_FAMILIES = (cases_residual, cases_masked, cases_orth, cases_tuners)
+_FAMILIES = (cases_residual, cases_masked, cases_orth, cases_tuners, cases_load)
 #: op family name -> function(device, quick, full) -> cases
 CATALOGUE: dict[str, Callable] = {m.FAMILY: m.cases for m in _FAMILIES}
 #: op family name -> the ops its cases time
@@ -89,7 +90,8 @@ def run(ops: list[str] | None = None, quick: bool = True, full: bool = False, ou
     for case in tqdm(cases, desc="fastvlm bench", disable=not progress):
         rows += run_case(case, dev, reps)
     rows += sweeps.slope_rows(rows)
-    lines = report.header_lines(env) + report.summary_lines(rows) + report.slope_lines(rows)
+    lines = (report.header_lines(env) + report.summary_lines(rows) + report.load_lines(rows)
+             + report.slope_lines(rows))
     paths = report.write_outputs(rows, env, out)
     lines.append(f"full table, CSV, JSON and plots: {out}/ ({', '.join(p.rsplit('/', 1)[-1] for p in paths[:3])}"
                  f" and {len(paths) - 3} plots)")

@@ -180,6 +180,9 @@ class Case:
     notes: str = ""
     kind: str = "op"  # "op": time fwd, bwd, fwd+bwd; "step": setup gives one whole training step to time
     extra: dict = field(default_factory=dict)
+    around: Callable | None = None  # () -> a context manager the whole case runs in (a busy process, say)
+    derive: Callable | None = None  # rows -> more rows computed from the measured ones (source "derived")
+    min_reps: int = 1  # timed repetitions at least, whatever the run's --reps
 
     @property
     def baselines(self) -> tuple:
@@ -305,7 +308,14 @@ def add_ratios(rows: list[dict], baselines) -> list[dict]:
 
 def run_case(case: Case, device, reps: int) -> list[dict]:
     """Providers are timed round-robin, one repetition of each in turn, so that a noisy machine (other
-    load, frequency changes) biases none of them; the first round warms up and is not counted."""
+    load, frequency changes) biases none of them; the first round warms up and is not counted. The whole
+    case runs inside ``case.around()`` when given; ``case.derive`` adds its rows last."""
+    with (case.around or contextlib.nullcontext)():
+        rows = _run_case(case, device, max(reps, case.min_reps))
+    return rows + (case.derive(rows) if case.derive else [])
+
+
+def _run_case(case: Case, device, reps: int) -> list[dict]:
     calls = {p.name: callables(case, p) for p in case.providers}
     metrics = [m for m in next(iter(calls.values())) if not m.startswith("_")]
     times = {(p, m): [] for p in calls for m in metrics}

@@ -145,6 +145,22 @@ def _si(v: float, unit: str) -> str:
     return f"{v:.3g}"
 
 
+def load_lines(rows: list[dict]) -> list[str]:
+    """One block per case with ``load_slowdown`` rows (the load family): per op, its time alone, under one
+    busy process, and the slowdown (loaded / alone)."""
+    from .cases_load import SLOWDOWN
+
+    lines = []
+    slow = [r for r in rows if r["metric"] == SLOWDOWN]
+    for op, shape in dict.fromkeys((r["op"], r["shape"]) for r in slow):
+        lines.append(f"{op} {shape}: beside one busy process, slowdown = loaded / alone"[:WIDTH])
+        for r in slow:
+            if (r["op"], r["shape"]) == (op, shape):
+                lines.append(f"  {r['provider']:14} alone {_si(r['alone_s'], 's'):>10}   loaded "
+                             f"{_si(r['loaded_s'], 's'):>10}   slowdown {r['value']:.2f}x"[:WIDTH])
+    return lines
+
+
 def slope_lines(rows: list[dict]) -> list[str]:
     """One block per sweep: per provider, the fitted time and peak memory per unit of x."""
     from .sweeps import SWEEPS

@@ -18,8 +18,11 @@ Three implementations of the same math live here and in kernels/residual.py:
 - ``*_reference``: the naive autograd composition, readable and exact: the test oracle.
 - ``TorchPath``: the torch path that CPU tensors run. Chunked over classes: no more than one class chunk
   of logits (at most 2^21 elements) and no K x D normalised copy is ever held, and backward recomputes each
-  chunk (online log-sum-exp for the loss); when all classes fit in one chunk, the loss keeps that chunk's
-  softmax for backward instead (see residual_ce_forward). Its class matmuls run on torch's own BLAS, not
+  chunk (online log-sum-exp for the loss); when all classes fit in one chunk or B <= D, the loss keeps
+  softmax - onehot for backward instead (keeps_softmax), and the row weights of the loss's gradient go on
+  the B x D side (residual_backward's ``row_weight``). d uhat is written into the returned gradient and
+  projected there in place (TorchPath.backward_chunk), so with frozen features the backward allocates no
+  K x D tensor besides its result. Its class matmuls run on torch's own BLAS, not
   oneDNN: logit_scale amplifies the matmul's rounding into the softmax, and oneDNN's fp32 linear rounds
   more than torch's (its summation order; figures in docs/performance.md), which the gradients showed.
 - ``fastvlm.kernels.residual``: the Triton kernels behind the same three primitives (``forward``,
@@ -44,10 +47,34 @@ from ._template import empty_for_none, fake_grads, none_for_unneeded
 EPS = 1e-12
 #: elements (B x chunk and chunk x D) a class chunk may take in the torch path and in the Triton backward
 CHUNK_ELEMENTS = 1 << 21
+#: elements per row block of the torch path's in-place projection of d uhat (two such temporaries at most)
+PROJECT_ELEMENTS = 1 << 17
+
+
+#: exp's argument floor on the torch path: exp(-87) = 1.6e-38, the smallest normal fp32 is 1.2e-38
+EXP_FLOOR = -87.0
+
+
+def _exp_(t: torch.Tensor) -> torch.Tensor:
+    """exp(max(t, EXP_FLOOR)) in place. torch's vectorised CPU exp takes a per-element slow path for every
+    lane whose result is subnormal or zero (arguments below about -87.3): with logit_scale 100 the logits
+    span up to 200, and exp(logits - max) over such rows ran about 100x slower. The floor changes each such
+    term by under 1.7e-38, nothing next to the row's largest term, 1 (the softmax's sum is at least 1)."""
+    return t.clamp_min_(EXP_FLOOR).exp_()
 
 
 def class_chunk(B: int, D: int, K: int) -> int:
     return max(1, min(K, CHUNK_ELEMENTS // max(B, D, 1)))
+
+
+def keeps_softmax(B: int, D: int, K: int) -> bool:
+    """Whether the torch path's cross-entropy keeps softmax - onehot [B, K] for backward instead of
+    recomputing each chunk's logits there: when all classes fit in one chunk, or when B <= D, so that the
+    kept B x K is no larger than the K x D gradient the op returns anyway (the peak stays within about twice
+    that floor, as with one chunk). Keeping saves the backward's logits matmul, a third of the op's FLOPs:
+    at B=256, K=21843, D=1024 the peak is the same either way (the recomputing backward holds a chunk's
+    uhat, logits and projection temporaries instead)."""
+    return class_chunk(B, D, K) >= K or B <= D
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -168,12 +195,15 @@ class TorchPath:
         for k0 in range(0, K, step):
             k1 = min(k0 + step, K)
             uh, ru[k0:k1] = TorchPath._uhat(base[k0:k1], residual[k0:k1], alpha)
-            lg = fh @ uh.T
             if target is None:
-                out[:, k0:k1] = lg
+                if k1 - k0 == K and out.dtype == fh.dtype:
+                    torch.mm(fh, uh.T, out=out)  # one chunk: straight into the logits, no B x K copy
+                else:
+                    out[:, k0:k1] = fh @ uh.T
                 continue
+            lg = fh @ uh.T
             m_new = torch.maximum(m, lg.max(dim=1).values)  # online log-sum-exp
-            ssum = ssum * torch.exp(m - m_new) + torch.exp(lg - m_new[:, None]).sum(dim=1)
+            ssum = ssum * torch.exp(m - m_new) + _exp_(lg - m_new[:, None]).sum(dim=1)
             m = m_new
             inside = (target >= k0) & (target < k1)
             idx = (target - k0).clamp(0, k1 - k0 - 1)
@@ -190,26 +220,65 @@ class TorchPath:
     def backward_chunk(rows: Rows, chunk: ClassChunk, g, ce):
         """One class chunk of the backward. g: this chunk of dL/dlogits, or None to recompute it from
         ce = (target - k0, lse, w). Writes chunk.dbase / chunk.dresidual (when given) and accumulates
-        s * g @ uhat_c into rows.dfhat."""
+        s * g @ uhat_c into rows.dfhat.
+
+        Memory: d uhat = s g.T fhat is written straight into the output gradient and the projection
+        (d uhat - uhat <uhat, d uhat>) / ||u|| runs in place on it (``_project``); the chunk's uhat is built
+        whole only when the logits are recomputed or the features train (g @ uhat). So when the upstream
+        gradient is given and the features are frozen, no chunk x D tensor is allocated beyond the returned
+        gradient."""
         fh = rows.scaled_fhat
-        uh = torch.add(_up(chunk.base), _up(chunk.residual), alpha=rows.alpha).mul_(chunk.ru[:, None])
+        uh = None
         if g is None:
             tgt, lse, w = ce
-            g = torch.exp_((fh @ uh.T).sub_(lse[:, None]))
+            uh = TorchPath._chunk_uhat(chunk, rows.alpha)
+            g = _exp_((fh @ uh.T).sub_(lse[:, None]))
             inside = (tgt >= 0) & (tgt < g.shape[1])
             hit = inside.nonzero()[:, 0]
             g[hit, tgt[hit]] -= 1.0
             g.mul_(w[:, None])
         if rows.dfhat is not None:
+            uh = TorchPath._chunk_uhat(chunk, rows.alpha) if uh is None else uh
             rows.dfhat.addmm_(g, uh, alpha=rows.scale)
-        if chunk.dbase is not None or chunk.dresidual is not None:
-            duh = torch.mm(g.T, fh)  # = s * g.T @ fhat
-            dot = (uh * duh).sum(dim=1, keepdim=True)
-            du = duh.sub_(uh.mul_(dot)).mul_(chunk.ru[:, None])  # (d uhat - uhat <uhat, d uhat>) / ||u||
-            if chunk.dbase is not None:
-                chunk.dbase.copy_(du)
-            if chunk.dresidual is not None:
-                chunk.dresidual.copy_(du.mul_(rows.alpha))
+        if chunk.dbase is None and chunk.dresidual is None:
+            return
+        first = chunk.dbase if chunk.dbase is not None else chunk.dresidual
+        direct = first.dtype == fh.dtype and first.is_contiguous()
+        du = torch.mm(g.T, fh, out=first) if direct else torch.mm(g.T, fh)  # = s * g.T @ fhat
+        only_residual = direct and chunk.dbase is None  # du is d residual itself: alpha goes into the projection
+        TorchPath._project(du, uh, chunk, rows.alpha, rows.alpha if only_residual else 1.0)
+        if chunk.dbase is not None and not direct:
+            chunk.dbase.copy_(du)
+        if chunk.dresidual is not None and not only_residual:  # d residual = alpha d u (one dtype with base)
+            if not direct:
+                chunk.dresidual.copy_(du.mul_(rows.alpha))  # du is a temporary (d base already copied)
+            else:
+                torch.mul(du, rows.alpha, out=chunk.dresidual)  # du is d base
+
+    @staticmethod
+    def _chunk_uhat(chunk: ClassChunk, alpha):
+        return torch.add(_up(chunk.base), _up(chunk.residual), alpha=alpha).mul_(chunk.ru[:, None])
+
+    @staticmethod
+    def _project(du, uh, chunk: ClassChunk, alpha, out_scale=1.0):
+        """du <- out_scale (du - uhat <uhat, du>_row) / ||u|| in place. With the chunk's ``uh`` (consumed:
+        scaled in place) in one pass; without, in row blocks of PROJECT_ELEMENTS, or of a quarter of the
+        chunk where that is more, so that no chunk-sized temporary is made where none was needed, and a
+        large chunk takes 4 blocks, not hundreds: each op is a parallel region, and on a busy machine every
+        region can wait for a descheduled thread. A rebuilt block uses v = base + alpha residual as it is:
+        uhat <uhat, du> = v ((<v, du> r) r) with r = 1/||u||, one pass over the block fewer than
+        normalising v first (the products in that order stay in range whatever ||u||)."""
+        rows = du.shape[0] if uh is not None else max(1, PROJECT_ELEMENTS // max(du.shape[1], 1),
+                                                      -(-du.shape[0] // 4))
+        for i in range(0, du.shape[0], rows):
+            d, r = du[i:i + rows], chunk.ru[i:i + rows, None]
+            if uh is not None:
+                u = uh[i:i + rows]
+                coef = torch.linalg.vecdot(u, d)[:, None]
+            else:
+                u = torch.add(_up(chunk.base[i:i + rows]), _up(chunk.residual[i:i + rows]), alpha=alpha)
+                coef = (torch.linalg.vecdot(u, d)[:, None] * r).mul_(r)
+            d.sub_(u.mul_(coef)).mul_(r if out_scale == 1.0 else r * out_scale)
 
     @staticmethod
     def norm_backward(dvhat, a, r, out):
@@ -237,34 +306,41 @@ def residual_logits_forward(features, base, residual, alpha, scale):
 
 def residual_ce_forward(features, base, residual, target, alpha, scale, keep_softmax):
     """Per-row losses (0 on rows whose target is -1), rf, ru, the rows' log-sum-exp, and, with
-    ``keep_softmax`` (torch path, all classes in one chunk), softmax - onehot [B, K] for the backward (an
-    empty tensor otherwise). Without it no B x K tensor is kept: the backward recomputes each chunk."""
+    ``keep_softmax`` (torch path, see keeps_softmax), softmax - onehot [B, K] for the backward (an empty
+    tensor otherwise). Without it no B x K tensor is kept: the backward recomputes each chunk."""
     path = _path(features)
     valid = target >= 0
     soft = None
-    if keep_softmax:  # one chunk: the whole B x K logits, as the chunked forward would build them
+    if keep_softmax:  # the whole B x K logits (chunk by chunk), then log_softmax: one fused pass
         rf, ru, lg = path.forward(features, base, residual, alpha, scale, out_dtype=acc_dtype(features))
-        lse = torch.logsumexp(lg, dim=1)
+        logp = torch.log_softmax(lg, dim=1)  # its own exp, without torch.exp's slow subnormal lanes
+        lse = lg[:, 0] - logp[:, 0]  # l - log p is the row's log-sum-exp at every column
+        del lg
         rows = valid.nonzero()[:, 0]
-        tlogit = torch.zeros_like(lse)
-        tlogit[rows] = lg[rows, target[rows]]
-        soft = lg.sub_(lse[:, None]).exp_()  # softmax in place, then minus the one-hot target
+        loss = torch.zeros_like(lse)
+        loss[rows] = -logp[rows, target[rows]]  # as F.cross_entropy: -log p of the target
+        soft = _exp_(logp)  # softmax in place, then minus the one-hot target
         soft[rows, target[rows]] -= 1.0
     else:
         rf, ru, (lse, tlogit) = path.forward(features, base, residual, alpha, scale, target=target)
-    loss = torch.where(valid, lse - tlogit, 0.0)
+        loss = torch.where(valid, lse - tlogit, 0.0)
     return loss, rf, ru, lse, (features.new_empty(0, dtype=rf.dtype) if soft is None else soft)
 
 
-def residual_backward(features, base, residual, rf, ru, alpha, scale, needs, grad=None, ce=None):
+def residual_backward(features, base, residual, rf, ru, alpha, scale, needs, grad=None, ce=None, row_weight=None):
     """(d features, d base, d residual, d scale) for ``needs`` = (features, base, residual, scale), None
     where not needed. The upstream gradient is either ``grad`` = dL/dlogits [B, K] or, for the
     cross-entropy, ``ce`` = (target, lse, w): each chunk's dL/dlogits = w_b (softmax - onehot) is recomputed.
+    ``row_weight`` w [B] with ``grad``: dL/dlogits = w_b grad_b (the kept softmax - onehot). On the torch
+    path w goes on the B x D side instead of forming that B x K product: d uhat = s (w g).T fhat
+    = s g.T (w fhat) and d fhat = s (w g) uhat = w (s g uhat), row by row.
 
     d scale = sum_bk g_bk <fhat_b, uhat_k> = sum_b <fhat_b, dfhat_b> / s, with dfhat = s g uhat the
     accumulator the features' gradient uses anyway: one reduction more."""
     need_f, need_t, need_x, need_s = needs
     path = _path(features)
+    if row_weight is not None and path is not TorchPath:
+        grad, row_weight = grad * row_weight[:, None], None
     B, D = features.shape
     K = base.shape[0]
     df = dt = dx = ds = None
@@ -273,7 +349,10 @@ def residual_backward(features, base, residual, rf, ru, alpha, scale, needs, gra
         dt = torch.empty_like(base, memory_format=torch.contiguous_format)
     if need_x:
         dx = torch.empty_like(residual, memory_format=torch.contiguous_format)
-    rows = Rows(features, rf, path.backward_prologue(features, rf, scale), dfhat, alpha, scale)
+    prologue = path.backward_prologue(features, rf, scale)
+    if row_weight is not None:
+        prologue.mul_(row_weight[:, None])  # w s fhat: the torch prologue is a new tensor of this call
+    rows = Rows(features, rf, prologue, dfhat, alpha, scale)
     step = getattr(path, "backward_chunk_classes", class_chunk)(B, D, K)  # the path's own chunk, if it has one
     for k0 in range(0, K, step):
         k1 = min(k0 + step, K)
@@ -281,6 +360,8 @@ def residual_backward(features, base, residual, rf, ru, alpha, scale, needs, gra
                            dx[k0:k1] if need_x else None)
         path.backward_chunk(rows, chunk, None if grad is None else grad[:, k0:k1],
                             None if ce is None else (ce[0] - k0, ce[1], ce[2]))
+    if row_weight is not None and dfhat is not None:
+        dfhat.mul_(row_weight[:, None])
     if need_s:
         ds = (_up(features) * rf[:, None] * dfhat).sum() / scale
     if need_f:
@@ -335,8 +416,8 @@ class ResidualCrossEntropyFunction(torch.autograd.Function):
         w = _ce_row_weights(target, grad_rows, rf.dtype)
         needs = (n[0], n[1], n[2], n[6])
         if soft.numel():
-            grads = residual_backward(features, base, residual, rf, ru, ctx.alpha, ctx.scale, needs,
-                                      grad=soft * w[:, None])
+            grads = residual_backward(features, base, residual, rf, ru, ctx.alpha, ctx.scale, needs, grad=soft,
+                                      row_weight=w)
         else:
             grads = residual_backward(features, base, residual, rf, ru, ctx.alpha, ctx.scale, needs,
                                       ce=(target, lse, w))
@@ -377,9 +458,11 @@ def _residual_backward_op(features: Tensor, base: Tensor, residual: Tensor, rf: 
                           grad: Optional[Tensor], target: Optional[Tensor], lse: Optional[Tensor],
                           w: Optional[Tensor], alpha: float, scale: float, need_features: bool, need_base: bool,
                           need_residual: bool, need_scale: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    # grad given: dL/dlogits = w_b grad_b when w is given too (the kept softmax); else ce = (target, lse, w)
     ce = None if grad is not None else (target, lse, w)
     grads = residual_backward(features, base, residual, rf, ru, alpha, scale,
-                              (need_features, need_base, need_residual, need_scale), grad=grad, ce=ce)
+                              (need_features, need_base, need_residual, need_scale), grad=grad, ce=ce,
+                              row_weight=w if grad is not None else None)
     return empty_for_none(grads, rf)
 
 
@@ -421,8 +504,8 @@ def _ce_backward(ctx, grad_rows, _grad_rf, _grad_ru, _grad_lse, _grad_soft):
     needs = (*ctx.needs_input_grad[:3], False)
     w = _ce_row_weights(target, grad_rows, rf.dtype)
     if ctx.keep_softmax:
-        grads = _residual_backward_op(features, base, residual, rf, ru, soft * w[:, None], None, None, None,
-                                      ctx.alpha, ctx.scale, *needs)
+        grads = _residual_backward_op(features, base, residual, rf, ru, soft, None, None, w, ctx.alpha, ctx.scale,
+                                      *needs)
     else:
         grads = _residual_backward_op(features, base, residual, rf, ru, None, target, lse, w, ctx.alpha, ctx.scale,
                                       *needs)
@@ -541,8 +624,8 @@ def residual_cross_entropy(features, base, residual, target, alpha=0.5, logit_sc
     """``F.cross_entropy(residual_logits(...), target, reduction=reduction, ignore_index=ignore_index,
     label_smoothing=label_smoothing)``
     without holding more than one class chunk of the B x K logits or their gradient: class chunks with an
-    online log-sum-exp forward, recomputed in backward (on CPU, when all classes fit in one chunk, that chunk
-    is kept instead).
+    online log-sum-exp forward, recomputed in backward (on CPU, when all classes fit in one chunk or the
+    batch is no larger than D, softmax - onehot is kept instead: ``keeps_softmax``).
 
     target: [B] int class indices; ``ignore_index`` rows contribute nothing, and when every row is ignored
     the mean is NaN with zero gradients, as in F.cross_entropy. ``label_smoothing`` eps in [0, 1] mixes the
@@ -562,7 +645,7 @@ def residual_cross_entropy(features, base, residual, target, alpha=0.5, logit_sc
     valid = target != ignore_index
     tgt = torch.where(valid, target.long(), -1)  # -1 never matches a class
     alpha, scale = _number(alpha), _number(logit_scale)
-    keep = (not _backend.use_triton(features) and class_chunk(*features.shape, base.shape[0]) >= base.shape[0]
+    keep = (not _backend.use_triton(features) and keeps_softmax(*features.shape, base.shape[0])
             and torch.is_grad_enabled() and any(t.requires_grad for t in (features, base, residual)))
     with amp:
         if compiling():

@@ -147,7 +147,8 @@ class Checkpointer:
 
 class History(list):
     """One entry per epoch (a mean loss, or a dict of mean metrics), plus ``step_times``: the wall time of
-    every step in seconds, so a caller can report the step-time distribution."""
+    every step in seconds (the step call alone: waiting for the next batch is not in it), so a caller can
+    report the step-time distribution (:func:`step_time_summary`)."""
 
     def __init__(self, entries=(), step_times=()):
         super().__init__(entries)
@@ -169,6 +170,20 @@ def epochs_of(loader):
         return loader
 
     return batches
+
+
+def step_time_summary(times) -> dict:
+    """The distribution of step times (seconds): ``steps``, ``median``, ``p95`` (nearest rank: the
+    ceil(0.95 n)-th smallest), ``max``, ``max_over_median`` (a stall shows as a large value here) and every
+    step's ``seconds`` in order. With no steps: ``steps`` 0, the statistics None."""
+    ts = [float(t) for t in times]
+    if not ts:
+        return {"steps": 0, "median": None, "p95": None, "max": None, "max_over_median": None, "seconds": []}
+    srt = sorted(ts)
+    n = len(srt)
+    median = srt[n // 2] if n % 2 else 0.5 * (srt[n // 2 - 1] + srt[n // 2])
+    return {"steps": n, "median": median, "p95": srt[math.ceil(0.95 * n) - 1], "max": srt[-1],
+            "max_over_median": srt[-1] / median if median > 0 else None, "seconds": ts}
 
 
 def run_epochs(name: str, *, epochs: int, batches, step, optimizer, tensors: dict, generators=(), lr_at,
