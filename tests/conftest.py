@@ -16,7 +16,9 @@ import torch
 
 from . import helpers
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# one thread per pytest-xdist worker (``-n N`` runs N workers side by side: more threads would oversubscribe
+# the cores, which slows OpenMP regions by orders of magnitude), else up to two
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 #: the files whose tests build their inputs on the suite's device
 DEVICE_AWARE = {"test_residual.py", "test_masked.py", "test_orth.py"}
