@@ -327,7 +327,10 @@ class OutDir:
         st = peek_train_state(self.state)
         if not st:
             return f"no epoch of the run in {self.path} was saved: starting from epoch 1 of {epochs}"
-        return f"resuming from epoch {min(st['epoch'] + 2, epochs)} of {epochs} ({st['epoch'] + 1} saved in {self.state})"
+        done = st["epoch"] + 1
+        if done >= epochs:
+            return f"resuming a run whose {epochs} epochs are all saved (in {self.state}): finishing it"
+        return f"resuming from epoch {done + 1} of {epochs} ({done} saved in {self.state})"
 
     def _clean(self) -> None:
         for name in set(os.listdir(self.path)) - self.before:
@@ -571,6 +574,14 @@ def _weight_files(args) -> list:
     return [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths]
 
 
+def _random_init_seed(args):
+    """The seed that built the weights of a random-init model (``--pretrained none``; _load_model seeds before
+    building), else None: another seed is another model, whose features a cache must not hand back."""
+    from .models import _tag, hf_folder
+
+    return args.seed if _tag(args.pretrained) is None and hf_folder(args.model) is None else None
+
+
 def _cached_features(model, samples, transform, path, args, desc="caching image features", ranks=None):
     """Image features of ``samples``, read from ``path`` when it was made from the same model and images.
     With several ranks, rank 0 reads the cache and sends it, or all encode their shards and rank 0 writes it."""
@@ -578,7 +589,7 @@ def _cached_features(model, samples, transform, path, args, desc="caching image 
     from .io import load_checkpoint, save_checkpoint
 
     ranks = ranks if ranks is not None else D.Dist()
-    key = hashlib.sha256(json.dumps([args.model, args.pretrained, _weight_files(args),
+    key = hashlib.sha256(json.dumps([args.model, args.pretrained, _weight_files(args), _random_init_seed(args),
                                      [s[0] for s in samples]]).encode()).hexdigest()
 
     def read():
@@ -610,6 +621,10 @@ def _loader(samples, transform, batch_size, args, ranks=None):
               "DistributedSampler repeats a few of them each epoch, so the run differs slightly from one process")
     return shuffled_loader(samples, transform, D.local_batch(batch_size, ranks), args.seed, num_workers=args.workers,
                            ranks=ranks)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _note(text: str) -> None:
@@ -681,7 +696,7 @@ def run_taskres(args, out: OutDir, data) -> int:
     metrics = {"zero_shot_top1": zs, "top1": acc, "final_loss": hist[-1] if hist else None, "epochs": len(hist),
                "train_samples": len(train), "test_samples": len(test), "checkpoint": ckpt}
     _on_main(ranks, _write_metrics, args.out, metrics, hist)
-    print(f"zero-shot top-1 {zs:.2f}%  ->  TaskRes top-1 {acc:.2f}%  on {what}  ({len(hist)} epochs, "
+    print(f"zero-shot top-1 {zs:.2f}%  ->  TaskRes top-1 {acc:.2f}%  on {what}  ({_count(len(hist), 'epoch')}, "
           f"{len(train)} training images)")
     print(f"checkpoint: {ckpt}")
     return 0
@@ -1038,7 +1053,8 @@ def cmd_pack(args) -> int:
 
     folder = _pack_folder(args.pack, "pack")
     tensors, meta = read_pack(folder)
-    config = ", ".join(f"{k}={v}" for k, v in sorted((meta.get("config") or {}).items()))
+    saved = meta.get("tuners", {}).get(meta.get("method"), {}).get("config") or {}
+    config = ", ".join(f"{k}={v}" for k, v in sorted(saved.items()))
     print(f"pack: {folder}")
     print(f"method: {meta.get('method')} ({config})")
     print(f"backbone: {meta.get('backbone')} (pretrained {meta.get('pretrained')!r})")
@@ -1069,7 +1085,7 @@ def _taskres_checkpoint(path: str) -> str:
 
 def cmd_eval(args) -> int:
     from .io import load_checkpoint
-    from .models import hf_folder, load_clip
+    from .models import hf_folder
     from .train.taskres import evaluate_head
     from .tuners.taskres import TaskResHead, build_base_classifier, taskres_config_of
 
@@ -1104,7 +1120,7 @@ def cmd_eval(args) -> int:
                        f"{next(((a, b) for a, b in zip(names, cfg['classnames']) if a != b), None)})")
     _ensure_weights(args)
     _set_threads(args)
-    model, _, pre_eval, tok = load_clip(args.model, args.pretrained, args.device)
+    model, _, pre_eval, tok = _load_model(args)  # the seed first: a random-init model is the one tune trained on
     base = build_base_classifier(model, tok, names, cfg.get("templates"), device=args.device)
     head = TaskResHead(base, taskres_config_of(cfg)).to(args.device)
     head.load_residual(path)
@@ -1196,6 +1212,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=bench.main)
     aot.add_parser(sub)
     selfcheck.add_parser(sub)
+    for parser in (sub, tsub):  # a missing command is named by its choices, not by the parser's dest
+        parser.metavar = "{" + ",".join(parser.choices) + "}"
     return p
 
 

@@ -96,6 +96,9 @@ def check_pretrained(model: str, pretrained: str | None) -> str | None:
     known = {t for m, t in open_clip.list_pretrained() if m == model}
     if tag not in known and (os.sep in tag or tag.endswith((".pt", ".pth", ".bin", ".safetensors"))):
         raise FileNotFoundError(f"pretrained checkpoint {tag!r} does not exist")
+    if not known:
+        raise ValueError(f"pretrained {tag!r}: open_clip has no pretrained weights for {model}; give a checkpoint "
+                         "file, or 'none' for random weights")
     if tag not in known:
         raise ValueError(f"pretrained must be a file or one of {sorted(known)} for {model} ('none': random weights), "
                          f"got {tag!r}")

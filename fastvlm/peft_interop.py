@@ -203,6 +203,7 @@ def read_adapter(source, adapter_name: str = "default"):
     peft_type = str(getattr(config.peft_type, "value", config.peft_type))
     if peft_type not in TENSORS:
         raise ValueError(f"{where} holds a peft {peft_type} adapter: fastvlm imports LORA and OFT")
+    check_importable(config)  # before the tensors: a refused setting is named, not a tensor it brings
     suffixes = TENSORS[peft_type]
     modules: dict[str, dict] = {}
     for key, t in state.items():
@@ -301,7 +302,6 @@ def import_peft(model: nn.Module, source, adapter_name: str = "default") -> list
     from .tuners.orth import OrthConfig, OrthLinear
 
     config, modules = read_adapter(source, adapter_name)
-    check_importable(config)
     peft_type = str(getattr(config.peft_type, "value", config.peft_type))
     kind = "lora" if peft_type == "LORA" else "orth"
     if any(hasattr(m, "base_layer") and hasattr(m, "active_adapters") for m in model.modules()):

@@ -282,6 +282,7 @@ def test_runs_keep_work_and_say_what_they_mean(tmp_path, data):
                      r"classes", r[9]["out"]), r[9]
     assert re.search(r"zero-shot top-1 [\d.]+%  ->  lora top-1 [\d.]+%", r[10]["out"]), r[10]
     assert r[11]["rc"] == 0 and "attach" not in r[11]["out"] and "transformer" not in r[11]["out"]
+    assert "method: lora (alpha=16.0, rank=8, " in r[11]["out"], r[11]["out"]  # the pack's config, not "()"
     assert len(r[11]["out"].strip().splitlines()) <= 6, r[11]["out"]
     assert r[12]["rc"] == 0 and "--epochs 0: nothing is trained" in r[12]["err"], r[12]
     from fastvlm.tuners.pack import read_pack

@@ -311,6 +311,21 @@ def test_import_refuses_settings_fastvlm_cannot_compute(config, needle):
     check_importable(cls(target_modules=["q_proj"]))  # the defaults import
 
 
+@pytest.mark.parametrize("setting,needle", [
+    (dict(use_dora=True), "use_dora=True"),
+    (dict(bias="all"), "bias='all'"),
+    (dict(modules_to_save=["visual_projection"]), "modules_to_save"),
+])
+def test_an_adapter_folder_is_refused_by_its_setting_not_by_a_tensor_it_brings(tmp_path, setting, needle):
+    """A real peft folder whose setting brings extra tensors (DoRA's magnitudes, biases, saved modules):
+    the refusal names the setting, which the user can change, before any tensor is looked at."""
+    folder = str(tmp_path / "adapter")
+    _peft_model(peft.LoraConfig(target_modules=["q_proj"], **setting)).save_pretrained(folder)
+    with pytest.raises(ValueError, match=None) as e:
+        import_peft(tiny_clip(), folder)
+    assert needle in str(e.value) and "tensor" not in str(e.value), str(e.value)
+
+
 def test_export_refuses_what_an_adapter_cannot_reproduce(tmp_path):
     out = str(tmp_path / "x")
     model, _ = _fastvlm_orth(neumann_terms=1)

@@ -162,3 +162,20 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(ValueError, match=r"checkpoint .* does not fit the model: residual: file \(3, 4\), model \(5, 4\)"):
         TaskResHead(torch.randn(5, 4)).load_residual(str(tmp_path / "h.safetensors"))
     assert [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")] == []  # no temporaries left behind
+
+
+def test_eval_rebuilds_the_random_init_model_tune_trained_on(tmp_path, capsys):
+    """A --pretrained none run: eval builds the model from the checkpoint's seed, as tune did, so its own
+    features of the test images are tune's to the bit (before, eval built an unseeded model: its classifier
+    and features were another network's, and its top-1 moved from run to run)."""
+    make_image_folder(tmp_path / "data", classes=3, per_class=6, split_dirs=True)
+    out = tmp_path / "run"
+    assert cli.main(["tune", "taskres", "--model", TINY, "--pretrained", "none", "--data", str(tmp_path / "data"),
+                     "--shots", "4", "--seed", "3", "--out", str(out), "--epochs", "2", "--no-progress"]) == 0
+    top1 = json.loads((out / "metrics.json").read_text())["top1"]
+    torch.manual_seed(12345)  # whatever the global generator holds, eval must not depend on it
+    assert cli.main(["eval", "--checkpoint", str(out), "--data", str(tmp_path / "data"), "--no-progress"]) == 0
+    assert f"top-1 {top1:.2f}%" in capsys.readouterr().out
+    tune_features, _ = load_checkpoint(str(out / "features_test.safetensors"), kind="features")
+    eval_features, _ = load_checkpoint(str(out / "features_eval.safetensors"), kind="features")
+    assert torch.equal(eval_features["features"], tune_features["features"])

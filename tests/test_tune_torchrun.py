@@ -243,6 +243,9 @@ def _same_metrics(one_dir, two_dir, what):
     by float order only), the rest equal once the --out folder is read as a placeholder."""
     a = json.loads((one_dir / "metrics.json").read_text().replace(str(one_dir), "OUT"))
     b = json.loads((two_dir / "metrics.json").read_text().replace(str(two_dir), "OUT"))
+    # wall-clock step times differ from run to run; the number of steps may not
+    steps_a, steps_b = a.pop("step_times"), b.pop("step_times")
+    assert steps_a["steps"] == steps_b["steps"] == len(steps_a["seconds"]) > 0, (what, steps_a, steps_b)
 
     def close(x, y, where):
         if isinstance(x, dict):
