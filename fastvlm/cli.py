@@ -788,8 +788,13 @@ def run_orth(args, out: OutDir, data) -> int:
         return acc
 
     zs = evaluate("zero-shot evaluation")
-    apply_orth(model, OrthConfig(block_size=args.block_size, attention=args.attention,
-                                 neumann_terms=args.neumann_terms, recompute=args.recompute))
+    try:
+        apply_orth(model, OrthConfig(block_size=args.block_size, attention=args.attention,
+                                     neumann_terms=args.neumann_terms, recompute=args.recompute))
+    except ValueError as e:
+        if "block_size" not in str(e):
+            raise
+        raise UsageError(f"--block-size {args.block_size}: {e}") from None
     recipe = OrthRecipe(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size or IMAGE_BATCH)
     size, mean, std = image_norm(model)
     loader = _loader(train, train_transform(size, mean, std), recipe.batch_size, args, ranks)

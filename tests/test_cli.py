@@ -190,7 +190,7 @@ def test_usage_mistakes_and_failures_before_any_model(tmp_path, data):
     one_error_line(r[25], 1, "--pretrained", "'openai'", "not in the local cache", "--pretrained none",
                    "local checkpoint file")
     assert r[25]["seconds"] < 10, r[25]["seconds"]
-    one_error_line(r[26], 2, "required: method")
+    one_error_line(r[26], 2, "required: {taskres,mask,orth,vpt,lora,adapter}")
     assert not os.path.exists(out), "a refused run left --out behind"
     assert sorted(os.listdir(data / "busy")) == ["notes.txt"]
     # --help: each PVP method lists only its own options; eval shows no unused --model default; the default

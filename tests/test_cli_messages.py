@@ -39,3 +39,15 @@ def test_resume_notes_count_the_saved_epochs(tmp_path):
 
 def test_counts_agree_with_their_nouns():
     assert (cli._count(1, "epoch"), cli._count(2, "epoch"), cli._count(0, "epoch")) == ("1 epoch", "2 epochs", "0 epochs")
+
+
+def test_a_block_size_that_does_not_divide_names_the_option(tmp_path, capsys):
+    from .synthetic import make_image_folder
+
+    make_image_folder(str(tmp_path / "data"), classes=3, per_class=4)
+    argv = ["tune", "orth", "--model", TINY, "--pretrained", "none", "--data", str(tmp_path / "data"), "--shots", "2",
+            "--epochs", "1", "--block-size", "7", "--out", str(tmp_path / "out"), "--no-progress"]
+    assert cli.main(argv) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("fastvlm:")]
+    assert err == [err[0]] and err[0].startswith("fastvlm: error: --block-size 7: block_size=7 must divide"), err
+    assert not (tmp_path / "out").exists()
