@@ -61,6 +61,8 @@ def _drive(spec_path: str) -> None:
                 if user_hook is not None:
                     user_hook(epoch)
                 if case.get("kill_rank_at") == [rank, epoch]:
+                    with open(os.path.join(spec["dump"], "killed-at"), "w") as fh:
+                        fh.write(repr(time.time()))  # the test times the run's end from here, not from its start
                     os.kill(os.getpid(), signal.SIGKILL)
                 if case.get("interrupt_at") == epoch:
                     raise KeyboardInterrupt
@@ -193,7 +195,8 @@ def runs(tmp_path_factory, data):
         {"name": "mask-killed", "argv": methods["mask"] + ["--out", str(t / "killed")], "kill_rank_at": [1, 0]},
     ]
     spec, dump2 = _spec(t, "two", two)
-    job, took = _torchrun(t, ["-m", "tests.test_tune_torchrun", spec], timeout=600)
+    job, _ = _torchrun(t, ["-m", "tests.test_tune_torchrun", spec], timeout=600)
+    after_kill = time.time() - float((dump2 / "killed-at").read_text())
     one = [{"name": m, "argv": argv + ["--out", str(t / f"one-{m}")]} for m, argv in methods.items()]
     one += [{"name": f"{m}-resumed", "argv": methods[m] + ["--out", str(t / f"cut-{m}-for-one"), "--resume"]}
             for m in RESUMED]
@@ -201,7 +204,7 @@ def runs(tmp_path_factory, data):
     single = subprocess.run([sys.executable, "-m", "tests.test_tune_torchrun", spec], cwd=ROOT, capture_output=True,
                             text=True, timeout=600, env=_env(t))
     assert single.returncode == 0, single.stderr[-3000:]
-    return {"t": t, "job": job, "took": took, "two": dump2, "one": dump1, "single": single}
+    return {"t": t, "job": job, "after_kill": after_kill, "two": dump2, "one": dump1, "single": single}
 
 
 def _results(dump, rank):
@@ -326,7 +329,9 @@ def test_a_killed_rank_ends_the_run_within_the_timeout(runs):
     assert "--resume" in line and str(runs["t"] / "killed") in line, line
     assert not any(ln.startswith("fastvlm: error:") for ln in err.splitlines()), err[-3000:]
     assert _root_cause_rank(err) == 1, err[-3000:]  # torchrun's report names it
-    assert runs["took"] < 200 + 3 * TIMEOUT_S, runs["took"]
+    # from the kill to the job's end: rank 0's collective gives up within the timeout (or torchrun stops it
+    # sooner), then torchrun's 3 s grace and report; the whole job's time would also count the earlier cases
+    assert runs["after_kill"] < 3 * TIMEOUT_S, runs["after_kill"]
 
 
 @pytest.mark.slow
