@@ -137,6 +137,11 @@ class GradSlot:
         return ref
 
 
+def _norm_dtype(scores):
+    """The scores in the precision their regulariser's norm is taken in: fp64 stays fp64, others fp32."""
+    return scores if scores.dtype == torch.float64 else scores.float()
+
+
 def masked_linear_forward(x2, weight, scores, bias, threshold):
     """``x2 @ (W * [S > tau]).T + bias`` for 2-D x2 [M, K]. Both paths build W * [S > tau] as a temporary
     (only x, W and S are kept for backward); the fused kernel (``FASTVLM_FUSED=masked``) masks W's tiles as
@@ -168,7 +173,7 @@ def masked_linear_backward(dy2, x2, weight, scores, threshold, needs, ref_grad=N
         else:
             dx = _backend.linear(dy2, masked_weight(weight, scores, threshold, dy2.dtype).t())
     if need_s:
-        add = reg / max(torch.linalg.vector_norm(scores.float()).item(), 1e-12) if reg else 0.0
+        add = reg / max(torch.linalg.vector_norm(_norm_dtype(scores)).item(), 1e-12) if reg else 0.0
         if kernels is not None:
             ds = kernels.grad_scores(dy2, x2, weight, ref_grad, ratio, seed, scores.dtype,
                                      scores=scores if reg else None, add_scale=add, out=out)

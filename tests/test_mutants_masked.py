@@ -1,0 +1,130 @@
+"""Exact tests of the masked family's torch path where a plausible one-token bug would otherwise pass (the
+mutation run of ``fastvlm/ops/masked.py``, docs/testing.md): the two-pass slot with its regulariser, each
+argument check on both sides of its edge, gradients following exactly the inputs that need them, and the
+``torch.compile`` custom ops' fake implementations. fp64 against the written-out formula, where only
+summation order differs."""
+
+import pytest
+import torch
+
+import fastvlm
+import fastvlm.functional as FV
+from fastvlm.ops import masked as M
+from fastvlm.ops.philox import philox_uniform
+
+N, K, T, TAU = 5, 7, 6, 5e-3
+TOL = dict(rtol=1e-12, atol=1e-12)
+
+
+@pytest.fixture(autouse=True)
+def torch_path():
+    with fastvlm.backend("torch"):
+        yield
+
+
+def inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, K, generator=g, dtype=torch.float64)
+    w = torch.randn(N, K, generator=g, dtype=torch.float64)
+    s = TAU + torch.randn(N, K, generator=g, dtype=torch.float64) * 1e-2  # about half the masks on
+    b = torch.randn(N, generator=g, dtype=torch.float64)
+    return x, w, s, b
+
+
+def straight_through(x, w, s, dy):
+    """(y's masked weight, d scores) by hand: y = x (W*[S>tau])^T, dS = (dy^T x) * W."""
+    return w * (s > TAU), (dy.T @ x) * w
+
+
+def test_the_slot_drops_the_regularised_gradient_against_pass_one_in_place():
+    """Pass 2 with a slot: g_a = (dy^T x) W + reg S/||S||, dropped against pass 1's gradient with the slot's
+    ratio and seed, written into pass 1's buffer."""
+    x, w, s, b = inputs(1)
+    scores = s.clone().requires_grad_()
+    dy = torch.randn(T, N, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    g_ref = torch.randn(N, K, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    slot = M.GradSlot()
+    slot.ref, slot.ratio, slot.seed, slot.reg = g_ref.clone(), 0.6, 11, 0.25
+    buffer = slot.ref
+    y = M.masked_linear_slotted(x, w, scores, b, TAU, slot)
+    (y * dy).sum().backward()
+    _, ds = straight_through(x, w, s, dy)
+    g_a = ds + 0.25 * s / torch.linalg.vector_norm(s)
+    u = philox_uniform(11, torch.arange(N * K)).view(N, K).double()
+    want = M.keep_scale(g_a, g_ref, u, 0.6) * g_a
+    torch.testing.assert_close(scores.grad, want, **TOL)
+    assert scores.grad.data_ptr() == buffer.data_ptr() and slot.ref is None  # consumed in place
+    assert not torch.equal(want, ds)  # the regulariser and the dropout both moved it
+
+
+def test_an_empty_slot_gives_the_plain_straight_through_gradient():
+    x, w, s, b = inputs(4)
+    scores = s.clone().requires_grad_()
+    dy = torch.randn(T, N, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    y = M.masked_linear_slotted(x, w, scores, b, TAU, M.GradSlot())
+    mw, ds = straight_through(x, w, s, dy)
+    torch.testing.assert_close(y, x @ mw.T + b, **TOL)
+    (y * dy).sum().backward()
+    torch.testing.assert_close(scores.grad, ds, **TOL)
+    with pytest.raises(TypeError, match="slot must be a GradSlot, got dict"):
+        M.masked_linear_slotted(x, w, scores, b, TAU, {})
+
+
+@pytest.mark.parametrize("trains", ["x", "scores", "bias"])
+def test_each_input_alone_gets_its_own_gradient(trains):
+    x, w, s, b = inputs(6)
+    named = {"x": x, "scores": s, "bias": b}
+    named[trains].requires_grad_()
+    dy = torch.randn(T, N, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    y = FV.masked_linear(x, w, s, b, TAU)
+    (got,) = torch.autograd.grad((y * dy).sum(), (named[trains],))
+    mw, ds = straight_through(x, w, s, dy)
+    want = {"x": dy @ mw, "scores": ds, "bias": dy.sum(0)}[trains]
+    torch.testing.assert_close(got, want, **TOL)
+
+
+def test_a_vector_input_is_one_row():
+    x, w, s, b = inputs(8)
+    torch.testing.assert_close(FV.masked_linear(x[0], w, s, b, TAU), x[0] @ (w * (s > TAU)).T + b, **TOL)
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("weight 3-D", "weight must be a non-empty 2-D"), ("weight 1-D", "weight must be a non-empty 2-D"),
+    ("weight empty", "weight must be a non-empty 2-D"), ("x 0-D", "x must end in K=7"),
+    ("x too few columns", "x must end in K=7"), ("x too many columns", "x must end in K=7"),
+    ("bias short", r"bias must have shape \(5,\)"), ("bias long", r"bias must have shape \(5,\)"),
+])
+def test_every_shape_check_on_both_sides(case, needle):
+    x, w, s, b = inputs(9)
+    args = {"x": x, "weight": w, "scores": s, "bias": b}
+    if case.startswith("weight"):
+        w = {"weight 3-D": w[None], "weight 1-D": w[0], "weight empty": w[:0]}[case]
+        args.update(weight=w, scores=torch.full(w.shape, 1.0, dtype=w.dtype))
+    elif case.startswith("x"):
+        args["x"] = {"x 0-D": x[0, 0], "x too few columns": x[:, :-1], "x too many columns": torch.cat([x, x], 1)}[case]
+    else:
+        args["bias"] = b[:-1] if case == "bias short" else torch.cat([b, b[:1]])
+    with pytest.raises(ValueError, match=needle):
+        FV.masked_linear(args["x"], args["weight"], args["scores"], args["bias"], TAU)
+
+
+def test_grad_dropout_bounds_and_empty_tensors():
+    g = torch.randn(3, 4, dtype=torch.float64)
+    FV.grad_dropout(g, g, 1.0, 0)  # ratio 1 is allowed
+    for bad in (1.0 + 1e-9, -1e-9):
+        with pytest.raises(ValueError, match="ratio"):
+            FV.grad_dropout(g, g, bad, 0)
+    empty = torch.empty(0, 4, dtype=torch.float64)
+    out = FV.grad_dropout(empty, empty, 0.5, 0)
+    assert out.shape == (0, 4) and out.dtype == torch.float64
+
+
+def test_the_custom_ops_fake_implementations_match_the_real_ones():
+    x, w, s, b = inputs(10)
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(M._masked_linear_op, (x, w, s, b, TAU, None, 0.0, 0), test_utils=checks)
+    torch.library.opcheck(M._masked_linear_op, (x[:4], w, s, None, TAU, None, 0.0, 0), test_utils=checks)
+    dy = torch.randn(T, N, dtype=torch.float64)
+    for needs in ((True, True, True), (False, True, False), (True, False, True)):
+        torch.library.opcheck(M._masked_linear_backward_op, (dy, x, w, s, None, TAU, 0.0, 0, *needs),
+                              test_utils=checks)
