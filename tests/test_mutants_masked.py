@@ -128,3 +128,18 @@ def test_the_custom_ops_fake_implementations_match_the_real_ones():
     for needs in ((True, True, True), (False, True, False), (True, False, True)):
         torch.library.opcheck(M._masked_linear_backward_op, (dy, x, w, s, None, TAU, 0.0, 0, *needs),
                               test_utils=checks)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_template_examples_keep_their_contract(seed):
+    """The op template's example inputs (tests/test_op_template.py feeds them to every check): x with two
+    leading dims ("any leading shape"), 9 x 13 off every tile size, and scores 1e-3 to 1.1e-2 from tau on
+    both sides, so fp64 gradcheck's perturbations never flip a mask bit and both mask values occur."""
+    (x, w, s, b), kw = M.EXAMPLES["masked_linear"](torch.float64, torch.Generator().manual_seed(seed))
+    assert kw == {} and x.shape == (2, 3, 13) and w.shape == s.shape == (9, 13) and b.shape == (9,)
+    assert x.requires_grad and s.requires_grad and b.requires_grad and not w.requires_grad
+    gap = (s - TAU).abs()
+    assert (gap >= 1e-3 - 1e-12).all() and (gap <= 1.1e-2 + 1e-12).all(), gap
+    assert (s > TAU).sum() >= 20 and (s <= TAU).sum() >= 20  # of 117: both values, about half each
+    (ga, gb), kw = M.EXAMPLES["grad_dropout"](torch.float64, torch.Generator().manual_seed(seed))
+    assert ga.shape == gb.shape == (11, 6) and kw == {"ratio": 0.6, "seed": 5, "offset": 3}
