@@ -10,6 +10,7 @@ CLI demos, so everything runs on a CPU with no downloads.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 
@@ -268,8 +269,6 @@ def hf_folder(model: str) -> str | None:
 def check_hf_folder(folder: str) -> str:
     """Refuse, without loading anything, a folder that is not a saved CLIPModel / SiglipModel (missing, no
     config.json, another model type, no weights). Returns its model_type."""
-    import json
-
     if not folder:
         raise ValueError("hf: needs a folder: hf:<folder saved by save_pretrained>")
     if not os.path.isdir(folder):
@@ -295,8 +294,6 @@ def weight_files(folder: str) -> list[str]:
     for index in _WEIGHTS[1::2]:
         path = os.path.join(folder, index)
         if os.path.isfile(path):
-            import json
-
             with open(path) as fh:
                 names += sorted(set(json.load(fh).get("weight_map", {}).values()))
     return [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))]
