@@ -143,11 +143,17 @@ def on_main(d: Dist, fn, *args, **kwargs):
 
 def all_mean(tensors, d: Dist) -> None:
     """Each tensor in place to its mean over the ranks."""
-    if not d.enabled:
-        return
+    if d.enabled:
+        group_mean(tensors)
+
+
+def group_mean(tensors, group=None) -> None:
+    """Each tensor in place to its mean over the ranks of ``group`` (the default group: None), in an
+    initialised process group."""
+    world = dist.get_world_size(group)
     for t in tensors:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t.div_(d.world_size)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        t.div_(world)
 
 
 def from_main(d: Dist, fn, *args, **kwargs):

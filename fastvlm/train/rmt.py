@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..dist import group_mean
 from ..functional import grad_dropout
 from ..models import encode_image
 from ..tuners.mask import bypass_masks, gradient_dropout, score_parameters
@@ -73,14 +73,6 @@ def rmt_step(model, images, labels, classifier, optimizer, recipe: RMTRecipe, st
     return {"ce": ce.item(), "kl": l_kl.item(), "reg": reg.item(), "loss_a": ce.item() + reg.item()}
 
 
-def _rank_mean(tensors, group=None) -> None:
-    """All-reduce each tensor in place to its mean over the ranks."""
-    world = dist.get_world_size(group)
-    for t in tensors:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-        t.div_(world)
-
-
 def rmt_step_distributed(model, images, labels, classifier, optimizer, recipe: RMTRecipe, step: int,
                          group=None) -> dict:
     """One two-pass RMT step on this rank's part of the batch, with gradient dropout on the rank-averaged
@@ -88,8 +80,8 @@ def rmt_step_distributed(model, images, labels, classifier, optimizer, recipe: R
     ce, l_kl, reg, scores = rmt_losses(model, images, labels, classifier, recipe)
     g_b = list(torch.autograd.grad(l_kl, scores, retain_graph=True))
     g_a = list(torch.autograd.grad(ce + reg, scores))
-    _rank_mean(g_b, group)
-    _rank_mean(g_a, group)  # mean of the ranks' CE gradients + the reg gradient, the same on every rank
+    group_mean(g_b, group)
+    group_mean(g_a, group)  # mean of the ranks' CE gradients + the reg gradient, the same on every rank
     for i, (s, ga, gb) in enumerate(zip(scores, g_a, g_b)):
         s.grad = grad_dropout(ga, gb, recipe.drop_ratio, layer_seed(recipe.seed, step, i)) if recipe.drop_ratio else ga
     optimizer.step()
