@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import tempfile
+import threading
 
 import torch
 from safetensors import SafetensorError
@@ -13,21 +16,48 @@ from safetensors.torch import load_file, save_file
 META_KEY = "fastvlm"
 
 
+#: the signals a user or a scheduler stops a run with; held back while a file is written (atomic_write)
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Hold Ctrl-C and SIGTERM back inside the block and deliver them when it ends: a KeyboardInterrupt
+    raised inside a writer (torch.save's zip writer turns it into a RuntimeError on its way out) would
+    otherwise end the run with a traceback and lose the file being saved. The signals' Python handlers are
+    swapped for a recorder meanwhile (a signal mask would not do: any other thread, such as a BLAS worker,
+    takes a signal the main thread blocks); only the main thread can, elsewhere nothing is held."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    old = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        if caught:
+            signal.raise_signal(caught[0])  # now the run's own handler acts on it, after the save
+
+
 def atomic_write(path: str, write) -> str:
     """``write(tmp_path)`` into a temporary file in the same folder, fsync it, then rename it over ``path``:
-    an interrupted save never leaves a partial file at ``path`` (the old one stays)."""
+    an interrupted save never leaves a partial file at ``path`` (the old one stays). Ctrl-C and SIGTERM
+    arriving meanwhile take effect once the file is in place."""
     folder = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with _signals_held():
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+        os.close(fd)
+        try:
+            write(tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return path
 
 

@@ -163,3 +163,24 @@ def test_mismatched_devices_are_refused():
             FV.orthogonal_linear(cpu, torch.empty(4, 8, device="meta"), torch.zeros(2, 6), None, 4)
         with pytest.raises(ValueError, match="g_ref is on meta but g_task is on cpu"):
             FV.grad_dropout(cpu, torch.empty(3, 8, device="meta"), 0.5, 0)
+
+
+def test_a_stop_signal_during_a_save_takes_effect_once_the_file_is_in_place(tmp_path):
+    """Ctrl-C in the middle of writing a training state: the file is completed and renamed, then the
+    KeyboardInterrupt comes (before, it was raised inside the writer, and torch.save's zip writer turned it
+    into a RuntimeError on its way out: a traceback instead of the interrupted line, and no state)."""
+    import os
+    import signal
+
+    from fastvlm.io import atomic_write, peek_train_state
+
+    path = str(tmp_path / "state.pt")
+
+    def write(tmp):
+        os.kill(os.getpid(), signal.SIGINT)  # arrives mid-save
+        with open(tmp, "wb") as fh:  # as save_train_state writes it
+            torch.save({"fastvlm_train_state": 1, "kind": "demo", "epoch": 3, "step": 4, "x": torch.ones(1000)}, fh)
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, write)
+    assert peek_train_state(path) == {"kind": "demo", "epoch": 3, "step": 4}
