@@ -437,3 +437,22 @@ def test_random_weights_warning_is_printed_once(caplog):
     assert texts.count(msg) <= 1 and "something else" in texts
     once = [f for f in logging.getLogger().filters if isinstance(f, harness._Once)]
     assert len(once) == 1 and once[0].seen
+
+
+def test_cayley_torch_path_peaks_no_higher_than_the_compiled_composition():
+    """The peer a user would compile (the solve-based reference under torch.compile) sets the memory bar: the
+    exact Cayley transform's forward and backward on the torch path hold no more bytes at their peak (an
+    identity tensor built for I - Q and (R + I) / 2 once made it b x b over)."""
+    case = cases_orth.cayley_case(6, 32, CPU, providers=("fastvlm", bench.COMPILED))
+    peaks = {}
+    for prov in case.providers:
+        fwd, params, grad = prov.setup()
+
+        def step():
+            for p in params:
+                p.grad = None
+            fwd().backward(grad)
+
+        step()
+        peaks[prov.name] = harness.peak_memory(step, CPU)
+    assert peaks["fastvlm"] <= peaks[bench.COMPILED], peaks

@@ -146,8 +146,11 @@ def cayley_forward(q):
     kernels = _kernels(q, q.shape[-1])
     if kernels is not None:
         return kernels.cayley(q)
-    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
-    return torch.linalg.inv(eye - q).mul_(2.0).sub_(eye)
+    a = q.neg()  # I - Q, without an identity tensor (b x b more at the peak)
+    a.diagonal(dim1=-2, dim2=-1).add_(1.0)
+    r = torch.linalg.inv(a).mul_(2.0)
+    r.diagonal(dim1=-2, dim2=-1).sub_(1.0)
+    return r
 
 
 def cayley_backward(r, g):
@@ -156,9 +159,10 @@ def cayley_backward(r, g):
     kernels = _kernels(r, r.shape[-1])
     if kernels is not None:
         return kernels.cayley_backward(r, g)
-    eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
-    ainv_t = ((r + eye) * 0.5).transpose(1, 2)
-    return 2.0 * ainv_t @ g @ ainv_t
+    ainv = r.clone()  # A^-1 = (R + I) / 2 in one temporary, no identity tensor
+    ainv.diagonal(dim1=-2, dim2=-1).add_(1.0)
+    ainv_t = ainv.mul_(0.5).transpose(1, 2)
+    return (ainv_t @ g @ ainv_t).mul_(2.0)
 
 
 def block_rotate_forward(x2, r, transpose):
