@@ -49,7 +49,7 @@ class _OnceFilter(logging.Filter):
     seen = False
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if "No pretrained weights loaded" not in str(record.msg):
+        if RANDOM_WEIGHTS not in str(record.msg):
             return True
         if _OnceFilter.seen:
             return False
@@ -57,8 +57,18 @@ class _OnceFilter(logging.Filter):
         return True
 
 
-if not any(isinstance(f, _OnceFilter) for f in logging.getLogger().filters):
-    logging.getLogger().addFilter(_OnceFilter())  # open_clip logs it on the root logger
+RANDOM_WEIGHTS = "No pretrained weights loaded"  # open_clip's warning for pretrained=None, on the root logger
+
+
+def filter_random_weights_warning() -> None:
+    """Install the once-per-process filter of open_clip's random-weights warning on the root logger (done
+    at import; installing it again changes nothing)."""
+    root = logging.getLogger()
+    if not any(isinstance(f, _OnceFilter) for f in root.filters):
+        root.addFilter(_OnceFilter())
+
+
+filter_random_weights_warning()
 
 
 class WeightsUnavailable(RuntimeError):

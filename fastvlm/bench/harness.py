@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import logging
 import os
 import statistics
 import sys
@@ -382,29 +381,10 @@ def projection_rows(case: Case) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-class _Once(logging.Filter):
-    """Lets the first record whose message starts with ``prefix`` through and drops the later ones."""
-
-    def __init__(self, prefix: str):
-        super().__init__()
-        self.prefix, self.seen = prefix, False
-
-    def filter(self, record):
-        if not record.getMessage().startswith(self.prefix):
-            return True
-        if self.seen:
-            return False
-        self.seen = True
-        return True
-
-
-RANDOM_WEIGHTS = "No pretrained weights loaded"  # open_clip's warning for pretrained=None, on the root logger
-
-
 def warn_random_weights_once() -> None:
     """Every model build with ``pretrained=None`` logs open_clip's random-weights warning; the bench builds
-    a model per tuner provider and per case, so it filters the repeats: the warning is printed once per
-    process (installing the filter twice changes nothing)."""
-    root = logging.getLogger()
-    if not any(isinstance(f, _Once) and f.prefix == RANDOM_WEIGHTS for f in root.filters):
-        root.addFilter(_Once(RANDOM_WEIGHTS))
+    a model per tuner provider and per case, so the repeats are filtered: printed once per process, by
+    the one filter ``fastvlm.models`` installs."""
+    from ..models import filter_random_weights_warning
+
+    filter_random_weights_warning()
