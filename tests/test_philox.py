@@ -182,7 +182,7 @@ def test_in_place_output_and_mixed_dtypes(impl):
 
 
 def test_missing_compiler_falls_back_to_torch(monkeypatch, tmp_path):
-    monkeypatch.setattr(philox, "_lib", None)
+    monkeypatch.setattr(philox._LIB, "_lib", None)
     monkeypatch.setenv("FASTVLM_PHILOX", "c")
     monkeypatch.setenv("FASTVLM_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))

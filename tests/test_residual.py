@@ -350,3 +350,106 @@ def test_torch_path_keeps_the_softmax_across_chunks_when_the_batch_is_at_most_d(
         check_op_against_reference(
             lambda f, t, x: residual_cross_entropy(f, t, x, y), lambda f, t, x: residual_cross_entropy_reference(f, t, x, y),
             [f, t, x], torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the torch path's C row kernels (fastvlm/ops/residual.py _ROWS_SOURCE) against the torch ops and fp64
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["c", "torch"])
+def rows_impl(request, monkeypatch):
+    """Run a test with the C row kernels and with their torch-op fallback (``FASTVLM_NATIVE=torch``)."""
+    import fastvlm.ops.residual as R
+
+    monkeypatch.setenv("FASTVLM_NATIVE", request.param)
+    built = R._ROWS.get() is not None
+    if request.param == "c" and not built:
+        pytest.skip("no C compiler: the torch ops run everywhere")
+    assert built == (request.param == "c")
+    return request.param
+
+
+def _row_operands(rows, D, dtype, seed, strided):
+    """base, residual, d as [rows, D] with unit column stride; ``strided``: views into wider rows."""
+    g = torch.Generator().manual_seed(seed)
+    width = D + 5 if strided else D
+    t, x, d = (torch.randn(rows, width, generator=g, dtype=torch.float64)[:, :D] for _ in range(3))
+    t[1] = 0.0  # a zero u row when alpha x is zero there too: 1/||u|| is 1/eps
+    x[1] = 0.0
+    return [v.to(dtype) for v in (t, x, d)]
+
+
+@pytest.mark.parametrize("D", [1, 7, 8, 33, 520])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("strided", [False, True], ids=["rows", "strided_rows"])
+def test_row_kernels_match_the_formula(rows_impl, monkeypatch, D, dtype, strided):
+    """uhat = u r, r = 1/max(||u||, eps) with u = t + alpha x, and d <- s r (d - uhat <uhat, d>), in place,
+    against the formula in fp64; with pieces of one row (every piece boundary) and rows wider than D."""
+    import fastvlm.ops.residual as R
+
+    monkeypatch.setattr(R, "_ROW_PIECE", 1)
+    rows, alpha, s = 11, 0.7, 0.3
+    t, x, d = _row_operands(rows, D, dtype, seed=D, strided=strided)
+    u = t.double() + alpha * x.double()
+    r = 1.0 / u.norm(dim=1).clamp_min(R.EPS)
+    uh_want = u * r[:, None]
+    d_want = s * r[:, None] * (d.double() - uh_want * (uh_want * d.double()).sum(1, keepdim=True))
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=1e-6)
+
+    uh, ru = R.TorchPath._uhat(t, x, alpha)
+    assert uh.dtype == ru.dtype == dtype
+    torch.testing.assert_close(ru.double(), r, **tol)
+    torch.testing.assert_close(uh.double(), uh_want, **tol)
+    chunk = R.ClassChunk(t, x, ru, None, None)
+    torch.testing.assert_close(R.TorchPath._chunk_uhat(chunk, alpha).double(), uh_want, **tol)
+    dd = d.clone()
+    R.TorchPath._project(dd, None, chunk, alpha, s)
+    torch.testing.assert_close(dd.double(), d_want, **tol)
+    assert (R._row_kernel("fv_project", t, x, dd, ru[:, None]) is not None) == (rows_impl == "c")
+
+
+def test_row_kernels_leave_autograd_inputs_to_the_torch_ops(rows_impl):
+    """Tensors autograd must differentiate through (label smoothing's class mean runs _uhat under grad)
+    never reach ctypes, which would drop the graph; fp16 and non-unit column strides neither."""
+    import fastvlm.ops.residual as R
+
+    t = torch.randn(4, 8, requires_grad=True)
+    x = torch.randn(4, 8)
+    assert R._row_kernel("fv_uhat", t, x) is None
+    with torch.no_grad():
+        assert (R._row_kernel("fv_uhat", t, x) is not None) == (rows_impl == "c")
+    assert R._row_kernel("fv_uhat", t.detach().half(), x.half()) is None
+    assert R._row_kernel("fv_uhat", t.detach().T.contiguous().T, x) is None
+    assert R._row_kernel("fv_uhat", t.detach(), x.double()) is None
+
+
+@pytest.mark.parametrize("op", ["residual_logits", "residual_cross_entropy"])
+def test_ops_agree_with_and_without_the_row_kernels(monkeypatch, op):
+    """The whole op, every gradient, with the C row kernels and with the torch ops: equal to fp32 rounding
+    (the two round differently: the C dots sum in double), and both at the reference."""
+    import fastvlm
+
+    f, t, x, y = _inputs(9, 37, 40, seed=16)
+    fn = {"residual_logits": lambda f, t, x: residual_logits(f, t, x, 0.7, 30.0),
+          "residual_cross_entropy": lambda f, t, x: residual_cross_entropy(f, t, x, y, 0.7, 30.0)}[op]
+    outs = {}
+    for impl in ("c", "torch"):
+        monkeypatch.setenv("FASTVLM_NATIVE", impl)
+        with fastvlm.backend("torch"):
+            leaves = [v.detach().requires_grad_() for v in (f, t, x)]
+            out = fn(*leaves)
+            out.backward(torch.ones_like(out))
+        outs[impl] = [out.detach(), *(v.grad for v in leaves)]
+    for a, b in zip(outs["c"], outs["torch"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_gradcheck_fp64_with_the_row_kernels(rows_impl):
+    import fastvlm
+
+    f, t, x, y = (v.detach() for v in _inputs(3, 6, 10, seed=17))
+    args = [v.double().requires_grad_() for v in (f, t, x)]
+    with fastvlm.backend("torch"):
+        assert torch.autograd.gradcheck(lambda f, t, x: residual_cross_entropy(f, t, x, y, 0.6, 4.0), args)
+        assert torch.autograd.gradcheck(lambda f, t, x: residual_logits(f, t, x, 0.6, 4.0), args)

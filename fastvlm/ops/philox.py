@@ -13,13 +13,13 @@ fp32 argument (the fp32 rounding of the real ``1 - 0.8`` is one ulp away from ``
 
 Two implementations of the same arithmetic:
 
-* on CPU, one pass of a small C kernel (``_C_SOURCE``) built once with the system C compiler and cached on
-  disk: unsigned 32-bit words, 64-bit products, ``-ffp-contract=off`` so that no multiply-add is fused
-  (fp32 results are those of the IEEE operations in the formula's order). Up to ``torch.get_num_threads()``
+* on CPU, one pass of a small C kernel (``_C_SOURCE``), built and cached by ``fastvlm/ops/_native.py``:
+  unsigned 32-bit words, 64-bit products, no multiply-add fused (fp32 results are those of the IEEE
+  operations in the formula's order). Up to ``torch.get_num_threads()``
   threads take 64K-element pieces until none is left (``_in_pieces``): one pass over the data and one join
   per call, so a busy machine slows it like a matmul instead of stalling a thread team on every one of
   ~100 elementwise ops;
-* elsewhere (no compiler, ``FASTVLM_PHILOX=torch``, non-CPU tensors, under ``torch.compile``, inputs that
+* elsewhere (no compiler, ``FASTVLM_PHILOX=torch`` or ``FASTVLM_NATIVE=torch``, non-CPU tensors, under ``torch.compile``, inputs that
   autograd must differentiate through), torch ops on int64 words. A product of two 32-bit words wraps mod
   2^64 and keeps both halves exact; the arithmetic shift's sign bits are masked off before a word enters
   the next product. On CPU the ops run on chunks of ``_EAGER_CHUNK`` elements, below torch's parallel grain
@@ -29,17 +29,10 @@ Two implementations of the same arithmetic:
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import itertools
-import os
-import shlex
-import shutil
-import subprocess
-import tempfile
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
+
+from . import _native
 
 _M32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
@@ -105,90 +98,22 @@ FV_DROPOUT(fv_grad_dropout_f32, float, 1e-8f, __builtin_fabsf)
 FV_DROPOUT(fv_grad_dropout_f64, double, 1e-8, __builtin_fabs)
 """
 
-_lib = None  # the loaded C kernels, False once building or loading them failed
-_lib_lock = threading.Lock()
-
-
-def _cache_dir() -> str:
-    base = os.environ.get("FASTVLM_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fastvlm")
-    os.makedirs(base, mode=0o700, exist_ok=True)
-    return base
-
-
-def _build():
-    """Compile ``_C_SOURCE`` into a shared library under the cache directory (once per source and compiler)
-    and load it; None when there is no C compiler or it fails."""
-    found = [c for c in map(shutil.which, ("cc", "gcc", "clang")) if c]
-    cc = shlex.split(os.environ.get("CC", "")) or found[:1]
-    if not cc:
-        return None
-    flags = ["-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math"]
-    tag = hashlib.sha256("\0".join([_C_SOURCE, *cc, *flags]).encode()).hexdigest()[:16]
-    path = os.path.join(_cache_dir(), f"philox_{tag}.so")
-    if not os.path.exists(path):
-        with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
-            src, so = os.path.join(tmp, "philox.c"), os.path.join(tmp, "philox.so")
-            with open(src, "w") as f:
-                f.write(_C_SOURCE)
-            r = subprocess.run([*cc, *flags, src, "-o", so], capture_output=True, timeout=120)
-            if r.returncode != 0:
-                return None
-            os.replace(so, path)  # atomic: a concurrent build of the same source writes the same bytes
-    lib = ctypes.CDLL(path)
-    u64, i64, ptr = ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p
-    lib.fv_uniform_at.argtypes = [u64, ptr, i64, ptr]
-    lib.fv_grad_dropout_f32.argtypes = [ptr, ptr, ptr, i64, u64, u64, ctypes.c_float]
-    lib.fv_grad_dropout_f64.argtypes = [ptr, ptr, ptr, i64, u64, u64, ctypes.c_double]
-    for f in (lib.fv_uniform_at, lib.fv_grad_dropout_f32, lib.fv_grad_dropout_f64):
-        f.restype = None
-    return lib
+_LIB = _native.Library("philox", _C_SOURCE, {
+    "fv_uniform_at": [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p],
+    "fv_grad_dropout_f32": [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_float],
+    "fv_grad_dropout_f64": [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint64,
+                                                    ctypes.c_double],
+}, env="FASTVLM_PHILOX")
 
 
 def _kernels():
-    """The C kernels, or None where the torch implementation must run (``FASTVLM_PHILOX=torch``, no compiler,
-    a failed build, or inside ``torch.compile``)."""
-    global _lib
-    if os.environ.get("FASTVLM_PHILOX", "c") == "torch" or torch.compiler.is_compiling():
-        return None
-    if _lib is None:
-        with _lib_lock:
-            if _lib is None:
-                try:
-                    _lib = _build() or False
-                except (OSError, subprocess.SubprocessError):
-                    _lib = False
-    return _lib or None
-
-
-_pool = (None, 0, -1)  # (executor, workers, pid that created it)
+    """The C kernels, or None where the torch implementation must run (``FASTVLM_PHILOX=torch`` or
+    ``FASTVLM_NATIVE=torch``, no compiler, a failed build, or inside ``torch.compile``)."""
+    return _LIB.get()
 
 
 def _in_pieces(n: int, run) -> None:
-    """``run(i, j)`` over [0, n) in pieces of ``_PIECE``, on up to ``torch.get_num_threads()`` threads (this one
-    and a pool; ctypes releases the GIL). Each thread takes the next piece when it finishes one, so a thread
-    that the OS deschedules holds up at most the piece it is on, and nothing else waits for it."""
-    global _pool
-    workers = min(torch.get_num_threads(), -(-n // _PIECE))
-    if workers <= 1:
-        run(0, n)
-        return
-    ex, size, pid = _pool
-    if ex is None or size < workers - 1 or pid != os.getpid():  # a forked child has none of the threads
-        ex = ThreadPoolExecutor(max_workers=workers - 1, thread_name_prefix="fastvlm-philox")
-        _pool = (ex, workers - 1, os.getpid())
-    starts = itertools.count(0, _PIECE)
-
-    def work():
-        for i in starts:
-            if i >= n:
-                return
-            run(i, min(i + _PIECE, n))
-
-    futures = [ex.submit(work) for _ in range(workers - 1)]
-    work()
-    for f in futures:
-        f.result()
+    _native.in_pieces(n, _PIECE, run)
 
 
 def stream_implementation() -> str:

@@ -33,6 +33,7 @@ algorithm; the autograd Functions (eager) and the custom ops (torch.compile) cal
 
 from __future__ import annotations
 
+import ctypes
 from typing import NamedTuple, Optional
 
 import torch
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backend
+from . import _native
 from .._checks import (check_float, check_matrix, check_same_device, check_same_dtype, check_scalar, check_target,
                        compiling)
 from ._template import empty_for_none, fake_grads, none_for_unneeded
@@ -164,12 +166,128 @@ class ClassChunk(NamedTuple):
     dresidual: Optional[torch.Tensor]
 
 
+#: the torch path's row kernels in C (fastvlm/ops/_native.py), one pass each where the torch ops take four to
+#: eight: the row's D values stay in L1 between its two sweeps. Every dot product accumulates in double in 8
+#: lanes (each lane a plain sum of every 8th term, the lanes added in order).
+_ROWS_SOURCE = r"""
+#include <stdint.h>
+#include <math.h>
+#define FV_LANES 8
+
+#define FV_ROWS(SUF, T)                                                                                    \
+/* uhat_k = (t_k + a x_k) r_k. compute_r: r_k = 1 / max(||t_k + a x_k||, eps), written to r; else r read. */ \
+void fv_uhat_##SUF(const T *t, int64_t ts, const T *x, int64_t xs, T *out, int64_t os, T *r, int64_t rows,  \
+                   int64_t D, T alpha, T eps, int compute_r) {                                             \
+    for (int64_t k = 0; k < rows; ++k) {                                                                    \
+        const T *tk = t + k * ts, *xk = x + k * xs;                                                         \
+        T *ok = out + k * os;                                                                               \
+        T rk;                                                                                               \
+        if (compute_r) {                                                                                    \
+            double acc[FV_LANES] = {0};                                                                     \
+            int64_t j = 0;                                                                                  \
+            for (; j + FV_LANES <= D; j += FV_LANES)                                                        \
+                for (int l = 0; l < FV_LANES; ++l) {                                                        \
+                    const T u = tk[j + l] + alpha * xk[j + l];                                              \
+                    ok[j + l] = u;                                                                          \
+                    acc[l] += (double)u * (double)u;                                                        \
+                }                                                                                           \
+            for (; j < D; ++j) {                                                                            \
+                const T u = tk[j] + alpha * xk[j];                                                          \
+                ok[j] = u;                                                                                  \
+                acc[0] += (double)u * (double)u;                                                            \
+            }                                                                                               \
+            double ss = 0;                                                                                  \
+            for (int l = 0; l < FV_LANES; ++l) ss += acc[l];                                                \
+            const T n = (T)sqrt(ss);                                                                        \
+            rk = (T)1 / (n > eps ? n : eps);                                                                \
+            r[k] = rk;                                                                                      \
+            for (j = 0; j < D; ++j) ok[j] *= rk;                                                            \
+        } else {                                                                                            \
+            rk = r[k];                                                                                      \
+            for (int64_t j = 0; j < D; ++j) ok[j] = (tk[j] + alpha * xk[j]) * rk;                          \
+        }                                                                                                   \
+    }                                                                                                       \
+}                                                                                                           \
+/* d_k <- s r_k (d_k - uhat_k <uhat_k, d_k>) with uhat_k = u_k r_k, u_k = t_k + a x_k (rebuilt, not read):   \
+   d_k <- (d_k - u_k (<u_k, d_k> r_k r_k)) (r_k s) */                                                       \
+void fv_project_##SUF(const T *t, int64_t ts, const T *x, int64_t xs, T *d, int64_t ds, const T *r,        \
+                      int64_t rows, int64_t D, T alpha, T s) {                                              \
+    for (int64_t k = 0; k < rows; ++k) {                                                                    \
+        const T *tk = t + k * ts, *xk = x + k * xs;                                                         \
+        T *dk = d + k * ds;                                                                                 \
+        double acc[FV_LANES] = {0};                                                                         \
+        int64_t j = 0;                                                                                      \
+        for (; j + FV_LANES <= D; j += FV_LANES)                                                            \
+            for (int l = 0; l < FV_LANES; ++l)                                                              \
+                acc[l] += (double)(tk[j + l] + alpha * xk[j + l]) * (double)dk[j + l];                      \
+        for (; j < D; ++j) acc[0] += (double)(tk[j] + alpha * xk[j]) * (double)dk[j];                      \
+        double c = 0;                                                                                       \
+        for (int l = 0; l < FV_LANES; ++l) c += acc[l];                                                     \
+        const T rk = r[k], coef = (T)c * rk * rk, scale = rk * s;                                           \
+        for (j = 0; j < D; ++j) dk[j] = (dk[j] - (tk[j] + alpha * xk[j]) * coef) * scale;                  \
+    }                                                                                                       \
+}
+FV_ROWS(f32, float)
+FV_ROWS(f64, double)
+"""
+
+
+def _rows_signatures():
+    p, i = ctypes.c_void_p, ctypes.c_int64
+    sig = {}
+    for suffix, real in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
+        sig[f"fv_uhat_{suffix}"] = [p, i, p, i, p, i, p, i, i, real, real, ctypes.c_int]
+        sig[f"fv_project_{suffix}"] = [p, i, p, i, p, i, p, i, i, real, real]
+    return sig
+
+
+_ROWS = _native.Library("residual_rows", _ROWS_SOURCE, _rows_signatures())
+#: elements per piece of a threaded row kernel (whole rows: at least one)
+_ROW_PIECE = 1 << 16
+
+
+def _row_kernel(name: str, *tensors: torch.Tensor):
+    """The C row kernel ``name`` for these [rows, D] tensors, or None where the torch ops must run: not all
+    fp32 or all fp64 CPU tensors with unit column stride, tracked by autograd, or no C library."""
+    dt = tensors[0].dtype
+    if dt not in (torch.float32, torch.float64):
+        return None
+    for t in tensors:
+        if (t.device.type != "cpu" or t.dtype != dt or (t.shape[1] > 1 and t.stride(1) != 1)
+                or (t.requires_grad and torch.is_grad_enabled())):
+            return None
+    lib = _ROWS.get()
+    return None if lib is None else getattr(lib, f"{name}_{'f64' if dt == torch.float64 else 'f32'}")
+
+
+def _over_rows(rows: int, D: int, run) -> None:
+    _native.in_pieces(rows, max(1, _ROW_PIECE // max(D, 1)), run)
+
+
+def _run_uhat(kernel, base_c, residual_c, uh, ru, alpha, compute_r) -> None:
+    """uh <- (base_c + alpha residual_c) ru by ``fv_uhat``; ru written (compute_r) or read."""
+    e, (rows, D) = uh.element_size(), uh.shape
+    assert ru.stride(0) == 1 or rows <= 1
+    pt, px, po, pr = base_c.data_ptr(), residual_c.data_ptr(), uh.data_ptr(), ru.data_ptr()
+    st, sx, so = base_c.stride(0), residual_c.stride(0), uh.stride(0)
+    _over_rows(rows, D, lambda i, j: kernel(pt + e * st * i, st, px + e * sx * i, sx, po + e * so * i, so,
+                                            pr + e * i, j - i, D, alpha, EPS, int(compute_r)))
+
+
 class TorchPath:
     """The CPU path. Per class chunk, uhat_c = norm(base_c + alpha residual_c) is built once and used for
     everything."""
 
     @staticmethod
     def _uhat(base_c, residual_c, alpha):
+        """(uhat_c, 1/||u_c||) with u_c = base_c + alpha residual_c: one C pass where it can run."""
+        kernel = _row_kernel("fv_uhat", base_c, residual_c)
+        if kernel is not None:
+            rows, D = base_c.shape
+            uh = torch.empty(rows, D, dtype=base_c.dtype)
+            ru = torch.empty(rows, dtype=base_c.dtype)
+            _run_uhat(kernel, base_c, residual_c, uh, ru, alpha, True)
+            return uh, ru
         u = torch.add(_up(base_c), _up(residual_c), alpha=alpha)
         ru = 1.0 / torch.linalg.vector_norm(u, dim=1).clamp_min_(EPS)
         return u.mul_(ru[:, None]), ru
@@ -257,6 +375,11 @@ class TorchPath:
 
     @staticmethod
     def _chunk_uhat(chunk: ClassChunk, alpha):
+        kernel = _row_kernel("fv_uhat", chunk.base, chunk.residual, chunk.ru[:, None])
+        if kernel is not None:
+            uh = torch.empty(chunk.base.shape, dtype=chunk.base.dtype)
+            _run_uhat(kernel, chunk.base, chunk.residual, uh, chunk.ru.contiguous(), alpha, False)
+            return uh
         return torch.add(_up(chunk.base), _up(chunk.residual), alpha=alpha).mul_(chunk.ru[:, None])
 
     @staticmethod
@@ -268,6 +391,16 @@ class TorchPath:
         region can wait for a descheduled thread. A rebuilt block uses v = base + alpha residual as it is:
         uhat <uhat, du> = v ((<v, du> r) r) with r = 1/||u||, one pass over the block fewer than
         normalising v first (the products in that order stay in range whatever ||u||)."""
+        kernel = _row_kernel("fv_project", chunk.base, chunk.residual, du, chunk.ru[:, None])
+        if kernel is not None:  # one pass, u rebuilt from base and residual (uh, when given, is not read)
+            t, x, r = chunk.base, chunk.residual, chunk.ru.contiguous()
+            e = du.element_size()
+            pt, px, pd, pr, D = t.data_ptr(), x.data_ptr(), du.data_ptr(), r.data_ptr(), du.shape[1]
+            st, sx, sd = t.stride(0), x.stride(0), du.stride(0)
+            _over_rows(du.shape[0], D, lambda i, j: kernel(pt + e * st * i, st, px + e * sx * i, sx,
+                                                          pd + e * sd * i, sd, pr + e * i, j - i, D, alpha,
+                                                          out_scale))
+            return
         rows = du.shape[0] if uh is not None else max(1, PROJECT_ELEMENTS // max(du.shape[1], 1),
                                                       -(-du.shape[0] // 4))
         for i in range(0, du.shape[0], rows):
