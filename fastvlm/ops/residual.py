@@ -444,16 +444,17 @@ def residual_ce_forward(features, base, residual, target, alpha, scale, keep_sof
     path = _path(features)
     valid = target >= 0
     soft = None
-    if keep_softmax:  # the whole B x K logits (chunk by chunk), then log_softmax: one fused pass
+    if keep_softmax:  # the whole B x K logits (chunk by chunk), then softmax: one fused pass
         rf, ru, lg = path.forward(features, base, residual, alpha, scale, out_dtype=acc_dtype(features))
-        logp = torch.log_softmax(lg, dim=1)  # its own exp, without torch.exp's slow subnormal lanes
-        lse = lg[:, 0] - logp[:, 0]  # l - log p is the row's log-sum-exp at every column
+        soft = torch.softmax(lg, dim=1)  # its own exp, without torch.exp's slow subnormal lanes
+        # l - log p is the row's log-sum-exp at every column; at the row's largest p (>= 1/K, never
+        # underflowing) log p is exact to its rounding
+        p_max, k_max = soft.max(dim=1)
+        lse = lg.gather(1, k_max[:, None])[:, 0] - torch.log(p_max)
+        tgt = target.clamp_min(0)[:, None]
+        loss = torch.where(valid, lse - lg.gather(1, tgt)[:, 0], 0.0)  # F.cross_entropy's lse - l_target
         del lg
-        rows = valid.nonzero()[:, 0]
-        loss = torch.zeros_like(lse)
-        loss[rows] = -logp[rows, target[rows]]  # as F.cross_entropy: -log p of the target
-        soft = _exp_(logp)  # softmax in place, then minus the one-hot target
-        soft[rows, target[rows]] -= 1.0
+        soft.scatter_add_(1, tgt, valid[:, None].to(soft.dtype).neg_())  # minus the one-hot target
     else:
         rf, ru, (lse, tlogit) = path.forward(features, base, residual, alpha, scale, target=target)
         loss = torch.where(valid, lse - tlogit, 0.0)
