@@ -53,6 +53,10 @@ CHUNK_ELEMENTS = 1 << 21
 PROJECT_ELEMENTS = 1 << 17
 
 
+#: below this a softmax probability has lost relative precision to underflow (fp32's smallest normal is
+#: 1.2e-38): the torch path takes such a target's -log p from the logits instead
+TINY_PROBABILITY = 1e-30
+
 #: exp's argument floor on the torch path: exp(-87) = 1.6e-38, the smallest normal fp32 is 1.2e-38
 EXP_FLOOR = -87.0
 
@@ -167,65 +171,66 @@ class ClassChunk(NamedTuple):
 
 
 #: the torch path's row kernels in C (fastvlm/ops/_native.py), one pass each where the torch ops take four to
-#: eight: the row's D values stay in L1 between its two sweeps. Every dot product accumulates in double in 8
-#: lanes (each lane a plain sum of every 8th term, the lanes added in order).
+#: eight: the row's D values stay in L1 between its two sweeps. Every dot product accumulates in the input's
+#: dtype in 16 lanes (each lane a plain sum of every 16th term, the lanes added in order), as torch's own
+#: vectorised reductions keep several partial sums.
 _ROWS_SOURCE = r"""
 #include <stdint.h>
 #include <math.h>
-#define FV_LANES 8
+#define FV_LANES 16
 
-#define FV_ROWS(SUF, T)                                                                                    \
-/* uhat_k = (t_k + a x_k) r_k. compute_r: r_k = 1 / max(||t_k + a x_k||, eps), written to r; else r read. */ \
-void fv_uhat_##SUF(const T *t, int64_t ts, const T *x, int64_t xs, T *out, int64_t os, T *r, int64_t rows,  \
-                   int64_t D, T alpha, T eps, int compute_r) {                                             \
-    for (int64_t k = 0; k < rows; ++k) {                                                                    \
-        const T *tk = t + k * ts, *xk = x + k * xs;                                                         \
-        T *ok = out + k * os;                                                                               \
-        T rk;                                                                                               \
-        if (compute_r) {                                                                                    \
-            double acc[FV_LANES] = {0};                                                                     \
-            int64_t j = 0;                                                                                  \
-            for (; j + FV_LANES <= D; j += FV_LANES)                                                        \
-                for (int l = 0; l < FV_LANES; ++l) {                                                        \
-                    const T u = tk[j + l] + alpha * xk[j + l];                                              \
-                    ok[j + l] = u;                                                                          \
-                    acc[l] += (double)u * (double)u;                                                        \
-                }                                                                                           \
-            for (; j < D; ++j) {                                                                            \
-                const T u = tk[j] + alpha * xk[j];                                                          \
-                ok[j] = u;                                                                                  \
-                acc[0] += (double)u * (double)u;                                                            \
-            }                                                                                               \
-            double ss = 0;                                                                                  \
-            for (int l = 0; l < FV_LANES; ++l) ss += acc[l];                                                \
-            const T n = (T)sqrt(ss);                                                                        \
-            rk = (T)1 / (n > eps ? n : eps);                                                                \
-            r[k] = rk;                                                                                      \
-            for (j = 0; j < D; ++j) ok[j] *= rk;                                                            \
-        } else {                                                                                            \
-            rk = r[k];                                                                                      \
-            for (int64_t j = 0; j < D; ++j) ok[j] = (tk[j] + alpha * xk[j]) * rk;                          \
-        }                                                                                                   \
-    }                                                                                                       \
-}                                                                                                           \
-/* d_k <- s r_k (d_k - uhat_k <uhat_k, d_k>) with uhat_k = u_k r_k, u_k = t_k + a x_k (rebuilt, not read):   \
-   d_k <- (d_k - u_k (<u_k, d_k> r_k r_k)) (r_k s) */                                                       \
-void fv_project_##SUF(const T *t, int64_t ts, const T *x, int64_t xs, T *d, int64_t ds, const T *r,        \
-                      int64_t rows, int64_t D, T alpha, T s) {                                              \
-    for (int64_t k = 0; k < rows; ++k) {                                                                    \
-        const T *tk = t + k * ts, *xk = x + k * xs;                                                         \
-        T *dk = d + k * ds;                                                                                 \
-        double acc[FV_LANES] = {0};                                                                         \
-        int64_t j = 0;                                                                                      \
-        for (; j + FV_LANES <= D; j += FV_LANES)                                                            \
-            for (int l = 0; l < FV_LANES; ++l)                                                              \
-                acc[l] += (double)(tk[j + l] + alpha * xk[j + l]) * (double)dk[j + l];                      \
-        for (; j < D; ++j) acc[0] += (double)(tk[j] + alpha * xk[j]) * (double)dk[j];                      \
-        double c = 0;                                                                                       \
-        for (int l = 0; l < FV_LANES; ++l) c += acc[l];                                                     \
-        const T rk = r[k], coef = (T)c * rk * rk, scale = rk * s;                                           \
-        for (j = 0; j < D; ++j) dk[j] = (dk[j] - (tk[j] + alpha * xk[j]) * coef) * scale;                  \
-    }                                                                                                       \
+#define FV_ROWS(SUF, T)                                                                                       \
+/* uhat_k = (t_k + a x_k) r_k. compute_r: r_k = 1 / max(||t_k + a x_k||, eps), written to r; else r read. */  \
+void fv_uhat_##SUF(const T *t, int64_t ts, const T *x, int64_t xs, T *out, int64_t os, T *r, int64_t rows,    \
+                   int64_t D, T alpha, T eps, int compute_r) {                                                \
+    for (int64_t k = 0; k < rows; ++k) {                                                                      \
+        const T *tk = t + k * ts, *xk = x + k * xs;                                                           \
+        T *ok = out + k * os;                                                                                 \
+        T rk;                                                                                                 \
+        if (compute_r) {                                                                                      \
+            T acc[FV_LANES] = {0};                                                                            \
+            int64_t j = 0;                                                                                    \
+            for (; j + FV_LANES <= D; j += FV_LANES)                                                          \
+                for (int l = 0; l < FV_LANES; ++l) {                                                          \
+                    const T u = tk[j + l] + alpha * xk[j + l];                                                \
+                    ok[j + l] = u;                                                                            \
+                    acc[l] += u * u;                                                                          \
+                }                                                                                             \
+            for (; j < D; ++j) {                                                                              \
+                const T u = tk[j] + alpha * xk[j];                                                            \
+                ok[j] = u;                                                                                    \
+                acc[0] += u * u;                                                                              \
+            }                                                                                                 \
+            T ss = 0;                                                                                         \
+            for (int l = 0; l < FV_LANES; ++l) ss += acc[l];                                                  \
+            const T n = (T)sqrt((double)ss);                                                                  \
+            rk = (T)1 / (n > eps ? n : eps);                                                                  \
+            r[k] = rk;                                                                                        \
+            for (j = 0; j < D; ++j) ok[j] *= rk;                                                              \
+        } else {                                                                                              \
+            rk = r[k];                                                                                        \
+            for (int64_t j = 0; j < D; ++j) ok[j] = (tk[j] + alpha * xk[j]) * rk;                             \
+        }                                                                                                     \
+    }                                                                                                         \
+}                                                                                                             \
+/* d_k <- s r_k (d_k - uhat_k <uhat_k, d_k>) with uhat_k = u_k r_k, u_k = t_k + a x_k (rebuilt, not read):    \
+   d_k <- (d_k - u_k (<u_k, d_k> r_k r_k)) (r_k s) */                                                         \
+void fv_project_##SUF(const T *t, int64_t ts, const T *x, int64_t xs, T *d, int64_t ds, const T *r,           \
+                      int64_t rows, int64_t D, T alpha, T s) {                                                \
+    for (int64_t k = 0; k < rows; ++k) {                                                                      \
+        const T *tk = t + k * ts, *xk = x + k * xs;                                                           \
+        T *dk = d + k * ds;                                                                                   \
+        T acc[FV_LANES] = {0};                                                                                \
+        int64_t j = 0;                                                                                        \
+        for (; j + FV_LANES <= D; j += FV_LANES)                                                              \
+            for (int l = 0; l < FV_LANES; ++l)                                                                \
+                acc[l] += (tk[j + l] + alpha * xk[j + l]) * dk[j + l];                                        \
+        for (; j < D; ++j) acc[0] += (tk[j] + alpha * xk[j]) * dk[j];                                         \
+        T c = 0;                                                                                              \
+        for (int l = 0; l < FV_LANES; ++l) c += acc[l];                                                       \
+        const T rk = r[k], coef = (T)c * rk * rk, scale = rk * s;                                             \
+        for (j = 0; j < D; ++j) dk[j] = (dk[j] - (tk[j] + alpha * xk[j]) * coef) * scale;                     \
+    }                                                                                                         \
 }
 FV_ROWS(f32, float)
 FV_ROWS(f64, double)
@@ -447,13 +452,16 @@ def residual_ce_forward(features, base, residual, target, alpha, scale, keep_sof
     if keep_softmax:  # the whole B x K logits (chunk by chunk), then softmax: one fused pass
         rf, ru, lg = path.forward(features, base, residual, alpha, scale, out_dtype=acc_dtype(features))
         soft = torch.softmax(lg, dim=1)  # its own exp, without torch.exp's slow subnormal lanes
-        # l - log p is the row's log-sum-exp at every column; at the row's largest p (>= 1/K, never
-        # underflowing) log p is exact to its rounding
-        p_max, k_max = soft.max(dim=1)
-        lse = lg.gather(1, k_max[:, None])[:, 0] - torch.log(p_max)
         tgt = target.clamp_min(0)[:, None]
-        loss = torch.where(valid, lse - lg.gather(1, tgt)[:, 0], 0.0)  # F.cross_entropy's lse - l_target
+        l_t, p_t = lg.gather(1, tgt)[:, 0], soft.gather(1, tgt)[:, 0]
+        nll = torch.log(p_t).neg_()  # -log p_t = lse - l_t, to p_t's rounding
+        far = p_t < TINY_PROBABILITY
+        if bool(far.any()):  # p_t underflowed (a target far below the row's largest logit): from the logits
+            rows = far.nonzero()[:, 0]
+            nll[rows] = torch.logsumexp(lg[rows], dim=1) - l_t[rows]
         del lg
+        loss = torch.where(valid, nll, 0.0)
+        lse = nll + l_t  # the row's log-sum-exp (l - log p at any column)
         soft.scatter_add_(1, tgt, valid[:, None].to(soft.dtype).neg_())  # minus the one-hot target
     else:
         rf, ru, (lse, tlogit) = path.forward(features, base, residual, alpha, scale, target=target)
