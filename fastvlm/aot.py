@@ -485,6 +485,35 @@ def residual_ce_costs(B, K, D, dtype="fp32"):
     return {"fused": fused, "composition": comp}
 
 
+def residual_logits_costs(B, K, D, dtype="fp32", tile=None):
+    """{path: Cost} of residual_logits' forward, logits [B, K] in the inputs' dtype. Fused (the Triton path,
+    kernels/residual.py: forward without a target): ``inv_norm_kernel`` over f (B x D read, rf written),
+    the same over t + alpha x (t and x read, ru written), then ``logits_kernel``, the tiled matmul of f
+    against u^T with t and x combined as they load (both on the B side: 2 operands of ``e`` bytes) and the
+    norms applied in its epilogue, at the launcher's tiles (kernels/residual.py: logits_config, batch tiles
+    of up to 256 rows at IEEE fp32 and 128 at TF32 / half), so t and x are re-read from L2 once per batch
+    tile. ``tile``: another (BLOCK_M, BLOCK_N) to model (the 64-row defaults were (64, 32) and (64, 64)).
+    Composition (as :func:`residual_ce_costs`' without its log-softmax pass): u = t + alpha x, its
+    normalisation, a cuBLAS GEMM writing the logits in ``e`` bytes; f's normalisation (B x D) is left out
+    of both, as there."""
+    import triton.language as tl
+
+    from .kernels.residual import logits_config
+
+    e = BYTES[dtype]
+    if tile is None:
+        dot = tl.float32 if dtype in ("fp32", "tf32") else tl.bfloat16
+        cfg = logits_config(B, dot, "tf32" if dtype == "tf32" else "ieee")
+        tile = (cfg["BLOCK_M"], cfg["BLOCK_N"])
+    norms = Cost(0.0, B * D * e + 4 * B, B * D * e + 4 * B, dtype) + Cost(0.0, 2 * K * D * e + 4 * K,
+                                                                          2 * K * D * e + 4 * K, dtype)
+    mm = tiled_matmul(B, K, D, a_bytes=e, b_bytes=2 * e, out_bytes=e, tile=tile, dtype=dtype)
+    mm.hbm += 4 * (B + K)  # rf, ru in the epilogue
+    mm.l2 += 4 * (B * _cdiv(K, tile[1]) + K * _cdiv(B, tile[0]))
+    comp = elementwise(K * D, 3 * e, dtype) + elementwise(K * D, 2 * e, dtype) + gemm(B, K, D, dtype)
+    return {"fused": norms + mm, "composition": comp}
+
+
 def _grad_dtype(dtype):
     """The dot of the backward's two matmuls on the fp32 softmax gradient (kernels/residual.py:
     grad_dot_dtype): fp16 inputs run TF32 dots (fp16 would flush G ~ p / B), the others their own."""
@@ -563,6 +592,7 @@ def projection_table(dtype="bf16") -> list[dict]:
             add("residual_ce bwd", f"B={B} K={K} D={D}", dot,  # TaskRes: the residual alone trains
                 residual_ce_backward_costs(B, K, D, dot, train_features=False, train_base=False), "fused")
             add("residual_ce bwd all", f"B={B} K={K} D={D}", dot, residual_ce_backward_costs(B, K, D, dot), "fused")
+            add("residual_logits fwd", f"B={B} K={K} D={D}", dot, residual_logits_costs(B, K, D, dot), "fused")
     return rows
 
 

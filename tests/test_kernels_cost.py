@@ -74,6 +74,26 @@ def test_residual_backward_per_class_chunk():
     assert aot.residual_ce_backward_costs(256, 21843, 1024, "tf32")["fused"].launches == 3 * 3 + 1
 
 
+def test_residual_logits_forward_is_two_norm_passes_and_one_tiled_matmul():
+    # B = 64, K = 32, D = 16 at IEEE fp32: one 64 x 32 tile (logits_config: batch tile 64 rows, 32 classes)
+    c = aot.residual_logits_costs(64, 32, 16, "fp32")
+    norms = (64 * 16 * 4 + 4 * 64) + (2 * 32 * 16 * 4 + 4 * 32)  # f, rf; t and x, ru
+    mm = 64 * 16 * 4 + 32 * 16 * 8 + 64 * 32 * 4 + 4 * (64 + 32)  # f, t and x, the logits; rf, ru
+    assert c["fused"].launches == 3 and c["fused"].flops == 2 * 64 * 32 * 16
+    assert c["fused"].hbm == norms + mm == 8_576 + 16_768
+    assert c["fused"].time_s == pytest.approx((8_576 + 16_768) / 3.35e12 + 9e-6)
+    comp = c["composition"]  # u = t + alpha x, its normalisation, the GEMM writing fp32 logits
+    assert comp.launches == 3 and comp.hbm == 32 * 16 * 12 + 32 * 16 * 8 + 64 * 16 * 4 + 32 * 16 * 4 + 64 * 32 * 4
+    # B = 256 at TF32: batch tiles of 128 rows by 64 classes; K = 128: 2 x 2 tiles, f read by both column
+    # tiles, t and x by both batch tiles; rf per column tile, ru per batch tile
+    norms = (256 * 16 * 4 + 4 * 256) + (2 * 128 * 16 * 4 + 4 * 128)
+    c = aot.residual_logits_costs(256, 128, 16, "tf32")["fused"]
+    assert c.l2 == norms + 256 * 16 * 4 * 2 + 128 * 16 * 8 * 2 + 256 * 128 * 4 + 4 * (256 * 2 + 128 * 2) == 233_984
+    # the 64 x 32 tiles it had: 4 batch tiles, 4 column tiles
+    old = aot.residual_logits_costs(256, 128, 16, "tf32", tile=(64, 32))["fused"]
+    assert old.l2 == norms + 256 * 16 * 4 * 4 + 128 * 16 * 8 * 4 + 256 * 128 * 4 + 4 * (256 * 4 + 128 * 4) == 302_592
+
+
 def test_masked_backward_score_gradient_and_dx_paths():
     sg = aot.score_grad_cost(64, 64, 64, "bf16", dropout=True)  # one 64 x 64 tile: dy, x, then W, ref, dS
     assert sg.flops == 2 * 64**3 and sg.hbm == sg.l2 == 64 * 64 * (2 + 2 + 2 + 4 + 4) == 57_344
@@ -108,7 +128,8 @@ def test_projection_covers_the_issue_shapes_and_where_the_chosen_path_loses():
     rows = aot.projection_table()
     assert {r["shape"] for r in rows} >= {"6304x768->2304", "1576x1024->3072", "B=256 K=21843 D=1024"}
     assert {(r["op"], r["dtype"]) for r in rows if r["op"].startswith("residual")} == {
-        (f"residual_ce {p}", d) for p in ("fwd", "bwd", "bwd all") for d in ("fp32", "tf32")}
+        (f"residual_ce {p}", d) for p in ("fwd", "bwd", "bwd all") for d in ("fp32", "tf32")} | {
+        ("residual_logits fwd", d) for d in ("fp32", "tf32")}
     losses = set()
     for r in rows:
         times = {k[:-3]: v for k, v in r.items() if k.endswith("_us")}
