@@ -392,13 +392,42 @@ def orth_costs(M, N, K, b, dtype="bf16"):
     return {"fused": fused, "composition": rotate_cost(M, K, b, dtype) + gemm(M, N, K, dtype)}
 
 
-def score_grad_cost(M, N, K, dtype="bf16", dropout=True):
-    """The fused score-gradient kernel (kernels/masked.py): dS [N, K] = (dy^T x) * W over M tokens, 64 x 64
+def _fill(cost, programs):
+    """``cost`` for a grid of ``programs`` blocks: below SPLIT_MIN_PROGRAMS (2 per SM) the SMs' FLOPs and L2
+    bandwidth are modelled as used in proportion (a grid of 144 blocks runs at 144 / 264 of them); HBM is
+    not scaled (a few blocks per SM still saturate it). Only the score-gradient kernels are modelled so."""
+    from .kernels.masked import SPLIT_MIN_PROGRAMS
+
+    f = min(1.0, programs / SPLIT_MIN_PROGRAMS)
+    cost._time = max(cost.flops / PEAK_FLOPS[cost.dtype] / f, cost.hbm / HBM_BYTES_PER_S,
+                     cost.l2 / L2_BYTES_PER_S / f) + cost.launches * Cost.LAUNCH_S
+    return cost
+
+
+def score_grad_cost(M, N, K, dtype="bf16", dropout=True, split=None, tile=(64, 64)):
+    """The score gradient dS [N, K] = (dy^T x) * W over M tokens (kernels/masked.py), gradient-dropped
+    against the fp32 reference gradient when ``dropout``, as the launcher runs it: ``split`` token splits
+    (default: score_grad_split's choice for this shape). One pass (split 1): score_grad_kernel, 64 x 64
     output tiles, dy re-read once per 64-column tile and x once per 64-row tile; its epilogue reads W (and
-    the fp32 reference gradient with the dropout) and writes dS in fp32."""
+    the reference gradient) and writes dS in fp32. Split-K: score_grad_partial_kernel writes split fp32
+    partials of N x K over tiles x split programs, then score_grad_reduce_kernel reads them (in order), W
+    and the reference gradient and writes dS. Both with the grid's fill (:func:`_fill`)."""
+    import triton.language as tl
+
+    from .kernels.masked import mm_config, score_grad_split
+
     e = BYTES[dtype]
-    return tiled_matmul(N, K, M, a_bytes=e, b_bytes=e, out_bytes=e + 4 + (4 if dropout else 0), tile=(64, 64),
-                        dtype=dtype)
+    tiles = _cdiv(N, tile[0]) * _cdiv(K, tile[1])
+    if split is None:
+        dot = tl.float32 if dtype in ("fp32", "tf32") else tl.bfloat16
+        split = score_grad_split(N, K, M, {**mm_config(dot, heavy_epilogue=dropout), "BLOCK_M": tile[0],
+                                           "BLOCK_N": tile[1]}, dropout, dtype)
+    if split == 1:
+        return _fill(tiled_matmul(N, K, M, a_bytes=e, b_bytes=e, out_bytes=e + 4 + (4 if dropout else 0),
+                                  tile=tile, dtype=dtype), tiles)
+    part = _fill(tiled_matmul(N, K, M, a_bytes=e, b_bytes=e, out_bytes=4 * split, tile=tile, dtype=dtype),
+                 tiles * split)
+    return part + elementwise(N * K, 4 * split + e + 4 + (4 if dropout else 0), dtype)
 
 
 def masked_backward_costs(M, N, K, dtype="bf16", dropout=True):
@@ -563,6 +592,67 @@ def residual_ce_backward_costs(B, K, D, dtype="fp32", train_features=True, train
     return {"fused": fused, "composition": comp}
 
 
+#: H100 SXM: SMs, and the clock the latency terms assume (an assumption: the sustained clock under load)
+SMS = 132
+CLOCK_HZ = 1.755e9
+#: cycles of one block-wide reduction of a register tile (shuffles, a shared-memory exchange, a barrier):
+#: an assumption, not measured
+REDUCE_CYCLES = 150
+#: the Cayley kernel's work per elimination step (kernels/orth.py: cayley_fwd_kernel), counted from its
+#: source: element operations on the BLOCK x BLOCK tiles (selects, multiply-subtracts, the reductions'
+#: adds) and block-wide reductions. Pivoted: the column, the pivot's argmax, rows i and p of [A | I], the
+#: swap, the pivot and its column entry; unpivoted (before): row i of [A | I], the column, the pivot.
+CAYLEY_STEP = {True: dict(tile_ops=20, reductions=8), False: dict(tile_ops=11, reductions=4)}
+#: blocks per SM of the Cayley kernel by padded block size, from `fastvlm kernels` on sm_90a (registers x
+#: warps): pivoted (4 warps at 16 and 32, 8 at 64) and the unpivoted kernel it replaced (4 warps)
+CAYLEY_BLOCKS_PER_SM = {True: {16: 16, 32: 5, 64: 1}, False: {16: 16, 32: 7, 64: 2}}
+
+
+def cayley_cost(r, b, pivoting=True, launches=1):
+    """The Cayley kernel over r blocks of size b (one program per block, b serial elimination steps),
+    split into ``launches`` equal launches one after the other (one per layer) or one launch of the stack.
+    Not a roofline: the kernel is latency-bound. Per step an SM issues 128 thread-operations per cycle, so
+    ``tile_ops x BLOCK^2 / 128`` cycles per block; each block also waits ``reductions x REDUCE_CYCLES``. With
+    k blocks resident on an SM (at most CAYLEY_BLOCKS_PER_SM) a step takes max(k x issue, issue + waits):
+    the waits of one block overlap the others' issue. Time: waves x b steps at CLOCK_HZ, plus 3 us per
+    launch; HBM (Q read, R written: 8 b^2 bytes a block) is negligible and counted."""
+    from .kernels.orth import block_pad
+
+    BLOCK = block_pad(b)
+    step = CAYLEY_STEP[pivoting]
+    issue = step["tile_ops"] * BLOCK * BLOCK / 128
+    wait = step["reductions"] * REDUCE_CYCLES
+    per_launch = _cdiv(r, launches)
+    k = min(CAYLEY_BLOCKS_PER_SM[pivoting][BLOCK], _cdiv(per_launch, SMS))
+    waves = _cdiv(per_launch, SMS * k)
+    step_cycles = max(k * issue, issue + wait)
+    c = Cost(step["tile_ops"] * BLOCK * BLOCK * b * r, 8 * b * b * r, 8 * b * b * r, "fp32", launches)
+    c._time = launches * (waves * b * step_cycles / CLOCK_HZ + Cost.LAUNCH_S)
+    return c
+
+
+#: OrthCR's default sites on ViT-B/16 (open_clip): the MLP's c_fc (in 768 / 512) and c_proj (in 3072 /
+#: 2048) of the 12 image and 12 text blocks: 48 rotated linears, 76,800 input features
+ORTH_LAYER_WIDTHS = [768, 3072] * 12 + [512, 2048] * 12
+
+
+def cayley_table() -> list[dict]:
+    """Per block size: the modelled time of every Cayley transform of one training step on ORTH_LAYER_WIDTHS,
+    one launch per layer (as the tuner calls it) and one launch of the stacked blocks, pivoted and
+    unpivoted (before). A projection for an H100 SXM, not a measurement."""
+    rows = []
+    for b in (16, 32, 64):
+        r = sum(w // b for w in ORTH_LAYER_WIDTHS)
+        n = len(ORTH_LAYER_WIDTHS)
+        rows.append({"b": b, "blocks": r, "layers": n,
+                     "per_layer_us": sum(cayley_cost(w // b, b).time_s for w in ORTH_LAYER_WIDTHS) * 1e6,
+                     "stacked_us": cayley_cost(r, b).time_s * 1e6,
+                     "per_layer_unpivoted_us": sum(cayley_cost(w // b, b, False).time_s
+                                                   for w in ORTH_LAYER_WIDTHS) * 1e6,
+                     "stacked_unpivoted_us": cayley_cost(r, b, False).time_s * 1e6})
+    return rows
+
+
 #: the shapes of issue's realistic list: (tokens, in, out) for the linears, (B, K, D) for TaskRes
 LINEAR_SHAPES = [(t, k, n) for t in (1576, 6304) for k, n in ((768, 2304), (768, 768), (768, 3072), (3072, 768),
                                                               (1024, 3072))]
@@ -605,3 +695,10 @@ def print_projection(file=None) -> None:
         unfused = f"{r['unfused_us']:>9.1f}" if "unfused_us" in r else f"{'-':>9}"
         print(f"{r['op']:28} {r['shape']:22} {r['dtype']:5} {r['fused_us']:>9.1f} {r['composition_us']:>9.1f} "
               f"{unfused}  {r['chosen']}", file=file)
+    print("\ncayley fwd, every rotation of one step (OrthCR's ViT-B/16 MLP sites), modelled us: latency-bound, "
+          "see aot.cayley_cost", file=file)
+    print(f"{'b':>3} {'blocks':>6} {'per layer':>10} {'stacked':>8} {'unpivoted: per layer':>21} {'stacked':>8}",
+          file=file)
+    for r in cayley_table():
+        print(f"{r['b']:>3} {r['blocks']:>6} {r['per_layer_us']:>10.1f} {r['stacked_us']:>8.1f} "
+              f"{r['per_layer_unpivoted_us']:>21.1f} {r['stacked_unpivoted_us']:>8.1f}", file=file)

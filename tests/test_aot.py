@@ -80,6 +80,10 @@ def test_launchers_choose_only_enumerated_configurations(monkeypatch):
             masked_linear(xs, w, s, torch.randn(9).to(dt)).sum().backward()
             masked_linear(xs, w, s, ref_grad=torch.randn(9, 24), drop_ratio=0.5).sum().backward()
             grad_dropout(torch.randn(30).to(dt), torch.randn(30).to(dt), 0.5, 1)
+            from fastvlm.kernels import masked as km  # split-K of the score gradient (realistic shapes pick it)
+
+            km.grad_scores(torch.randn(1030, 9).to(dt), xs.detach().new_empty(1030, 24).normal_(), w,
+                           torch.randn(9, 24), 0.5, 1, torch.float32, split=2)
             for b in (3, 32, 64):
                 p = (0.1 * torch.randn(2, b * (b - 1) // 2, generator=g)).requires_grad_()
                 xo = torch.randn(4, 2 * b, generator=g).to(dt).requires_grad_()
