@@ -67,6 +67,8 @@ def realistic_variants():
 
     from .kernels._common import Variant
 
+    import triton.language as tl
+
     launches = []
     bf16, f32 = torch.bfloat16, torch.float32
     for M, K, N in LINEAR_SHAPES:
@@ -75,12 +77,22 @@ def realistic_variants():
             launches.append(("masked", v, f"{M}x{K}->{N}", dict(
                 sdy_m=N, sdy_n=1, sx_m=K, sx_k=1, sw_n=K, sw_k=1, sr_n=K, sr_k=1, ss_n=K, ss_k=1, so_n=K, so_k=1,
                 N=N, K=K, M=M)))
+        from .kernels import masked as km
+
+        cfg = km.mm_config(tl.bfloat16, heavy_epilogue=True)
+        split = km.score_grad_split(N, K, M, cfg)
+        if split > 1:  # split-K of the score gradient (768 x 768 at 6304 tokens)
+            chunk = km.split_chunk(M, split, cfg["BLOCK_K"])
+            v = _pick("masked", "score_grad_partial_kernel", dtype=bf16)
+            launches.append(("masked", v, f"{M}x{K}->{N} split {split}", dict(
+                sdy_m=N, sdy_n=1, sx_m=K, sx_k=1, N=N, K=K, M=M, CHUNK=chunk)))
+            v = _pick("masked", "score_grad_reduce_kernel", dtype=bf16, DROPOUT=True, HAS_ADD=False)
+            launches.append(("masked", v, f"{M}x{K}->{N} split {split}", dict(
+                SPLIT=-(-M // chunk), sw_n=K, sw_k=1, sr_n=K, sr_k=1, ss_n=K, ss_k=1, so_n=K, so_k=1, N=N, K=K)))
         for b in (16, 32, 64):
             v = _pick("orth", "rotate_kernel", dtype=bf16, BLOCK=b)
             launches.append(("orth", v, f"{M}x{K} b={b}", dict(sx_m=K, sx_k=1, sr_r=b * b, sr_j=b, sr_c=1, so_m=K,
                                                              so_k=1, M=M, b=b)))
-    import triton.language as tl
-
     from .kernels.residual import backward_chunk_classes, batch_tile, class_tile_variant, norm_grad_variant
 
     for B, K, D in RESIDUAL_SHAPES:

@@ -300,7 +300,7 @@ def variants():
                 rc = {k: SPLIT_REDUCE[k] for k in ("BLOCK_R", "BLOCK_C")}
                 out.append(Variant(score_grad_reduce_kernel, {"DROPOUT": dropout, "HAS_ADD": has_add, **rc},
                                    {"num_warps": SPLIT_REDUCE["num_warps"]},
-                                   {"part_ptr": f32, "w_ptr": d, "ref_ptr": f32, "s_ptr": f32, "out_ptr": f32}))
+                                   {"w_ptr": d, "part_ptr": f32, "ref_ptr": f32, "s_ptr": f32, "out_ptr": f32}))
         out.append(Variant(grad_dropout_kernel, {"BLOCK": DROP_BLOCK["BLOCK"]}, {"num_warps": DROP_BLOCK["num_warps"]},
                            {"ga_ptr": d, "gb_ptr": d, "out_ptr": d}))
     return out

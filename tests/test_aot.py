@@ -116,6 +116,10 @@ def test_realistic_launches_are_specialised_as_triton_does_at_run_time():
     real = [v for _, v in aot.realistic_variants()]
     names = {v.name for v in real}
     assert {"score_grad_kernel", "rotate_kernel", "ce_class_tile_kernel"} <= names
+    # 768 x 768 at 6304 tokens: split-K's two launches, 2 splits of 3168 tokens
+    split = {v.name: v for v in real if v.label == "6304x768->768 split 2"}
+    assert set(split) == {"score_grad_partial_kernel", "score_grad_reduce_kernel"}
+    assert split["score_grad_partial_kernel"].spec["CHUNK"] == 3168 and split["score_grad_reduce_kernel"].spec["SPLIT"] == 2
     v = next(v for v in real if v.name == "score_grad_kernel" and v.label.startswith("6304"))
     sig, consts, attrs = aot.specialisation(v)
     args = v.kernel.arg_names
