@@ -67,6 +67,8 @@ def realistic_variants():
 
     from .kernels._common import Variant
 
+    import triton.language as tl
+
     launches = []
     bf16, f32 = torch.bfloat16, torch.float32
     for M, K, N in LINEAR_SHAPES:
@@ -75,12 +77,22 @@ def realistic_variants():
             launches.append(("masked", v, f"{M}x{K}->{N}", dict(
                 sdy_m=N, sdy_n=1, sx_m=K, sx_k=1, sw_n=K, sw_k=1, sr_n=K, sr_k=1, ss_n=K, ss_k=1, so_n=K, so_k=1,
                 N=N, K=K, M=M)))
+        from .kernels import masked as km
+
+        cfg = km.mm_config(tl.bfloat16, heavy_epilogue=True)
+        split = km.score_grad_split(N, K, M, cfg)
+        if split > 1:  # split-K of the score gradient (768 x 768 at 6304 tokens)
+            chunk = km.split_chunk(M, split, cfg["BLOCK_K"])
+            v = _pick("masked", "score_grad_partial_kernel", dtype=bf16)
+            launches.append(("masked", v, f"{M}x{K}->{N} split {split}", dict(
+                sdy_m=N, sdy_n=1, sx_m=K, sx_k=1, N=N, K=K, M=M, CHUNK=chunk)))
+            v = _pick("masked", "score_grad_reduce_kernel", dtype=bf16, DROPOUT=True, HAS_ADD=False)
+            launches.append(("masked", v, f"{M}x{K}->{N} split {split}", dict(
+                SPLIT=-(-M // chunk), sw_n=K, sw_k=1, sr_n=K, sr_k=1, ss_n=K, ss_k=1, so_n=K, so_k=1, N=N, K=K)))
         for b in (16, 32, 64):
             v = _pick("orth", "rotate_kernel", dtype=bf16, BLOCK=b)
             launches.append(("orth", v, f"{M}x{K} b={b}", dict(sx_m=K, sx_k=1, sr_r=b * b, sr_j=b, sr_c=1, so_m=K,
                                                              so_k=1, M=M, b=b)))
-    import triton.language as tl
-
     from .kernels.residual import backward_chunk_classes, batch_tile, class_tile_variant, norm_grad_variant
 
     for B, K, D in RESIDUAL_SHAPES:
@@ -392,13 +404,42 @@ def orth_costs(M, N, K, b, dtype="bf16"):
     return {"fused": fused, "composition": rotate_cost(M, K, b, dtype) + gemm(M, N, K, dtype)}
 
 
-def score_grad_cost(M, N, K, dtype="bf16", dropout=True):
-    """The fused score-gradient kernel (kernels/masked.py): dS [N, K] = (dy^T x) * W over M tokens, 64 x 64
+def _fill(cost, programs):
+    """``cost`` for a grid of ``programs`` blocks: below SPLIT_MIN_PROGRAMS (2 per SM) the SMs' FLOPs and L2
+    bandwidth are modelled as used in proportion (a grid of 144 blocks runs at 144 / 264 of them); HBM is
+    not scaled (a few blocks per SM still saturate it). Only the score-gradient kernels are modelled so."""
+    from .kernels.masked import SPLIT_MIN_PROGRAMS
+
+    f = min(1.0, programs / SPLIT_MIN_PROGRAMS)
+    cost._time = max(cost.flops / PEAK_FLOPS[cost.dtype] / f, cost.hbm / HBM_BYTES_PER_S,
+                     cost.l2 / L2_BYTES_PER_S / f) + cost.launches * Cost.LAUNCH_S
+    return cost
+
+
+def score_grad_cost(M, N, K, dtype="bf16", dropout=True, split=None, tile=(64, 64)):
+    """The score gradient dS [N, K] = (dy^T x) * W over M tokens (kernels/masked.py), gradient-dropped
+    against the fp32 reference gradient when ``dropout``, as the launcher runs it: ``split`` token splits
+    (default: score_grad_split's choice for this shape). One pass (split 1): score_grad_kernel, 64 x 64
     output tiles, dy re-read once per 64-column tile and x once per 64-row tile; its epilogue reads W (and
-    the fp32 reference gradient with the dropout) and writes dS in fp32."""
+    the reference gradient) and writes dS in fp32. Split-K: score_grad_partial_kernel writes split fp32
+    partials of N x K over tiles x split programs, then score_grad_reduce_kernel reads them (in order), W
+    and the reference gradient and writes dS. Both with the grid's fill (:func:`_fill`)."""
+    import triton.language as tl
+
+    from .kernels.masked import mm_config, score_grad_split
+
     e = BYTES[dtype]
-    return tiled_matmul(N, K, M, a_bytes=e, b_bytes=e, out_bytes=e + 4 + (4 if dropout else 0), tile=(64, 64),
-                        dtype=dtype)
+    tiles = _cdiv(N, tile[0]) * _cdiv(K, tile[1])
+    if split is None:
+        dot = tl.float32 if dtype in ("fp32", "tf32") else tl.bfloat16
+        split = score_grad_split(N, K, M, {**mm_config(dot, heavy_epilogue=dropout), "BLOCK_M": tile[0],
+                                           "BLOCK_N": tile[1]}, dropout, dtype)
+    if split == 1:
+        return _fill(tiled_matmul(N, K, M, a_bytes=e, b_bytes=e, out_bytes=e + 4 + (4 if dropout else 0),
+                                  tile=tile, dtype=dtype), tiles)
+    part = _fill(tiled_matmul(N, K, M, a_bytes=e, b_bytes=e, out_bytes=4 * split, tile=tile, dtype=dtype),
+                 tiles * split)
+    return part + elementwise(N * K, 4 * split + e + 4 + (4 if dropout else 0), dtype)
 
 
 def masked_backward_costs(M, N, K, dtype="bf16", dropout=True):
@@ -485,6 +526,35 @@ def residual_ce_costs(B, K, D, dtype="fp32"):
     return {"fused": fused, "composition": comp}
 
 
+def residual_logits_costs(B, K, D, dtype="fp32", tile=None):
+    """{path: Cost} of residual_logits' forward, logits [B, K] in the inputs' dtype. Fused (the Triton path,
+    kernels/residual.py: forward without a target): ``inv_norm_kernel`` over f (B x D read, rf written),
+    the same over t + alpha x (t and x read, ru written), then ``logits_kernel``, the tiled matmul of f
+    against u^T with t and x combined as they load (both on the B side: 2 operands of ``e`` bytes) and the
+    norms applied in its epilogue, at the launcher's tiles (kernels/residual.py: logits_config, batch tiles
+    of up to 256 rows at IEEE fp32 and 128 at TF32 / half), so t and x are re-read from L2 once per batch
+    tile. ``tile``: another (BLOCK_M, BLOCK_N) to model (the 64-row defaults were (64, 32) and (64, 64)).
+    Composition (as :func:`residual_ce_costs`' without its log-softmax pass): u = t + alpha x, its
+    normalisation, a cuBLAS GEMM writing the logits in ``e`` bytes; f's normalisation (B x D) is left out
+    of both, as there."""
+    import triton.language as tl
+
+    from .kernels.residual import logits_config
+
+    e = BYTES[dtype]
+    if tile is None:
+        dot = tl.float32 if dtype in ("fp32", "tf32") else tl.bfloat16
+        cfg = logits_config(B, dot, "tf32" if dtype == "tf32" else "ieee")
+        tile = (cfg["BLOCK_M"], cfg["BLOCK_N"])
+    norms = Cost(0.0, B * D * e + 4 * B, B * D * e + 4 * B, dtype) + Cost(0.0, 2 * K * D * e + 4 * K,
+                                                                          2 * K * D * e + 4 * K, dtype)
+    mm = tiled_matmul(B, K, D, a_bytes=e, b_bytes=2 * e, out_bytes=e, tile=tile, dtype=dtype)
+    mm.hbm += 4 * (B + K)  # rf, ru in the epilogue
+    mm.l2 += 4 * (B * _cdiv(K, tile[1]) + K * _cdiv(B, tile[0]))
+    comp = elementwise(K * D, 3 * e, dtype) + elementwise(K * D, 2 * e, dtype) + gemm(B, K, D, dtype)
+    return {"fused": norms + mm, "composition": comp}
+
+
 def _grad_dtype(dtype):
     """The dot of the backward's two matmuls on the fp32 softmax gradient (kernels/residual.py:
     grad_dot_dtype): fp16 inputs run TF32 dots (fp16 would flush G ~ p / B), the others their own."""
@@ -534,6 +604,67 @@ def residual_ce_backward_costs(B, K, D, dtype="fp32", train_features=True, train
     return {"fused": fused, "composition": comp}
 
 
+#: H100 SXM: SMs, and the clock the latency terms assume (an assumption: the sustained clock under load)
+SMS = 132
+CLOCK_HZ = 1.755e9
+#: cycles of one block-wide reduction of a register tile (shuffles, a shared-memory exchange, a barrier):
+#: an assumption, not measured
+REDUCE_CYCLES = 150
+#: the Cayley kernel's work per elimination step (kernels/orth.py: cayley_fwd_kernel), counted from its
+#: source: element operations on the BLOCK x BLOCK tiles (selects, multiply-subtracts, the reductions'
+#: adds) and block-wide reductions. Pivoted: the column, the pivot's argmax, rows i and p of [A | I], the
+#: swap, the pivot and its column entry; unpivoted (before): row i of [A | I], the column, the pivot.
+CAYLEY_STEP = {True: dict(tile_ops=20, reductions=8), False: dict(tile_ops=11, reductions=4)}
+#: blocks per SM of the Cayley kernel by padded block size, from `fastvlm kernels` on sm_90a (registers x
+#: warps): pivoted (4 warps at 16 and 32, 8 at 64) and the unpivoted kernel it replaced (4 warps)
+CAYLEY_BLOCKS_PER_SM = {True: {16: 16, 32: 5, 64: 1}, False: {16: 16, 32: 7, 64: 2}}
+
+
+def cayley_cost(r, b, pivoting=True, launches=1):
+    """The Cayley kernel over r blocks of size b (one program per block, b serial elimination steps),
+    split into ``launches`` equal launches one after the other (one per layer) or one launch of the stack.
+    Not a roofline: the kernel is latency-bound. Per step an SM issues 128 thread-operations per cycle, so
+    ``tile_ops x BLOCK^2 / 128`` cycles per block; each block also waits ``reductions x REDUCE_CYCLES``. With
+    k blocks resident on an SM (at most CAYLEY_BLOCKS_PER_SM) a step takes max(k x issue, issue + waits):
+    the waits of one block overlap the others' issue. Time: waves x b steps at CLOCK_HZ, plus 3 us per
+    launch; HBM (Q read, R written: 8 b^2 bytes a block) is negligible and counted."""
+    from .kernels.orth import block_pad
+
+    BLOCK = block_pad(b)
+    step = CAYLEY_STEP[pivoting]
+    issue = step["tile_ops"] * BLOCK * BLOCK / 128
+    wait = step["reductions"] * REDUCE_CYCLES
+    per_launch = _cdiv(r, launches)
+    k = min(CAYLEY_BLOCKS_PER_SM[pivoting][BLOCK], _cdiv(per_launch, SMS))
+    waves = _cdiv(per_launch, SMS * k)
+    step_cycles = max(k * issue, issue + wait)
+    c = Cost(step["tile_ops"] * BLOCK * BLOCK * b * r, 8 * b * b * r, 8 * b * b * r, "fp32", launches)
+    c._time = launches * (waves * b * step_cycles / CLOCK_HZ + Cost.LAUNCH_S)
+    return c
+
+
+#: OrthCR's default sites on ViT-B/16 (open_clip): the MLP's c_fc (in 768 / 512) and c_proj (in 3072 /
+#: 2048) of the 12 image and 12 text blocks: 48 rotated linears, 76,800 input features
+ORTH_LAYER_WIDTHS = [768, 3072] * 12 + [512, 2048] * 12
+
+
+def cayley_table() -> list[dict]:
+    """Per block size: the modelled time of every Cayley transform of one training step on ORTH_LAYER_WIDTHS,
+    one launch per layer (as the tuner calls it) and one launch of the stacked blocks, pivoted and
+    unpivoted (before). A projection for an H100 SXM, not a measurement."""
+    rows = []
+    for b in (16, 32, 64):
+        r = sum(w // b for w in ORTH_LAYER_WIDTHS)
+        n = len(ORTH_LAYER_WIDTHS)
+        rows.append({"b": b, "blocks": r, "layers": n,
+                     "per_layer_us": sum(cayley_cost(w // b, b).time_s for w in ORTH_LAYER_WIDTHS) * 1e6,
+                     "stacked_us": cayley_cost(r, b).time_s * 1e6,
+                     "per_layer_unpivoted_us": sum(cayley_cost(w // b, b, False).time_s
+                                                   for w in ORTH_LAYER_WIDTHS) * 1e6,
+                     "stacked_unpivoted_us": cayley_cost(r, b, False).time_s * 1e6})
+    return rows
+
+
 #: the shapes of issue's realistic list: (tokens, in, out) for the linears, (B, K, D) for TaskRes
 LINEAR_SHAPES = [(t, k, n) for t in (1576, 6304) for k, n in ((768, 2304), (768, 768), (768, 3072), (3072, 768),
                                                               (1024, 3072))]
@@ -563,6 +694,7 @@ def projection_table(dtype="bf16") -> list[dict]:
             add("residual_ce bwd", f"B={B} K={K} D={D}", dot,  # TaskRes: the residual alone trains
                 residual_ce_backward_costs(B, K, D, dot, train_features=False, train_base=False), "fused")
             add("residual_ce bwd all", f"B={B} K={K} D={D}", dot, residual_ce_backward_costs(B, K, D, dot), "fused")
+            add("residual_logits fwd", f"B={B} K={K} D={D}", dot, residual_logits_costs(B, K, D, dot), "fused")
     return rows
 
 
@@ -575,3 +707,10 @@ def print_projection(file=None) -> None:
         unfused = f"{r['unfused_us']:>9.1f}" if "unfused_us" in r else f"{'-':>9}"
         print(f"{r['op']:28} {r['shape']:22} {r['dtype']:5} {r['fused_us']:>9.1f} {r['composition_us']:>9.1f} "
               f"{unfused}  {r['chosen']}", file=file)
+    print("\ncayley fwd, every rotation of one step (OrthCR's ViT-B/16 MLP sites), modelled us: latency-bound, "
+          "see aot.cayley_cost", file=file)
+    print(f"{'b':>3} {'blocks':>6} {'per layer':>10} {'stacked':>8} {'unpivoted: per layer':>21} {'stacked':>8}",
+          file=file)
+    for r in cayley_table():
+        print(f"{r['b']:>3} {r['blocks']:>6} {r['per_layer_us']:>10.1f} {r['stacked_us']:>8.1f} "
+              f"{r['per_layer_unpivoted_us']:>21.1f} {r['stacked_unpivoted_us']:>8.1f}", file=file)

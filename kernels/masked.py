@@ -2,10 +2,14 @@
 
     forward:  y  = x @ (W * [S > tau]).T + b        (the mask applied as W's tiles load: no masked copy)
     backward: dx = dy @ (W * [S > tau])
-              dS = (dy.T @ x) * W, then gradient dropout against ref_grad in the same kernel's epilogue
+              dS = (dy.T @ x) * W, then gradient dropout against ref_grad in the same kernel's epilogue;
+              where dS's tiles are too few to fill the GPU, split-K over tokens: fp32 partials per split,
+              then one pass summing them in a fixed order with the same epilogue (deterministic)
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -80,6 +84,56 @@ declare(score_grad_kernel, {"add_scale": "fp32", "ratio": "fp32", "seed": "i64"}
 
 
 @triton.jit
+def score_grad_partial_kernel(dy_ptr, sdy_m, sdy_n, x_ptr, sx_m, sx_k, part_ptr, N, K, M, CHUNK,
+                              BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_TOKENS: tl.constexpr,
+                              DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """Split-K over tokens, first pass: part[s, n, k] = sum over tokens m in [s CHUNK, (s + 1) CHUNK) of
+    dy[m, n] x[m, k] (fp32), for the (output, input) tile program_id(0) and the split program_id(1).
+    score_grad_reduce_kernel sums the splits in order and applies score_grad_kernel's epilogue."""
+    pid_n, pid_k = tile_ids(tl.program_id(0), N, K, BLOCK_OUT, BLOCK_IN, GROUP_M)
+    split = tl.program_id(1).to(tl.int64)
+    m0 = split * CHUNK
+    m_len = tl.minimum(CHUNK, M - m0)
+    offs_n = pid_n * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+    offs_k = pid_k * BLOCK_IN + tl.arange(0, BLOCK_IN)
+    dy0, x0 = dy_ptr + m0 * sdy_m, x_ptr + m0 * sx_m
+    acc = mm_tile(dy0, sdy_n, sdy_m, x0, sx_m, sx_k, x0, 0, 0, 0.0, x0,
+                  x0, 0, 0, 0.0, offs_n, offs_k, N, K, m_len,
+                  False, False, False, BLOCK_OUT, BLOCK_IN, BLOCK_TOKENS, DOT_DTYPE, PRECISION)
+    n64 = offs_n.to(tl.int64)
+    k64 = offs_k.to(tl.int64)
+    m = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    tl.store(part_ptr + split * N * K + n64[:, None] * K + k64[None, :], acc, mask=m)
+
+
+declare(score_grad_partial_kernel, tensor_cores=True)
+
+
+@triton.jit
+def score_grad_reduce_kernel(part_ptr, SPLIT, w_ptr, sw_n, sw_k, ref_ptr, sr_n, sr_k, s_ptr, ss_n, ss_k, add_scale,
+                             out_ptr, so_n, so_k, ratio, seed, N, K,
+                             DROPOUT: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_R: tl.constexpr,
+                             BLOCK_C: tl.constexpr):
+    """Split-K, second pass: acc[n, k] = sum_{s = 0 .. SPLIT - 1} part[s, n, k] in that order (no atomics:
+    the same bits every run), then score_grad_kernel's epilogue (times W, + add_scale S, the dropout against
+    ref with U(seed, n*K + k)) for one BLOCK_R x BLOCK_C tile; out may be ref."""
+    pid = tl.program_id(0)
+    num_c = tl.cdiv(K, BLOCK_C)
+    offs_n = (pid // num_c) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = (pid % num_c) * BLOCK_C + tl.arange(0, BLOCK_C)
+    m = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    o = offs_n.to(tl.int64)[:, None] * K + offs_k.to(tl.int64)[None, :]
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for s in range(0, SPLIT):
+        acc += tl.load(part_ptr + s * N.to(tl.int64) * K + o, mask=m, other=0.0)
+    _score_epilogue(acc, offs_n, offs_k, w_ptr, sw_n, sw_k, ref_ptr, sr_n, sr_k, s_ptr, ss_n, ss_k, add_scale,
+                    out_ptr, so_n, so_k, ratio, seed, N, K, DROPOUT, HAS_ADD)
+
+
+declare(score_grad_reduce_kernel, {"add_scale": "fp32", "ratio": "fp32", "seed": "i64"})
+
+
+@triton.jit
 def grad_dropout_kernel(ga_ptr, gb_ptr, out_ptr, ratio, seed, offset, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
@@ -111,9 +165,10 @@ def grad_input(dy2, weight, scores, threshold, dtype):
     return matmul(dy2, weight, out, scores=scores, threshold=threshold)
 
 
-def grad_scores(dy2, x2, weight, ref_grad, ratio, seed, dtype, scores=None, add_scale=0.0, out=None):
+def grad_scores(dy2, x2, weight, ref_grad, ratio, seed, dtype, scores=None, add_scale=0.0, out=None, split=None):
     """(dy2.T @ x2) * W (+ add_scale * scores), gradient-dropped against ref_grad when given; into ``out``
-    (which may be ref_grad itself) or a new tensor."""
+    (which may be ref_grad itself) or a new tensor. ``split``: token splits (default score_grad_split; 1:
+    the one-pass kernel; more: split-K, score_grad_partial_kernel then score_grad_reduce_kernel)."""
     N, K = weight.shape
     M = x2.shape[0]
     out = torch.empty(N, K, device=x2.device, dtype=dtype) if out is None else out
@@ -121,6 +176,24 @@ def grad_scores(dy2, x2, weight, ref_grad, ratio, seed, dtype, scores=None, add_
     cfg = mm_config(dot, heavy_epilogue=ref_grad is not None)
     grid = tile_grid(N, K, cfg["BLOCK_M"], cfg["BLOCK_N"])
     ref = ref_grad if ref_grad is not None else weight
+    if split is None:
+        model = "bf16" if dot != tl.float32 else ("tf32" if dot_precision(dot) == "tf32" else "fp32")
+        split = score_grad_split(N, K, M, cfg, ref_grad is not None, model)
+    if split > 1:
+        chunk = split_chunk(M, split, cfg["BLOCK_K"])
+        split = triton.cdiv(M, chunk)
+        part = torch.empty(split, N, K, device=x2.device, dtype=torch.float32)
+        pcfg = split_partial_config(dot, dot_precision(dot))
+        score_grad_partial_kernel[(grid[0], split)](
+            dy2, dy2.stride(0), dy2.stride(1), x2, x2.stride(0), x2.stride(1), part, N, K, M, chunk,
+            DOT_DTYPE=dot, PRECISION=dot_precision(dot), **score_grad_tile(pcfg))
+        sc = scores if scores is not None else weight
+        rc = SPLIT_REDUCE
+        score_grad_reduce_kernel[(triton.cdiv(N, rc["BLOCK_R"]) * triton.cdiv(K, rc["BLOCK_C"]),)](
+            part, split, weight, weight.stride(0), weight.stride(1), ref, ref.stride(0), ref.stride(1),
+            sc, *sc.stride(), float(add_scale), out, out.stride(0), out.stride(1), float(ratio), int(seed), N, K,
+            DROPOUT=ref_grad is not None, HAS_ADD=scores is not None, **rc)
+        return out
     score_grad_kernel[grid](dy2, dy2.stride(0), dy2.stride(1), x2, x2.stride(0), x2.stride(1),
                             weight, weight.stride(0), weight.stride(1), ref, ref.stride(0), ref.stride(1),
                             scores if scores is not None else weight, *(scores if scores is not None else weight).stride(),
@@ -129,6 +202,54 @@ def grad_scores(dy2, x2, weight, ref_grad, ratio, seed, dtype, scores=None, add_
                             PRECISION=dot_precision(dot),
                             **score_grad_tile(cfg))
     return out
+
+
+#: split-K of the score gradient when its tiles give fewer programs than this (2 per SM of an H100's 132):
+#: 768 x 768 at 64 x 64 tiles is 144 programs, 55% of it
+SPLIT_MIN_PROGRAMS = 264
+#: at most this many token splits, each of at least SPLIT_MIN_TOKENS tokens (so small backward passes,
+#: and every test of the one-pass kernel, keep it); the count itself is the cost model's (score_grad_split)
+MAX_SPLIT = 8
+SPLIT_MIN_TOKENS = 512
+#: tile and warps of score_grad_reduce_kernel (its epilogue is score_grad_kernel's: 32 x 64 at 4 warps)
+SPLIT_REDUCE = dict(BLOCK_R=32, BLOCK_C=64, num_warps=4)
+
+
+def score_grad_split(N: int, K: int, M: int, cfg: dict, dropout: bool = True, model_dtype: str = "bf16") -> int:
+    """Token splits of the score gradient [N, K] over M tokens at tiles ``cfg``: 1 (the one-pass kernel)
+    when the tiles alone reach SPLIT_MIN_PROGRAMS; else the split count in 1 .. min(MAX_SPLIT,
+    M // SPLIT_MIN_TOKENS) that fastvlm.aot's model (``score_grad_cost``, ``model_dtype``: its dtype name)
+    gives the least time, the fewest on a tie. At 768 x 768 (144 tiles of 64 x 64): 2 splits at 6304 tokens
+    (modelled 33 vs 47 us with the dropout), none at 1576 (15.5 vs 14.7: the partials' traffic and the second
+    launch cost more than the fill gains). Depends on the shapes alone, so a shape always takes the same
+    path."""
+    tiles = triton.cdiv(N, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"])
+    most = min(MAX_SPLIT, M // SPLIT_MIN_TOKENS)
+    if tiles >= SPLIT_MIN_PROGRAMS or most < 2:
+        return 1
+    return _best_split(N, K, M, cfg["BLOCK_M"], cfg["BLOCK_N"], most, dropout, model_dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _best_split(N, K, M, bm, bn, most, dropout, model_dtype):
+    from ..aot import score_grad_cost
+
+    times = [score_grad_cost(M, N, K, model_dtype, dropout, split=s, tile=(bm, bn)).time_s for s in range(1, most + 1)]
+    return 1 + times.index(min(times))
+
+
+def split_chunk(M: int, split: int, block_tokens: int) -> int:
+    """Tokens per split: M / split rounded up to whole BLOCK_TOKENS steps (the last split takes the rest)."""
+    return triton.cdiv(triton.cdiv(M, split), block_tokens) * block_tokens
+
+
+def split_partial_config(dot, precision: str) -> dict:
+    """Tiles and warps of score_grad_partial_kernel: the plain matmul policy's (no epilogue here), with 8
+    warps for IEEE fp32 dots (4 spilled 8 bytes on sm_80 with the split's 64-bit token offset)."""
+    cfg = mm_config(dot)
+    if dot == tl.float32 and precision == "ieee":
+        cfg["num_warps"] = 8
+    return cfg
 
 
 def score_grad_tile(cfg: dict) -> dict:
@@ -168,6 +289,18 @@ def variants():
                     out.append(Variant(score_grad_kernel, score_grad_tile(tile), opts,
                                        {"dy_ptr": d, "x_ptr": d, "w_ptr": d, "ref_ptr": f32, "s_ptr": f32,
                                         "out_ptr": f32}))
+        for prec in precisions(gpu_dot_dtype(d)):
+            tile = split_partial_config(gpu_dot_dtype(d), prec)
+            opts = {k: tile.pop(k) for k in ("num_warps", "num_stages")}
+            tile.update(DOT_DTYPE=gpu_dot_dtype(d), PRECISION=prec)
+            out.append(Variant(score_grad_partial_kernel, score_grad_tile(tile), opts,
+                               {"dy_ptr": d, "x_ptr": d, "part_ptr": f32}))
+        for dropout in (False, True):
+            for has_add in (False, True):
+                rc = {k: SPLIT_REDUCE[k] for k in ("BLOCK_R", "BLOCK_C")}
+                out.append(Variant(score_grad_reduce_kernel, {"DROPOUT": dropout, "HAS_ADD": has_add, **rc},
+                                   {"num_warps": SPLIT_REDUCE["num_warps"]},
+                                   {"w_ptr": d, "part_ptr": f32, "ref_ptr": f32, "s_ptr": f32, "out_ptr": f32}))
         out.append(Variant(grad_dropout_kernel, {"BLOCK": DROP_BLOCK["BLOCK"]}, {"num_warps": DROP_BLOCK["num_warps"]},
                            {"ga_ptr": d, "gb_ptr": d, "out_ptr": d}))
     return out

@@ -1,7 +1,8 @@
 """Triton kernels for OrthCR (formula and reference: fastvlm/ops/orth.py).
 
-    cayley:   R = 2 (I - Q)^-1 - I per block (Gauss-Jordan without pivoting: I - Q has every singular
-              value >= 1), one program per block, the block padded to a power of two >= 16 with identity.
+    cayley:   R = 2 (I - Q)^-1 - I per block (Gauss-Jordan with partial pivoting), one program per block of
+              any stack of blocks (all layers' blocks of one size in one launch), the block padded to a power
+              of two >= 16 with identity.
     backward: dQ = 2 A^-T G A^-T with A^-1 = (R + I) / 2 (autograd through Q = U - U^T does the rest).
     rotate:   out[m, r*b + c] = sum_j X[m, r*b + j] R[r, j, c]   (x @ blockdiag(R), never built dense)
     rotate_grad_r: dR[r] = X[:, r]^T @ dY[:, r]
@@ -31,7 +32,10 @@ def _warps(BLOCK: int) -> int:
 
 
 # launch policy per kernel, chosen with `fastvlm kernels` (no spills on sm_80 or sm_90a)
-CAYLEY_FWD_WARPS = 4  # Gauss-Jordan: 8 warps spill at BLOCK=64 on sm_90a
+def cayley_fwd_warps(BLOCK: int) -> int:
+    """Pivoted Gauss-Jordan: 4 warps, 8 at BLOCK=64 (4 spill 48-56 bytes there with the pivot's row swaps;
+    8: 148 / 170 registers on sm_80 / sm_90a, one block per SM)."""
+    return 4 if BLOCK < 64 else 8
 
 
 def cayley_bwd_warps(BLOCK: int) -> int:
@@ -44,6 +48,16 @@ def rotate_block_m(BLOCK: int, dot) -> int:
 
 @triton.jit
 def cayley_fwd_kernel(q_ptr, r_ptr, b, BLOCK: tl.constexpr):
+    """R = 2 (I - Q)^-1 - I for block program_id(0) of q [r, b, b] (contiguous; fp32 out): Gauss-Jordan on
+    [A | I], A = I - Q, with partial pivoting (at step i the row of largest |a[j, i]|, j >= i, is swapped
+    into row i; the same row operations turn I into A^-1, so no column permutation is undone). The block is
+    padded to BLOCK with identity rows and columns, so the padded inverse is blockdiag(A^-1, I) and a padding
+    row is never chosen as pivot for a real column (its entry there is 0).
+
+    Why pivoting although A's symmetric part is I (every pivot of the unpivoted elimination is >= 1 in exact
+    arithmetic): its Schur complements grow like ||Q||^2, and in fp32 the unpivoted elimination lost
+    orthogonality (max |R^T R - I| 5.5e-4 at b = 16, ||Q||_2 = 4700; a zero pivot, NaN, at 3e4), where the
+    pivoted one stays at fp32 rounding (docs/kernels.md; tests/test_orth.py)."""
     blk = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, BLOCK)
     cols = tl.arange(0, BLOCK)
@@ -54,19 +68,27 @@ def cayley_fwd_kernel(q_ptr, r_ptr, b, BLOCK: tl.constexpr):
     a = eye - q  # padded with identity: the inverse is blockdiag(A^-1, I)
     inv = eye
     for i in range(0, b):
-        is_row = rows[:, None] == i
         is_col = cols[None, :] == i
-        a_row = tl.sum(tl.where(is_row, a, 0.0), axis=0)
-        inv_row = tl.sum(tl.where(is_row, inv, 0.0), axis=0)
-        piv = tl.sum(tl.where(cols == i, a_row, 0.0), axis=0)
-        a_row = a_row / piv
-        inv_row = inv_row / piv
-        factor = tl.sum(tl.where(is_col, a, 0.0), axis=1)
+        col = tl.sum(tl.where(is_col, a, 0.0), axis=1)  # a[:, i]
+        p = tl.argmax(tl.where(rows >= i, tl.abs(col), -1.0), axis=0)  # first row of the largest |a[j, i]|
+        is_i = rows[:, None] == i
+        is_p = rows[:, None] == p
+        a_i = tl.sum(tl.where(is_i, a, 0.0), axis=0)
+        inv_i = tl.sum(tl.where(is_i, inv, 0.0), axis=0)
+        a_p = tl.sum(tl.where(is_p, a, 0.0), axis=0)
+        inv_p = tl.sum(tl.where(is_p, inv, 0.0), axis=0)
+        # swap rows i and p (p == i: no-op), then eliminate column i from every other row with row i
+        a = tl.where(is_i, a_p[None, :], tl.where(is_p, a_i[None, :], a))
+        inv = tl.where(is_i, inv_p[None, :], tl.where(is_p, inv_i[None, :], inv))
+        col_i = tl.sum(tl.where(rows == i, col, 0.0), axis=0)
+        piv = tl.sum(tl.where(rows == p, col, 0.0), axis=0)
+        factor = tl.where(rows == p, col_i, col)  # column i after the swap
         factor = tl.where(rows == i, 0.0, factor)
-        a = tl.where(is_row, a_row[None, :], a - factor[:, None] * a_row[None, :])
-        inv = tl.where(is_row, inv_row[None, :], inv - factor[:, None] * inv_row[None, :])
-    r = 2.0 * inv - eye
-    tl.store(r_ptr + offs, r.to(r_ptr.dtype.element_ty), mask=inside)
+        a_row = a_p / piv
+        inv_row = inv_p / piv
+        a = tl.where(is_i, a_row[None, :], a - factor[:, None] * a_row[None, :])
+        inv = tl.where(is_i, inv_row[None, :], inv - factor[:, None] * inv_row[None, :])
+    tl.store(r_ptr + offs, 2.0 * inv - eye, mask=inside)
 
 
 declare(cayley_fwd_kernel)
@@ -275,7 +297,7 @@ def cayley(q):
     r, b, _ = q.shape
     out = torch.empty(r, b, b, device=q.device, dtype=torch.float32)
     BLOCK = block_pad(b)
-    cayley_fwd_kernel[(r,)](q.contiguous(), out, b, BLOCK=BLOCK, num_warps=CAYLEY_FWD_WARPS)
+    cayley_fwd_kernel[(r,)](q.contiguous(), out, b, BLOCK=BLOCK, num_warps=cayley_fwd_warps(BLOCK))
     return out
 
 
@@ -326,7 +348,7 @@ def variants():
     out = []
     for BLOCK in (16, 32, 64):
         w = _warps(BLOCK)
-        out.append(Variant(cayley_fwd_kernel, {"BLOCK": BLOCK}, {"num_warps": CAYLEY_FWD_WARPS},
+        out.append(Variant(cayley_fwd_kernel, {"BLOCK": BLOCK}, {"num_warps": cayley_fwd_warps(BLOCK)},
                            {"q_ptr": f32, "r_ptr": f32}))
         for prec in precisions(tl.float32):
             out.append(Variant(cayley_bwd_kernel, {"BLOCK": BLOCK, "PRECISION": prec},

@@ -80,6 +80,10 @@ def test_launchers_choose_only_enumerated_configurations(monkeypatch):
             masked_linear(xs, w, s, torch.randn(9).to(dt)).sum().backward()
             masked_linear(xs, w, s, ref_grad=torch.randn(9, 24), drop_ratio=0.5).sum().backward()
             grad_dropout(torch.randn(30).to(dt), torch.randn(30).to(dt), 0.5, 1)
+            from fastvlm.kernels import masked as km  # split-K of the score gradient (realistic shapes pick it)
+
+            km.grad_scores(torch.randn(1030, 9).to(dt), xs.detach().new_empty(1030, 24).normal_(), w,
+                           torch.randn(9, 24), 0.5, 1, torch.float32, split=2)
             for b in (3, 32, 64):
                 p = (0.1 * torch.randn(2, b * (b - 1) // 2, generator=g)).requires_grad_()
                 xo = torch.randn(4, 2 * b, generator=g).to(dt).requires_grad_()
@@ -112,6 +116,10 @@ def test_realistic_launches_are_specialised_as_triton_does_at_run_time():
     real = [v for _, v in aot.realistic_variants()]
     names = {v.name for v in real}
     assert {"score_grad_kernel", "rotate_kernel", "ce_class_tile_kernel"} <= names
+    # 768 x 768 at 6304 tokens: split-K's two launches, 2 splits of 3168 tokens
+    split = {v.name: v for v in real if v.label == "6304x768->768 split 2"}
+    assert set(split) == {"score_grad_partial_kernel", "score_grad_reduce_kernel"}
+    assert split["score_grad_partial_kernel"].spec["CHUNK"] == 3168 and split["score_grad_reduce_kernel"].spec["SPLIT"] == 2
     v = next(v for v in real if v.name == "score_grad_kernel" and v.label.startswith("6304"))
     sig, consts, attrs = aot.specialisation(v)
     args = v.kernel.arg_names

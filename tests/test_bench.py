@@ -460,5 +460,6 @@ def test_cayley_torch_path_peaks_no_higher_than_the_compiled_composition():
             fwd().backward(grad)
 
         step()
-        peaks[prov.name] = harness.peak_memory(step, CPU)
+        # the least of three: the same call's peak can only be raised by something else allocating then
+        peaks[prov.name] = min(harness.peak_memory(step, CPU) for _ in range(3))
     assert peaks["fastvlm"] <= peaks[bench.COMPILED], peaks

@@ -190,3 +190,46 @@ def test_masked_weight_is_the_formula(dtype):
     got = masked_weight(w, s, THRESHOLD, dtype)
     assert got.dtype == dtype and torch.equal(got, want)
     assert torch.equal(masked_weight(w, s, THRESHOLD), w * (s.float() > THRESHOLD))
+
+
+@pytest.mark.parametrize("M,N,K", [(700, 37, 45), (1100, 70, 130)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_split_k_score_gradient_against_reference_and_run_to_run(M, N, K, dtype):
+    """Split-K over tokens (score_grad_partial_kernel, then score_grad_reduce_kernel summing the splits in
+    order with the epilogue): against (dy^T x) * W + c S for 1, 2, 3 and 8 splits (odd shapes, the last split
+    short), the dropped gradient exactly grad_dropout of the split's own plain gradient (the epilogue is
+    shared), out aliasing ref, and the same bits on a second run. Bit-identical across split counts is not
+    promised (the token sums are grouped differently)."""
+    from fastvlm.kernels import masked as km
+
+    from .helpers import assert_close
+
+    g = torch.Generator().manual_seed(5)
+    dy, x = torch.randn(M, N, generator=g).to(dtype), torch.randn(M, K, generator=g).to(dtype)
+    w, ref, s = torch.randn(N, K, generator=g).to(dtype), torch.randn(N, K, generator=g), torch.rand(N, K, generator=g)
+    dy, x, w, ref, s = on_device(dy, x, w, ref, s)
+    want = (dy.float().T @ x.float()) * w.float() + 0.3 * s
+    for split in (1, 2, 3, 8):
+        plain = km.grad_scores(dy, x, w, None, 0.0, 0, torch.float32, scores=s, add_scale=0.3, split=split)
+        assert_close(f"split {split}", plain, want, torch.float32)
+        dropped = km.grad_scores(dy, x, w, ref, 0.6, 9, torch.float32, scores=s, add_scale=0.3, split=split)
+        assert torch.equal(dropped, grad_dropout(plain, ref, 0.6, 9))
+        into = ref.clone()
+        km.grad_scores(dy, x, w, into, 0.6, 9, torch.float32, scores=s, add_scale=0.3, out=into, split=split)
+        assert torch.equal(into, dropped)
+        assert torch.equal(km.grad_scores(dy, x, w, ref, 0.6, 9, torch.float32, scores=s, add_scale=0.3,
+                                          split=split), dropped)
+
+
+def test_split_k_is_chosen_where_the_tiles_leave_the_gpu_idle():
+    from fastvlm.kernels import masked as km
+
+    import triton.language as tl
+
+    cfg = km.mm_config(tl.bfloat16, heavy_epilogue=True)
+    assert km.score_grad_split(768, 768, 6304, cfg) == 2  # 144 tiles of 64 x 64: the model's best, 288 programs
+    assert km.score_grad_split(768, 768, 1576, cfg) == 1  # modelled: the partials cost more than the fill gains
+    assert km.score_grad_split(2304, 768, 6304, cfg) == 1  # 432 tiles
+    assert km.score_grad_split(768, 768, 700, cfg) == 1  # fewer than 2 x 512 tokens: one pass
+    assert km.score_grad_split(64, 64, 1 << 20, cfg) == km.MAX_SPLIT  # one tile, a million tokens
+    assert km.split_chunk(6304, 2, 32) == 3168 and km.split_chunk(700, 3, 32) == 256
