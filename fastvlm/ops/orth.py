@@ -147,7 +147,9 @@ def cayley_forward(q):
     if kernels is not None:
         return kernels.cayley(q)
     eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
-    return torch.linalg.inv(eye - q).mul_(2.0).sub_(eye)
+    # (I - Q)^-1 = ((I + Q)^-1)^T: linalg.inv returns column-major blocks, so their transpose is row-major,
+    # the strides the custom op's fake (empty_like) and the Triton kernel give, without a copy
+    return torch.linalg.inv(eye + q).mT.mul_(2.0).sub_(eye)
 
 
 def cayley_backward(r, g):
@@ -172,10 +174,8 @@ def block_rotate_backward(x2, r, dy, transpose, needs):
     dx = dr = None
     if needs[0]:
         dx = _rotate(dy, r, not transpose, kernels)
-    if needs[1]:
-        dr = _block_gram(x2, dy, r, kernels)
-        if transpose:
-            dr = dr.transpose(1, 2)
+    if needs[1]:  # transpose: dR_j = (x_j^T dy_j)^T = dy_j^T x_j, contiguous like the custom op's fake
+        dr = _block_gram(dy, x2, r, kernels) if transpose else _block_gram(x2, dy, r, kernels)
     return dx, dr
 
 
@@ -319,7 +319,7 @@ def _(x2, r, transpose):
 @torch.library.custom_op("fastvlm::block_rotate_backward", mutates_args=())
 def _block_rotate_backward_op(x2: Tensor, r: Tensor, dy: Tensor, transpose: bool, need_x: bool, need_r: bool
                               ) -> tuple[Tensor, Tensor]:
-    return empty_for_none(block_rotate_backward(x2, r, dy, transpose, (need_x, need_r)), x2)
+    return empty_for_none(block_rotate_backward(x2, r, dy, transpose, (need_x, need_r)), (x2, r))
 
 
 @_block_rotate_backward_op.register_fake
@@ -359,7 +359,7 @@ def _orthogonal_linear_backward_op(dy2: Tensor, x2: Tensor, r: Tensor, weight: T
                                    need_x: bool, need_r: bool, need_weight: bool, need_bias: bool
                                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     grads = orthogonal_linear_backward(dy2, x2, r, weight, side, orthogonal, (need_x, need_r, need_weight, need_bias))
-    return empty_for_none(grads, x2)
+    return empty_for_none(grads, (x2, r, weight, dy2))
 
 
 @_orthogonal_linear_backward_op.register_fake
