@@ -568,3 +568,14 @@ def test_the_template_examples_keep_their_contract(op, seed):
         assert kw == {"block_size": 4} and x.shape == (2, 5, 12) and w.shape == (7, 12) and bias.shape == (7,)
         assert p.shape == (3, 6) and x.requires_grad and p.requires_grad and bias.requires_grad
         assert not w.requires_grad and 0.05 < p.std() < 0.5
+
+
+@pytest.mark.parametrize("name", ["x", "weight"])
+def test_a_non_tensor_is_refused_by_name_before_the_backend_looks_at_it(name):
+    """Under the default backend ("auto") the backend asks x for its device: a list must be refused first."""
+    x, w, p, bias = layer(140)
+    args = {"x": x, "weight": w}
+    args[name] = args[name].tolist()
+    with fastvlm.backend("auto"):
+        with pytest.raises(TypeError, match=f"{name} must be a torch.Tensor, got list"):
+            FV.orthogonal_linear(args["x"], args["weight"], p, bias, B)
