@@ -241,3 +241,31 @@ def test_unneeded_gradients_of_the_custom_op_have_their_inputs_dtype():
     for needs in ((True, False, True), (False, True, False), (True, False, False)):
         torch.library.opcheck(M._masked_linear_backward_op, (dy, x, w, s, None, TAU, 0.0, 0, *needs),
                               test_utils=checks)
+
+
+class _ForwardKernels:
+    """A stand-in for the Triton launchers of the forward: ``fused`` as asked, records a fused launch."""
+
+    def __init__(self, fused):
+        self.is_fused, self.launched = fused, []
+
+    def fused(self, family):
+        return family == "masked" and self.is_fused
+
+    def forward(self, x2, weight, scores, bias, threshold):
+        self.launched.append("forward")
+        return torch.zeros(x2.shape[0], weight.shape[0], dtype=x2.dtype)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_fused_forward_runs_only_behind_its_flag(monkeypatch, fused):
+    """On Triton without FASTVLM_FUSED=masked: W * [S > tau] then one GEMM; with it, the fused kernel."""
+    kernels = _ForwardKernels(fused)
+    monkeypatch.setattr(M._backend, "triton_kernels", lambda family, t: kernels)
+    x, w, s, b = inputs(30)
+    y = M.masked_linear_forward(x, w, s, b, TAU)
+    if fused:
+        assert kernels.launched == ["forward"] and torch.equal(y, torch.zeros(T, N, dtype=torch.float64))
+    else:
+        assert kernels.launched == []
+        torch.testing.assert_close(y, x @ (w * (s > TAU)).T + b, **TOL)
