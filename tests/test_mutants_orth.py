@@ -579,3 +579,13 @@ def test_a_non_tensor_is_refused_by_name_before_the_backend_looks_at_it(name):
     with fastvlm.backend("auto"):
         with pytest.raises(TypeError, match=f"{name} must be a torch.Tensor, got list"):
             FV.orthogonal_linear(args["x"], args["weight"], p, bias, B)
+
+
+def test_blocks_up_to_64_run_on_the_kernels():
+    """The Triton launchers take b <= 64 (kernels/orth.py's MAX_BLOCK, _kernels' docstring); larger blocks stay
+    on the torch path. Only the dispatch is asked here: no kernel runs."""
+    t = torch.zeros(2, 3)
+    with fastvlm.backend("triton"):
+        assert O._kernels(t, 64) is not None and O._kernels(t, 1) is not None
+        assert O._kernels(t, 65) is None
+    assert O._kernels(t, 64) is None  # the torch backend
