@@ -10,7 +10,8 @@
 # in it meanwhile), the run happens in a scratch copy of the tree. Each module maps to the fast subset of
 # tests that covers it (default below, or the pytest arguments given): the family's op-template tests and
 # the family's test file on the torch path (Triton's interpreter takes minutes per run: the kernels are
-# measured separately), plus tests/test_mutants_<module>.py.
+# measured separately), plus tests/test_mutants_<module>.py. kernels/<family>.py maps to a small subset of
+# the Triton tests, interpreted on CPU (its session and report are named kernels_<family>).
 #
 # Writes benchmarks/results/mutation/<module>.txt (<module>.after.txt with MUTATION_RESUME=1): the score (killed / total mutants cosmic-ray generated
 # and ran, the tool's denominator), then every surviving mutant as a diff. Environment:
@@ -18,8 +19,10 @@
 #   MUTATION_BUDGET   seconds for the whole module; cosmic-ray runs the mutants in random order, so the
 #                     mutants run by then are a random sample and the report gives that partial score
 #                     (default 1200)
-#   MUTATION_RESUME=1 reuse the session kept in .benchmarks/mutation/<module>.sqlite: run the mutants still
-#                     pending and run the survivors again (after new tests: the score after)
+#   MUTATION_RESUME=1 reuse the session kept in .benchmarks/mutation/<module>.sqlite: run the survivors of
+#                     that sample again (after new tests: the score after); if the module was edited since
+#                     (<module>.sqlite.src), the sample is first carried over to the edited module's same
+#                     mutants (benchmarks/mutation_remap.py)
 set -euo pipefail
 
 module=${1:?usage: benchmarks/mutation.sh <module.py> [pytest args...]}
@@ -30,6 +33,7 @@ py=${PYTHON:-$root/.venv/bin/python}
 name=$(basename "$module" .py)
 name=${name#_}
 fam=$(basename "$module" .py)
+case "$module" in kernels/*) name="kernels_$name"; fam="kernels_$fam" ;; esac  # not fastvlm/ops/<family>.py's
 
 # the fast subset of tests covering each module (pytest arguments, relative to the repository root)
 P="-x -q -p no:randomly -p no:cacheprovider"
@@ -47,6 +51,10 @@ else
             tests="$P $mine tests/test_op_template.py tests/test_orth.py -k '(cayley or rotat or orth) and not triton and not compile and not peft'" ;;
         philox)  # torch path only: the module has no Triton branch
             tests="$P $mine tests/test_masked.py -k 'philox or (fused_dropout and torch)'" ;;
+        kernels_orth)  # Triton's interpreter (conftest sets TRITON_INTERPRET=1 on CPU): tiny shapes only, about
+            # 40 s a run on a quiet 2-core machine; the fused and unfused paths with x and params training,
+            # the Cayley kernels at b = 2, 3, 16, the rotate kernels both ways at 70 rows
+            tests="$P tests/test_kernels_dispatch.py tests/test_orth.py tests/test_mutants_orth.py -k '(dispatch and orth) or (triton and (cayley_matches_reference or block_rotate_matches_dense) and not 64 and not 32 and not 300 and not -2-) or blocks_up_to_64'" ;;
         _checks)  # the argument checks, through the public ops
             tests="$P $mine tests/test_masked.py tests/test_orth.py tests/test_residual.py tests/test_agreement.py -k 'bad_input or refused or non_finite or overflows or is_checked'" ;;
         *)
@@ -61,6 +69,10 @@ trap 'rm -rf "$work"' EXIT
 # the tracked files plus the untracked, not ignored ones (new tests), never the venv or build outputs
 (cd "$root" && git ls-files -co --exclude-standard -z) | (cd "$root" && xargs -0 cp --parents -t "$work" 2>/dev/null || true)
 cd "$work"
+# kernels/ is imported as fastvlm.kernels through the editable install's mapping, which points at the
+# working tree's kernels/, never the scratch copy's: a link inside the copy's fastvlm/ is found first
+# (the editable finder comes after the path finder), so the mutated kernels are the ones imported
+case "$module" in kernels/*) ln -s ../kernels fastvlm/kernels ;; esac
 git init -q . && git add -A >/dev/null && git -c user.email=m@m -c user.name=m commit -qm base  # cosmic-ray's baseline
 
 cat > cr.toml <<EOF
@@ -86,6 +98,14 @@ suffix=""
 if [ "${MUTATION_RESUME:-0}" = 1 ] && [ -f "$session" ]; then
     cp "$session" session.sqlite
     suffix=.after
+    # the module edited since the sample was drawn (a fix): carry the sample over to the same mutants of
+    # the edited module (cosmic-ray names a mutant by occurrence, which an edit shifts)
+    if [ -f "$session.src" ] && ! cmp -s "$session.src" "$module"; then
+        "$crbin/cosmic-ray" init cr.toml fresh.sqlite
+        mkdir -p "old/$(dirname "$module")" && cp "$session.src" "old/$module"
+        (cd old && "$crbin/cosmic-ray" init ../cr.toml ../old.sqlite)
+        "$py" "$root/benchmarks/mutation_remap.py" session.sqlite "$session.src" old.sqlite fresh.sqlite "$module"
+    fi
     # the same sample as the first run: its survivors run again, the mutants it never reached stay out
     "$py" -c "
 import sqlite3; c = sqlite3.connect('session.sqlite')
@@ -101,10 +121,12 @@ else
     "$crbin/cosmic-ray" init cr.toml session.sqlite
     rm -f "$session.total"
 fi
+cp "$module" "$session_dir/$name.src.tmp"  # the source the session's mutants are numbered against
 start=$(date +%s)
 timeout "${MUTATION_BUDGET:-1200}" "$crbin/cosmic-ray" exec cr.toml session.sqlite || true
 secs=$(( $(date +%s) - start ))
 git checkout -q -- "$module"  # a budget stop may leave the last mutant applied
 cp session.sqlite "$session"
+mv "$session_dir/$name.src.tmp" "$session.src"
 "$py" "$root/benchmarks/mutation_report.py" session.sqlite "$module" "$tests" "$secs" "$session.total" > "$out_dir/$name$suffix.txt"
 head -5 "$out_dir/$name$suffix.txt"

@@ -143,3 +143,129 @@ def test_the_template_examples_keep_their_contract(seed):
     assert (s > TAU).sum() >= 20 and (s <= TAU).sum() >= 20  # of 117: both values, about half each
     (ga, gb), kw = M.EXAMPLES["grad_dropout"](torch.float64, torch.Generator().manual_seed(seed))
     assert ga.shape == gb.shape == (11, 6) and kw == {"ratio": 0.6, "seed": 5, "offset": 3}
+
+
+# ---- the survivors of the after run (docs/testing.md): defaults, the empty early return, the first checks ---
+
+
+def straight_through_ds(x, w, dy):
+    return (dy.T @ x) * w
+
+
+def test_the_backward_defaults_drop_nothing_and_add_no_regulariser():
+    """masked_linear_backward's defaults: ratio 0 (grad_dropout at ratio 0 is the identity), seed 0, reg 0."""
+    x, w, s, _ = inputs(20)
+    dy = torch.randn(T, N, generator=torch.Generator().manual_seed(21), dtype=torch.float64)
+    g_ref = torch.randn(N, K, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
+    ds = straight_through_ds(x, w, dy)
+    _, got, _ = M.masked_linear_backward(dy, x, w, s, TAU, (False, True, False))
+    torch.testing.assert_close(got, ds, **TOL)  # reg 0: no S / ||S|| term
+    _, got, _ = M.masked_linear_backward(dy, x, w, s, TAU, (False, True, False), g_ref.clone())
+    torch.testing.assert_close(got, ds, **TOL)  # ratio 0: kept whole
+    _, got, _ = M.masked_linear_backward(dy, x, w, s, TAU, (False, True, False), g_ref.clone(), 0.6)
+    u = philox_uniform(0, torch.arange(N * K)).view(N, K).double()  # seed 0, offset 0
+    want = M.keep_scale(ds, g_ref, u, 0.6) * ds
+    torch.testing.assert_close(got, want, **TOL)
+    assert not torch.equal(want, ds)
+
+
+def test_the_public_defaults_seed_and_offset_are_zero():
+    x, w, s, b = inputs(23)
+    g_ref = torch.randn(N, K, generator=torch.Generator().manual_seed(24), dtype=torch.float64)
+    dy = torch.randn(T, N, generator=torch.Generator().manual_seed(25), dtype=torch.float64)
+    scores = s.clone().requires_grad_()
+    (FV.masked_linear(x, w, scores, b, TAU, ref_grad=g_ref, drop_ratio=0.6) * dy).sum().backward()
+    ds = straight_through_ds(x, w, dy)
+    u = philox_uniform(0, torch.arange(N * K)).view(N, K).double()
+    torch.testing.assert_close(scores.grad, M.keep_scale(ds, g_ref, u, 0.6) * ds, **TOL)
+    want = M.keep_scale(ds, g_ref, u, 0.6) * ds
+    torch.testing.assert_close(M.grad_dropout_reference(ds, g_ref, 0.6, 0), want, **TOL)  # offset 0
+    torch.testing.assert_close(FV.grad_dropout(ds, g_ref, 0.6, 0), want, **TOL)
+
+
+class _Kernels:
+    """A stand-in for the Triton launchers: records what is launched."""
+
+    def __init__(self):
+        self.launched = []
+
+    def grad_dropout(self, g_task, g_ref, ratio, seed, offset):
+        self.launched.append(tuple(g_task.shape))
+        return g_task * 0.5
+
+
+def test_an_empty_gradient_returns_before_any_kernel(monkeypatch):
+    """The early return keeps an empty tensor from the Triton launch (a grid of zero programs)."""
+    kernels = _Kernels()
+    monkeypatch.setattr(M._backend, "use_triton", lambda t: True)
+    monkeypatch.setattr(M._backend, "triton_kernels", lambda family, t: kernels)
+    empty = torch.empty(0, 4)
+    out = FV.grad_dropout(empty, empty, 0.5, 0)
+    assert out.shape == (0, 4) and out is not empty and kernels.launched == []
+    g = torch.ones(2, 4)
+    torch.testing.assert_close(FV.grad_dropout(g, g, 0.5, 0), g * 0.5)
+    assert kernels.launched == [(2, 4)]
+
+
+@pytest.mark.parametrize("name", ["x", "weight", "scores"])
+def test_a_non_tensor_is_refused_by_name_before_the_backend_looks_at_it(name):
+    """Under the default backend ("auto") the backend asks x for its device: a list must be refused first."""
+    x, w, s, b = inputs(26)
+    args = {"x": x, "weight": w, "scores": s}
+    args[name] = args[name].tolist()
+    with fastvlm.backend("auto"):
+        with pytest.raises(TypeError, match=f"{name} must be a torch.Tensor, got list"):
+            FV.masked_linear(args["x"], args["weight"], args["scores"], b, TAU)
+
+
+@pytest.mark.parametrize("trains", ["x", "scores", "bias"])
+def test_the_custom_op_gives_each_input_alone_its_gradient(trains):
+    """The torch.compile custom op, run eagerly: its autograd passes the needs of x, scores and bias."""
+    x, w, s, b = inputs(27)
+    named = {"x": x.clone(), "scores": s.clone(), "bias": b.clone()}
+    named[trains].requires_grad_()
+    dy = torch.randn(T, N, generator=torch.Generator().manual_seed(28), dtype=torch.float64)
+    y = M._masked_linear_op(named["x"], w, named["scores"], named["bias"], TAU, None, 0.0, 0)
+    (got,) = torch.autograd.grad(y, (named[trains],), dy)
+    want = {"x": dy @ (w * (s > TAU)), "scores": straight_through_ds(x, w, dy), "bias": dy.sum(0)}[trains]
+    torch.testing.assert_close(got, want, **TOL)
+
+
+def test_unneeded_gradients_of_the_custom_op_have_their_inputs_dtype():
+    """scores may be another float than x: an unneeded score gradient comes back empty in the scores' dtype,
+    as the fake says (it was x's)."""
+    x, w, s, _ = inputs(29)
+    x, w = x.float(), w.float()
+    dy = torch.randn(T, N, dtype=torch.float32)
+    checks = ("test_schema", "test_faketensor")
+    for needs in ((True, False, True), (False, True, False), (True, False, False)):
+        torch.library.opcheck(M._masked_linear_backward_op, (dy, x, w, s, None, TAU, 0.0, 0, *needs),
+                              test_utils=checks)
+
+
+class _ForwardKernels:
+    """A stand-in for the Triton launchers of the forward: ``fused`` as asked, records a fused launch."""
+
+    def __init__(self, fused):
+        self.is_fused, self.launched = fused, []
+
+    def fused(self, family):
+        return family == "masked" and self.is_fused
+
+    def forward(self, x2, weight, scores, bias, threshold):
+        self.launched.append("forward")
+        return torch.zeros(x2.shape[0], weight.shape[0], dtype=x2.dtype)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_fused_forward_runs_only_behind_its_flag(monkeypatch, fused):
+    """On Triton without FASTVLM_FUSED=masked: W * [S > tau] then one GEMM; with it, the fused kernel."""
+    kernels = _ForwardKernels(fused)
+    monkeypatch.setattr(M._backend, "triton_kernels", lambda family, t: kernels)
+    x, w, s, b = inputs(30)
+    y = M.masked_linear_forward(x, w, s, b, TAU)
+    if fused:
+        assert kernels.launched == ["forward"] and torch.equal(y, torch.zeros(T, N, dtype=torch.float64))
+    else:
+        assert kernels.launched == []
+        torch.testing.assert_close(y, x @ (w * (s > TAU)).T + b, **TOL)

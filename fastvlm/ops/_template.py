@@ -21,9 +21,12 @@ from __future__ import annotations
 import torch
 
 
-def empty_for_none(tensors, like: torch.Tensor) -> tuple:
-    """Each None as an empty tensor of its own (a custom op's outputs must be tensors that alias nothing)."""
-    return tuple(like.new_empty(0) if t is None else t for t in tensors)
+def empty_for_none(tensors, like) -> tuple:
+    """Each None as an empty tensor of its own (a custom op's outputs must be tensors that alias nothing),
+    made like ``like``, or like the matching entry where ``like`` is a sequence of tensors (one per output:
+    the input each gradient belongs to, so that an empty one has the dtype :func:`fake_grads` gives it)."""
+    likes = like if isinstance(like, (tuple, list)) else (like,) * len(tensors)
+    return tuple(ref.new_empty(0) if t is None else t for t, ref in zip(tensors, likes))
 
 
 def none_for_unneeded(tensors, needs) -> tuple:

@@ -230,7 +230,7 @@ def _masked_linear_backward_op(dy2: Tensor, x2: Tensor, weight: Tensor, scores: 
                                need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     grads = masked_linear_backward(dy2, x2, weight, scores, threshold, (need_x, need_scores, need_bias), ref_grad,
                                    ratio, seed)
-    return empty_for_none(grads, x2)
+    return empty_for_none(grads, (x2, scores, dy2))  # each unneeded gradient empty like its input (the fake)
 
 
 @_masked_linear_backward_op.register_fake

@@ -167,9 +167,12 @@ def cayley_forward(q):
     if kernels is not None:
         r = kernels.cayley(q)
     else:
-        a = q.neg()  # I - Q, without an identity tensor (b x b more at the peak)
+        # (I - Q)^-1 = ((I + Q)^-1)^T: linalg.inv returns column-major blocks, so their transpose is row-major,
+        # the strides the custom op's fake (empty_like) and the Triton kernel give, without a copy; I + Q is
+        # built on the diagonal, without an identity tensor (b x b more at the peak)
+        a = q.clone()
         a.diagonal(dim1=-2, dim2=-1).add_(1.0)
-        r = torch.linalg.inv(a).mul_(2.0)
+        r = torch.linalg.inv(a).mT.mul_(2.0)
         r.diagonal(dim1=-2, dim2=-1).sub_(1.0)
     if q.dtype != torch.float64:
         big = torch.linalg.matrix_norm(q) > CAYLEY_MAX_NORM
@@ -201,10 +204,8 @@ def block_rotate_backward(x2, r, dy, transpose, needs):
     dx = dr = None
     if needs[0]:
         dx = _rotate(dy, r, not transpose, kernels)
-    if needs[1]:
-        dr = _block_gram(x2, dy, r, kernels)
-        if transpose:
-            dr = dr.transpose(1, 2)
+    if needs[1]:  # transpose: dR_j = (x_j^T dy_j)^T = dy_j^T x_j, contiguous like the custom op's fake
+        dr = _block_gram(dy, x2, r, kernels) if transpose else _block_gram(x2, dy, r, kernels)
     return dx, dr
 
 
@@ -348,7 +349,7 @@ def _(x2, r, transpose):
 @torch.library.custom_op("fastvlm::block_rotate_backward", mutates_args=())
 def _block_rotate_backward_op(x2: Tensor, r: Tensor, dy: Tensor, transpose: bool, need_x: bool, need_r: bool
                               ) -> tuple[Tensor, Tensor]:
-    return empty_for_none(block_rotate_backward(x2, r, dy, transpose, (need_x, need_r)), x2)
+    return empty_for_none(block_rotate_backward(x2, r, dy, transpose, (need_x, need_r)), (x2, r))
 
 
 @_block_rotate_backward_op.register_fake
@@ -388,7 +389,7 @@ def _orthogonal_linear_backward_op(dy2: Tensor, x2: Tensor, r: Tensor, weight: T
                                    need_x: bool, need_r: bool, need_weight: bool, need_bias: bool
                                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     grads = orthogonal_linear_backward(dy2, x2, r, weight, side, orthogonal, (need_x, need_r, need_weight, need_bias))
-    return empty_for_none(grads, x2)
+    return empty_for_none(grads, (x2, r, weight, dy2))
 
 
 @_orthogonal_linear_backward_op.register_fake
