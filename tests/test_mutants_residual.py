@@ -162,3 +162,18 @@ def test_each_input_alone_gets_its_own_gradient(trains):
     torch.testing.assert_close(a, b, **TOL)
     (a,), (b,) = grads((logits * g).sum(), (named[trains],)), grads((ref_logits * g).sum(), (named[trains],))
     torch.testing.assert_close(a, b, **TOL)
+
+
+def test_the_backward_op_gives_unneeded_gradients_in_their_inputs_dtype():
+    """fp16 inputs accumulate in fp32 (rf, ru, the gradient): an unneeded gradient still comes back empty in
+    its own input's dtype, as the fake says (it once came back in rf's fp32)."""
+    f, t, x, _ = (a.detach().half() for a in inputs(10))
+    _, rf, ru = R._residual_logits_op(f, t, x, ALPHA, 3.0)
+    assert rf.dtype == torch.float32
+    grad = torch.randn(B, K)
+    torch.library.opcheck(R._residual_backward_op, (f, t, x, rf, ru, grad, None, None, None, ALPHA, 3.0,
+                                                    False, False, True, False),
+                          test_utils=("test_schema", "test_faketensor"))
+    df, dt, dx, ds = R._residual_backward_op(f, t, x, rf, ru, grad, None, None, None, ALPHA, 3.0,
+                                             False, False, True, False)
+    assert (df.dtype, dt.dtype, df.numel(), dt.numel()) == (torch.float16, torch.float16, 0, 0)

@@ -605,7 +605,7 @@ def _residual_backward_op(features: Tensor, base: Tensor, residual: Tensor, rf: 
     grads = residual_backward(features, base, residual, rf, ru, alpha, scale,
                               (need_features, need_base, need_residual, need_scale), grad=grad, ce=ce,
                               row_weight=w if grad is not None else None)
-    return empty_for_none(grads, rf)
+    return empty_for_none(grads, (features, base, residual, rf))  # each unneeded gradient empty like its input
 
 
 @_residual_backward_op.register_fake
