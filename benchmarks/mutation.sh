@@ -30,6 +30,14 @@ py=${PYTHON:-$root/.venv/bin/python}
 name=$(basename "$module" .py)
 name=${name#_}
 fam=$(basename "$module" .py)
+# fastvlm/tuners/ and fastvlm/train/ share basenames with each other and with fastvlm/ops/ (orth.py,
+# common.py, taskres.py): their modules are named <package>_<basename> (tuners_orth, train_orth,
+# tuners_common, ...), for the case below, the exact-test file tests/test_mutants_<name>.py, the report
+# and the session; the other modules keep their basename (philox, checks, masked, residual, orth).
+case "$module" in
+    fastvlm/tuners/*|fastvlm/train/*)
+        name="$(basename "$(dirname "$module")")_$(basename "$module" .py)"; fam=$name ;;
+esac
 
 # the fast subset of tests covering each module (pytest arguments, relative to the repository root)
 P="-x -q -p no:randomly -p no:cacheprovider"
@@ -49,6 +57,18 @@ else
             tests="$P $mine tests/test_masked.py -k 'philox or (fused_dropout and torch)'" ;;
         _checks)  # the argument checks, through the public ops
             tests="$P $mine tests/test_masked.py tests/test_orth.py tests/test_residual.py tests/test_agreement.py -k 'bad_input or refused or non_finite or overflows or is_checked'" ;;
+        tuners_common)  # the contract: registry, merge stack, bypass, save/load, names
+            tests="$P $mine tests/test_tuner_contract.py -k 'not triton'" ;;
+        tuners_lora)
+            tests="$P $mine tests/test_pvp.py tests/test_tuner_contract.py -k 'lora and not stage1 and not triton'" ;;
+        tuners_taskres)
+            tests="$P $mine tests/test_tuner_contract.py tests/test_taskres_pipeline.py -k 'taskres and not cli and not eval_rebuilds and not end_to_end'" ;;
+        train_common)  # the loop, checkpointer, schedule, step-time summary
+            tests="$P $mine tests/test_tuner_loop.py tests/test_tuner_contract.py -k '(taskres or rmt or step_time or progress or loop_state) and not orth and not pvp'" ;;
+        train_rmt)
+            tests="$P $mine tests/test_mask_tuner.py tests/test_tuner_loop.py -k '(two_pass or pass_two or rmt) and not triton and not hf_ and not timm'" ;;  # the open_clip ViT (fused) and ResNet (unfused) cover both step paths
+        train_taskres)
+            tests="$P $mine tests/test_tuner_loop.py tests/test_taskres_pipeline.py -k '(taskres or recipe_defaults or checkpoint_errors) and not cli and not eval_rebuilds and not end_to_end'" ;;
         *)
             echo "no test subset mapped for $module: pass pytest arguments" >&2; exit 2 ;;
     esac
