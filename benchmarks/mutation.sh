@@ -21,6 +21,9 @@
 #   MUTATION_RESUME=1 reuse the session kept in .benchmarks/mutation/<module>.sqlite: run the mutants still
 #                     pending and run the survivors again (after new tests: the score after)
 set -euo pipefail
+# The whole script is one { ... } block, parsed before any of it runs: bash otherwise reads a script as it
+# goes, so an edit of this file during a run (hours) broke the run at its end and lost its session.
+{
 
 module=${1:?usage: benchmarks/mutation.sh <module.py> [pytest args...]}
 shift
@@ -128,3 +131,5 @@ git checkout -q -- "$module"  # a budget stop may leave the last mutant applied
 cp session.sqlite "$session"
 "$py" "$root/benchmarks/mutation_report.py" session.sqlite "$module" "$tests" "$secs" "$session.total" > "$out_dir/$name$suffix.txt"
 head -5 "$out_dir/$name$suffix.txt"
+exit
+}
