@@ -118,6 +118,22 @@ def test_evaluate_model_counts_every_batch_and_restores_the_mode(tmp_path):
     assert T.evaluate_model(model, classifier, [], transforms.ToTensor()) == 0.0
 
 
+def test_evaluate_model_restores_the_mode_when_an_image_cannot_be_read(tmp_path):
+    """An unreadable image raises out of the evaluation; the model must come back in training mode (a run that
+    catches the error and trains on would otherwise train with dropout and the like off)."""
+    from torchvision import transforms
+
+    from fastvlm.data import UnreadableImage
+
+    samples = image_samples(tmp_path, 3)
+    (tmp_path / "1.png").write_bytes(b"not a png")
+    model = RedModel()
+    model.train()
+    with pytest.raises(UnreadableImage):
+        T.evaluate_model(model, torch.eye(3), samples, transforms.ToTensor(), batch_size=1)
+    assert model.training
+
+
 def test_train_loader_is_seeded_shuffled_and_keeps_the_last_batch(tmp_path):
     from torchvision import transforms
 

@@ -193,3 +193,16 @@ def test_build_base_classifier_refusals():
         with pytest.raises(ValueError, match=r"^each template must contain one '\{\}', got "):
             build_base_classifier(FakeText(tok), tok, ["x"], ["fine {}", bad])
     assert tok.seen == []  # checked before any prompt is encoded
+
+
+def test_build_base_classifier_restores_the_mode_when_the_encoder_raises():
+    class Broken(FakeText):
+        def encode_text(self, tokens):
+            raise RuntimeError("boom")
+
+    tok = FakeTokenizer()
+    model = Broken(tok)
+    model.train()
+    with pytest.raises(RuntimeError, match="boom"):
+        build_base_classifier(model, tok, ["x"])
+    assert model.training
