@@ -67,7 +67,7 @@ else
         tuners_taskres)
             tests="$P $mine tests/test_tuner_contract.py tests/test_taskres_pipeline.py -k 'taskres and not cli and not eval_rebuilds and not end_to_end'" ;;
         train_common)  # the loop, checkpointer, schedule, step-time summary
-            tests="$P $mine tests/test_tuner_loop.py tests/test_tuner_contract.py -k '(taskres or rmt or step_time or progress or loop_state) and not orth and not pvp'" ;;
+            tests="$P $mine tests/test_tuner_loop.py tests/test_tuner_contract.py -k '(train_common or taskres or rmt or step_time or progress or loop_state) and not orth and not pvp'" ;;  # -k also filters tests/test_mutants_train_common.py: its module name is in the expression
         train_rmt)
             tests="$P $mine tests/test_mask_tuner.py tests/test_tuner_loop.py -k '(two_pass or pass_two or rmt) and not triton and not hf_ and not timm'" ;;  # the open_clip ViT (fused) and ResNet (unfused) cover both step paths
         train_taskres)
