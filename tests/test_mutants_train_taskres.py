@@ -89,6 +89,8 @@ def test_features_and_labels_must_pair_up():
     base, f, y = data()
     with pytest.raises(ValueError, match=r"^features \(10\) and labels \(9\) must have one row each$"):
         train_taskres(TaskResHead(base), f, y[:9], TaskResRecipe(epochs=1), 1)
+    with pytest.raises(ValueError, match=r"^features \(9\) and labels \(10\) must have one row each$"):
+        train_taskres(TaskResHead(base), f[:9], y, TaskResRecipe(epochs=1), 1)
 
 
 def test_resumed_training_is_the_uninterrupted_one(tmp_path):
@@ -120,3 +122,19 @@ def test_evaluate_head_counts_every_batch():
     assert evaluate_head(head, f, y, batch_size=2) == pytest.approx(80.0)
     assert evaluate_head(head, f, y) == pytest.approx(80.0)
     assert evaluate_head(head, f[:3], y[:3], batch_size=1) == 100.0
+
+
+def test_evaluate_head_runs_without_autograd_in_chunks_of_1024():
+    head = TaskResHead(torch.eye(3))
+    calls = []
+    real = head.forward
+
+    def spy(f):
+        calls.append((f.shape[0], torch.is_grad_enabled()))
+        return real(f)
+
+    head.forward = spy
+    f = torch.eye(3).repeat(700, 1)[:2050]
+    y = torch.arange(3).repeat(700)[:2050]
+    assert evaluate_head(head, f, y) == 100.0
+    assert calls == [(1024, False), (1024, False), (2, False)]  # no graph kept: inference only
