@@ -124,6 +124,24 @@ def test_merge_folds_the_delta_and_unmerge_takes_it_out():
     torch.testing.assert_close(base.weight, w0, rtol=0, atol=1e-6)
 
 
+def test_merge_and_unmerge_of_one_layer_record_no_graph():
+    """A layer merged directly (not through merge_lora) writes B A into the weight outside autograd: a frozen
+    weight stays a frozen leaf, and a trainable one (freeze=False) can be merged at all."""
+    base, layer = perturbed_layer()
+    layer.merge()
+    assert base.weight.grad_fn is None and not base.weight.requires_grad and base.weight.is_leaf
+    layer.unmerge()
+    assert base.weight.grad_fn is None and not base.weight.requires_grad
+    torch.manual_seed(0)
+    free = nn.Linear(4, 3)
+    lay = LoRALinear.from_linear(free, rank=2, freeze=False)
+    with torch.no_grad():
+        lay.lora.B.fill_(0.1)
+    lay.merge()
+    lay.unmerge()
+    assert free.weight.requires_grad and free.weight.is_leaf and free.weight.grad_fn is None
+
+
 def test_merge_keeps_the_weights_dtype():
     torch.manual_seed(0)
     base = nn.Linear(4, 3).double()
