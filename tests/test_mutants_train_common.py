@@ -105,8 +105,6 @@ def test_evaluate_model_counts_every_batch_and_restores_the_mode(tmp_path):
     classifier = torch.eye(3)
     model = RedModel()
     model.train()
-    seen = []
-    model.register_forward_pre_hook(lambda m, a: seen.append(m.training))
     acc = T.evaluate_model(model, classifier, samples, transforms.ToTensor(), batch_size=3)
     assert acc == pytest.approx(100.0 * 5 / 7, rel=1e-12)  # 3 batches (3, 3, 1): all 7 counted
     assert model.training  # the mode it had
@@ -116,6 +114,16 @@ def test_evaluate_model_counts_every_batch_and_restores_the_mode(tmp_path):
     # the scale multiplies the cosines: a negative one turns the ranking round
     assert T.evaluate_model(model, classifier, samples[:3], transforms.ToTensor(), scale=-1.0) == 0.0
     assert T.evaluate_model(model, classifier, [], transforms.ToTensor()) == 0.0
+    sizes = []
+
+    def encode(x):
+        sizes.append(x.shape[0])
+        return RedModel.encode_image(model, x)
+
+    model.encode_image = encode
+    many = [samples[i % 4] for i in range(65)]  # labels 0 1 2 0, all right
+    assert T.evaluate_model(model, classifier, many, transforms.ToTensor()) == 100.0
+    assert sizes == [64, 1]  # the default batch size
 
 
 def test_evaluate_model_restores_the_mode_when_an_image_cannot_be_read(tmp_path):
@@ -329,6 +337,15 @@ def test_run_epochs_weighted_means_lrs_and_hooks(tmp_path):
     assert lrs == [1.0, 1.0, 0.5] and ends == [0, 1, 2] and steps == [0, 1, 2]
     assert opt.param_groups[0]["lr"] == 0.25  # set before the epoch with no batches too
     assert len(hist.step_times) == 3 and all(t >= 0 for t in hist.step_times)
+    import time
+
+    def slow(batch, index):
+        time.sleep(0.02)
+        return {"loss": 1.0}, 1
+
+    timed = T.run_epochs("demo", epochs=1, batches=lambda e: [0, 0], step=slow, optimizer=opt, tensors={"w": w},
+                         lr_at=lambda e: 1.0)
+    assert all(0.02 <= t < 5.0 for t in timed.step_times)  # each step's own duration, not a clock reading
     # scalar: the value of one metric per epoch; an epoch of zero weight gives 0
     hist = T.run_epochs("demo", epochs=2, batches=lambda e: [(3.0, 0.0)] if e else [(1.0, 2.0), (3.0, 2.0)],
                         step=step, optimizer=opt, tensors={"w": w}, lr_at=lambda e: 1.0, scalar="acc")

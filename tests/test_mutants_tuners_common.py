@@ -330,8 +330,9 @@ def test_named_tuner_parameters_of_a_model_and_of_a_standalone_layer():
     s = Scale(lin(), 0.3)  # standalone: its own tuner parameters
     assert {n: p for n, p in C.named_tuner_parameters(s, "scale").items()} == {"g": s.g}
     assert C._kinds_and_configs(s) == {"scale": {"g": 0.3}}
-    with pytest.raises(ValueError, match="^this is a 'scale' layer, not 'lora'$"):
-        C.named_tuner_parameters(s, "lora")
+    for other in ("lora", "taskres", "zzz"):  # kinds sorting before and after 'scale'
+        with pytest.raises(ValueError, match=f"^this is a 'scale' layer, not '{other}'$"):
+            C.named_tuner_parameters(s, other)
     assert C._kinds_and_configs(two_site_model()) == {}
     assert C._kinds_and_configs(model) == {"scale": None}
 
@@ -492,6 +493,12 @@ def test_load_names_every_misfit(tmp_path):
     other = scale_model(n_sites=1, kind="other")
     with pytest.raises(ValueError, match=r"kind: the file holds \['scale'\], not 'other'"):
         C.load_tuners(other, pw, kinds=["other"])
+    # a kind the file lacks does not stop the check of the kinds after it: every misfit is named
+    with pytest.raises(ValueError, match=r"not 'other'; 0.g: file \(3,\), model \(\)$"):
+        C.load_tuners(scale_model(n_sites=1), pw, kinds=["other", "scale"])
+    with pytest.raises(ValueError, match=r"the model has \['scale'\] attached; 0.g: file \(3,\), model \(\)$"):
+        C.load_tuners(scale_model(n_sites=1), C.save_tuners(_two_kinds(wide), str(tmp_path / "two")),
+                      kinds=["zother", "scale"])
     with pytest.raises(ValueError, match=r"kind: the file holds 'scale' tuners, the model has \['other'\] attached"):
         C.load_tuners(other, pw)
     with pytest.raises(ValueError, match=r"does not fit the model: first; kind: the file holds 'scale' tuners, the "
@@ -511,3 +518,10 @@ def test_a_refused_load_changes_nothing(tmp_path):
     assert float(dst[0].g) == 0.0 and float(dst[1].g) == 0.0
     C.load_tuners(dst, path, kinds=["scale"])
     assert float(dst[0].g) == 0.5
+
+
+def _two_kinds(model):
+    """``model`` with a second kind, 'zother', attached beside its 'scale' tuner."""
+    model.add_module("extra", nn.Linear(2, 2))
+    C.attach(model, lambda: C.wrap_site(model, "extra", lambda m: Scale(m, kind="zother")), "zother")
+    return model
