@@ -62,6 +62,8 @@ else
             tests="$P $mine tests/test_masked.py tests/test_orth.py tests/test_residual.py tests/test_agreement.py -k 'bad_input or refused or non_finite or overflows or is_checked'" ;;
         tuners_common)  # the contract: registry, merge stack, bypass, save/load, names
             tests="$P $mine tests/test_tuner_contract.py -k 'not triton'" ;;
+        tuners_mask)  # the mask layers, bypass, the two-pass hand-off, the bit-packed file (torch path)
+            tests="$P $mine tests/test_mask_tuner.py tests/test_tuner_contract.py -k '(mask or gradient_dropout) and not triton and not training_lowers and not cli'" ;;
         tuners_lora)
             tests="$P $mine tests/test_pvp.py tests/test_tuner_contract.py -k 'lora and not stage1 and not triton'" ;;
         tuners_taskres)
