@@ -24,6 +24,9 @@
 #                     (<module>.sqlite.src), the sample is first carried over to the edited module's same
 #                     mutants (benchmarks/mutation_remap.py)
 set -euo pipefail
+# The whole script is one { ... } block, parsed before any of it runs: bash otherwise reads a script as it
+# goes, so an edit of this file during a run (hours) broke the run at its end and lost its session.
+{
 
 module=${1:?usage: benchmarks/mutation.sh <module.py> [pytest args...]}
 shift
@@ -33,7 +36,17 @@ py=${PYTHON:-$root/.venv/bin/python}
 name=$(basename "$module" .py)
 name=${name#_}
 fam=$(basename "$module" .py)
-case "$module" in kernels/*) name="kernels_$name"; fam="kernels_$fam" ;; esac  # not fastvlm/ops/<family>.py's
+# fastvlm/tuners/ and fastvlm/train/ share basenames with each other and with fastvlm/ops/ (orth.py,
+# common.py, taskres.py): their modules are named <package>_<basename> (tuners_orth, train_orth,
+# tuners_common, ...), and kernels/<family>.py kernels_<family>, for the case below, the exact-test file
+# tests/test_mutants_<name>.py, the report and the session; the other modules keep their basename
+# (philox, checks, masked, residual, orth).
+case "$module" in
+    kernels/*)
+        name="kernels_$name"; fam="kernels_$fam" ;;
+    fastvlm/tuners/*|fastvlm/train/*)
+        name="$(basename "$(dirname "$module")")_$(basename "$module" .py)"; fam=$name ;;
+esac
 
 # the fast subset of tests covering each module (pytest arguments, relative to the repository root)
 P="-x -q -p no:randomly -p no:cacheprovider"
@@ -57,6 +70,20 @@ else
             tests="$P tests/test_kernels_dispatch.py tests/test_orth.py tests/test_mutants_orth.py -k '(dispatch and orth) or (triton and (cayley_matches_reference or block_rotate_matches_dense) and not 64 and not 32 and not 300 and not -2-) or blocks_up_to_64'" ;;
         _checks)  # the argument checks, through the public ops
             tests="$P $mine tests/test_masked.py tests/test_orth.py tests/test_residual.py tests/test_agreement.py -k 'bad_input or refused or non_finite or overflows or is_checked'" ;;
+        tuners_common)  # the contract: registry, merge stack, bypass, save/load, names
+            tests="$P $mine tests/test_tuner_contract.py -k 'not triton'" ;;
+        tuners_mask)  # the mask layers, bypass, the two-pass hand-off, the bit-packed file (torch path)
+            tests="$P $mine tests/test_mask_tuner.py tests/test_tuner_contract.py -k '(mask or gradient_dropout) and not triton and not training_lowers and not cli'" ;;
+        tuners_lora)
+            tests="$P $mine tests/test_pvp.py tests/test_tuner_contract.py -k 'lora and not stage1 and not triton'" ;;
+        tuners_taskres)
+            tests="$P $mine tests/test_tuner_contract.py tests/test_taskres_pipeline.py -k 'taskres and not cli and not eval_rebuilds and not end_to_end'" ;;
+        train_common)  # the loop, checkpointer, schedule, step-time summary
+            tests="$P $mine tests/test_tuner_loop.py tests/test_tuner_contract.py -k '(train_common or taskres or rmt or step_time or progress or loop_state) and not orth and not pvp'" ;;  # -k also filters tests/test_mutants_train_common.py: its module name is in the expression
+        train_rmt)
+            tests="$P $mine tests/test_mask_tuner.py tests/test_tuner_loop.py -k '(two_pass or pass_two or rmt) and not triton and not hf_ and not timm'" ;;  # the open_clip ViT (fused) and ResNet (unfused) cover both step paths
+        train_taskres)
+            tests="$P $mine tests/test_tuner_loop.py tests/test_taskres_pipeline.py -k '(taskres or recipe_defaults or checkpoint_errors) and not cli and not eval_rebuilds and not end_to_end'" ;;
         *)
             echo "no test subset mapped for $module: pass pytest arguments" >&2; exit 2 ;;
     esac
@@ -130,3 +157,5 @@ cp session.sqlite "$session"
 mv "$session_dir/$name.src.tmp" "$session.src"
 "$py" "$root/benchmarks/mutation_report.py" session.sqlite "$module" "$tests" "$secs" "$session.total" > "$out_dir/$name$suffix.txt"
 head -5 "$out_dir/$name$suffix.txt"
+exit
+}

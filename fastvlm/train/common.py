@@ -54,11 +54,13 @@ def evaluate_model(model, classifier: torch.Tensor, samples, transform, batch_si
     model.eval()
     loader = torch.utils.data.DataLoader(ImageDataset(samples, transform), batch_size=batch_size)
     correct = total = 0
-    for img, y in loader:
-        logits = scale * F.normalize(encode_image(model, img.to(device)), dim=-1) @ classifier.T
-        correct += int((logits.argmax(1).cpu() == y).sum())
-        total += y.numel()
-    model.train(was)
+    try:
+        for img, y in loader:
+            logits = scale * F.normalize(encode_image(model, img.to(device)), dim=-1) @ classifier.T
+            correct += int((logits.argmax(1).cpu() == y).sum())
+            total += y.numel()
+    finally:  # the caller's mode also when an image cannot be read (a training run goes on after it)
+        model.train(was)
     return 100.0 * correct / max(1, total)
 
 

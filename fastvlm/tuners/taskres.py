@@ -107,10 +107,12 @@ def build_base_classifier(model, tokenizer, classnames: list[str], templates: li
     was_training = model.training
     model.eval()
     rows = []
-    for name in classnames:
-        prompts = [tpl.format(name.replace("_", " ")) for tpl in templates]
-        feats = [encode_text(model, tokenizer(prompts[i:i + batch_size]).to(device)).float()
-                 for i in range(0, len(prompts), batch_size)]
-        rows.append(torch.cat(feats).mean(dim=0))
-    model.train(was_training)
+    try:
+        for name in classnames:
+            prompts = [tpl.format(name.replace("_", " ")) for tpl in templates]
+            feats = [encode_text(model, tokenizer(prompts[i:i + batch_size]).to(device)).float()
+                     for i in range(0, len(prompts), batch_size)]
+            rows.append(torch.cat(feats).mean(dim=0))
+    finally:  # the caller's mode also when the tokenizer or the encoder raises
+        model.train(was_training)
     return torch.stack(rows)
