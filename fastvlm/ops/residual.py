@@ -249,6 +249,11 @@ def _rows_signatures():
 _ROWS = _native.Library("residual_rows", _ROWS_SOURCE, _rows_signatures())
 #: elements per piece of a threaded row kernel (whole rows: at least one)
 _ROW_PIECE = 1 << 16
+#: below this many elements a row kernel runs on the calling thread alone. torch's OpenMP workers spin for a
+#: while after each parallel region, so a pool thread handed a short kernel right after a matmul shares its
+#: core with a spinning worker: at B=256, K=1000, D=512 on 2 threads the pooled kernels made the op 5-8%
+#: slower than the torch ops, the calling thread alone level with them (docs/performance.md).
+_ROW_THREADED_MIN = 1 << 20
 
 
 def _row_kernel(name: str, *tensors: torch.Tensor):
@@ -266,6 +271,9 @@ def _row_kernel(name: str, *tensors: torch.Tensor):
 
 
 def _over_rows(rows: int, D: int, run) -> None:
+    if rows * D < _ROW_THREADED_MIN:
+        run(0, rows)
+        return
     _native.in_pieces(rows, max(1, _ROW_PIECE // max(D, 1)), run)
 
 
