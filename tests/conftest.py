@@ -77,3 +77,20 @@ def backend(request):
 def device():
     """The device the op tests build their inputs on (``--device``)."""
     return helpers.device()
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The names of the Triton kernels launched in Triton's interpreter from here on, in order (a list the
+    test reads; clear it to start counting later)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    names = []
+    real_run = InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        names.append(self.fn.__name__)
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", run)
+    return names

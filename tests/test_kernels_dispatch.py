@@ -11,21 +11,6 @@ from fastvlm.ops.masked import masked_linear_reference
 from fastvlm.ops.orth import n_params, orthogonal_linear_reference
 
 
-@pytest.fixture
-def launches(monkeypatch):
-    from triton.runtime.interpreter import InterpretedFunction
-
-    names = []
-    real_run = InterpretedFunction.run
-
-    def run(self, *args, **kwargs):
-        names.append(self.fn.__name__)
-        return real_run(self, *args, **kwargs)
-
-    monkeypatch.setattr(InterpretedFunction, "run", run)
-    return names
-
-
 def _masked_case(dtype):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 5, 24, generator=g).to(dtype).requires_grad_()
