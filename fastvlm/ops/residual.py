@@ -277,14 +277,21 @@ def _over_rows(rows: int, D: int, run) -> None:
     _native.in_pieces(rows, max(1, _ROW_PIECE // max(D, 1)), run)
 
 
-def _run_uhat(kernel, base_c, residual_c, uh, ru, alpha, compute_r) -> None:
-    """uh <- (base_c + alpha residual_c) ru by ``fv_uhat``; ru written (compute_r) or read."""
-    e, (rows, D) = uh.element_size(), uh.shape
-    assert ru.stride(0) == 1 or rows <= 1
-    pt, px, po, pr = base_c.data_ptr(), residual_c.data_ptr(), uh.data_ptr(), ru.data_ptr()
-    st, sx, so = base_c.stride(0), residual_c.stride(0), uh.stride(0)
-    _over_rows(rows, D, lambda i, j: kernel(pt + e * st * i, st, px + e * sx * i, sx, po + e * so * i, so,
-                                            pr + e * i, j - i, D, alpha, EPS, int(compute_r)))
+def _run_rows(kernel, mats, vec, *scalars) -> None:
+    """``kernel(m0, m0 row stride, ..., vec, rows, D, *scalars)`` over row pieces (``_over_rows``): ``mats``
+    the [rows, D] matrices (unit column stride), ``vec`` a contiguous [rows] vector, each piece's pointers
+    moved to its first row."""
+    rows, D = mats[0].shape
+    e = mats[0].element_size()
+    assert vec.stride(0) == 1 or rows <= 1
+    ptrs = [(m.data_ptr(), m.stride(0)) for m in mats]
+    pv = vec.data_ptr()
+
+    def run(i, j):
+        args = [a for p, st in ptrs for a in (p + e * st * i, st)]
+        kernel(*args, pv + e * i, j - i, D, *scalars)
+
+    _over_rows(rows, D, run)
 
 
 class TorchPath:
@@ -299,7 +306,7 @@ class TorchPath:
             rows, D = base_c.shape
             uh = torch.empty(rows, D, dtype=base_c.dtype)
             ru = torch.empty(rows, dtype=base_c.dtype)
-            _run_uhat(kernel, base_c, residual_c, uh, ru, alpha, True)
+            _run_rows(kernel, (base_c, residual_c, uh), ru, alpha, EPS, 1)
             return uh, ru
         u = torch.add(_up(base_c), _up(residual_c), alpha=alpha)
         ru = 1.0 / torch.linalg.vector_norm(u, dim=1).clamp_min_(EPS)
@@ -391,7 +398,7 @@ class TorchPath:
         kernel = _row_kernel("fv_uhat", chunk.base, chunk.residual, chunk.ru[:, None])
         if kernel is not None:
             uh = torch.empty(chunk.base.shape, dtype=chunk.base.dtype)
-            _run_uhat(kernel, chunk.base, chunk.residual, uh, chunk.ru.contiguous(), alpha, False)
+            _run_rows(kernel, (chunk.base, chunk.residual, uh), chunk.ru.contiguous(), alpha, EPS, 0)
             return uh
         return torch.add(_up(chunk.base), _up(chunk.residual), alpha=alpha).mul_(chunk.ru[:, None])
 
@@ -406,13 +413,7 @@ class TorchPath:
         normalising v first (the products in that order stay in range whatever ||u||)."""
         kernel = _row_kernel("fv_project", chunk.base, chunk.residual, du, chunk.ru[:, None])
         if kernel is not None:  # one pass, u rebuilt from base and residual (uh, when given, is not read)
-            t, x, r = chunk.base, chunk.residual, chunk.ru.contiguous()
-            e = du.element_size()
-            pt, px, pd, pr, D = t.data_ptr(), x.data_ptr(), du.data_ptr(), r.data_ptr(), du.shape[1]
-            st, sx, sd = t.stride(0), x.stride(0), du.stride(0)
-            _over_rows(du.shape[0], D, lambda i, j: kernel(pt + e * st * i, st, px + e * sx * i, sx,
-                                                          pd + e * sd * i, sd, pr + e * i, j - i, D, alpha,
-                                                          out_scale))
+            _run_rows(kernel, (chunk.base, chunk.residual, du), chunk.ru.contiguous(), alpha, out_scale)
             return
         rows = du.shape[0] if uh is not None else max(1, PROJECT_ELEMENTS // max(du.shape[1], 1),
                                                       -(-du.shape[0] // 4))
