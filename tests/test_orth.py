@@ -59,12 +59,12 @@ def test_cayley_max_norm_bound_on_both_sides(monkeypatch, b):
     q = _skew_norm(p, b)
     assert (torch.linalg.matrix_norm(q) > oo.CAYLEY_MAX_NORM).tolist() == [False, True, False, True]
     calls = []
-    real = oo._cayley_fp64
-    monkeypatch.setattr(oo, "_cayley_fp64", lambda qq: calls.append(qq.shape[0]) or real(qq))
+    real = oo._cayley_torch
+    monkeypatch.setattr(oo, "_cayley_torch", lambda qq: calls.append((qq.shape[0], qq.dtype)) or real(qq))
     with fastvlm.backend("triton"):
         r = cayley(p, b)
         raw = ko.cayley(q)
-    assert calls == [2]
+    assert calls == [(2, torch.float64)]  # the Triton path inverts in fp64 just the two blocks above
     err = (r.transpose(1, 2) @ r - eye).abs().amax(dim=(1, 2))
     assert (err < 2e-5).all(), err
     assert torch.equal(r[[0, 2]], raw[[0, 2]])  # below the bound: the kernel's bits

@@ -153,9 +153,16 @@ def _block_gram(x2, g2, r, kernels):
 CAYLEY_MAX_NORM = 256.0
 
 
-def _cayley_fp64(q):
-    eye = torch.eye(q.shape[-1], dtype=torch.float64, device=q.device)
-    return torch.linalg.inv(eye - q.double()).mul_(2.0).sub_(eye)
+def _cayley_torch(q):
+    """R = 2 (I - Q)^-1 - I by torch's batched (pivoted LU) inverse, in q's dtype. (I - Q)^-1 = ((I + Q)^-1)^T:
+    linalg.inv returns column-major blocks, so their transpose is row-major, the strides the custom op's fake
+    (empty_like) and the Triton kernel give, without a copy; I + Q is built on the diagonal, without an
+    identity tensor (b x b more at the peak)."""
+    a = q.clone()
+    a.diagonal(dim1=-2, dim2=-1).add_(1.0)
+    r = torch.linalg.inv(a).mT.mul_(2.0)
+    r.diagonal(dim1=-2, dim2=-1).sub_(1.0)
+    return r
 
 
 def cayley_forward(q):
@@ -164,20 +171,11 @@ def cayley_forward(q):
     ||Q_j||_F > CAYLEY_MAX_NORM are inverted again in fp64 and rounded to q's dtype, since above that norm
     an fp32 inverse's rounding passes 2e-5 in R^T R - I (fp64 q: no check)."""
     kernels = _kernels(q, q.shape[-1])
-    if kernels is not None:
-        r = kernels.cayley(q)
-    else:
-        # (I - Q)^-1 = ((I + Q)^-1)^T: linalg.inv returns column-major blocks, so their transpose is row-major,
-        # the strides the custom op's fake (empty_like) and the Triton kernel give, without a copy; I + Q is
-        # built on the diagonal, without an identity tensor (b x b more at the peak)
-        a = q.clone()
-        a.diagonal(dim1=-2, dim2=-1).add_(1.0)
-        r = torch.linalg.inv(a).mT.mul_(2.0)
-        r.diagonal(dim1=-2, dim2=-1).sub_(1.0)
+    r = kernels.cayley(q) if kernels is not None else _cayley_torch(q)
     if q.dtype != torch.float64:
         big = torch.linalg.matrix_norm(q) > CAYLEY_MAX_NORM
         if bool(big.any()):
-            r[big] = _cayley_fp64(q[big]).to(r.dtype)
+            r[big] = _cayley_torch(q[big].double()).to(r.dtype)
     return r
 
 
